@@ -1,0 +1,115 @@
+"""Public API: ``quantize(model, config, calibration) -> ModelProto``.
+
+load -> passes mark a plan -> calibration fills its statistics -> emit inserts Q/DQ -> check.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import emit, functions
+from .calibrate import collect_stats
+from .config import QuantConfig
+from .errors import UserError
+from .model_io import PROTOBUF_LIMIT, load_model
+from .passes import PIPELINE
+from .plan import PassContext, Plan
+
+log = logging.getLogger("onnxquant")
+
+
+@dataclass
+class Result:
+    """The quantized model and what was done to it (for the CLI summary and tests)."""
+
+    model: onnx.ModelProto
+    plan: Plan
+    counts: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+
+def _as_model(model) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else load_model(model)
+
+
+def analyze(model, config: QuantConfig | None = None) -> tuple[gs.Graph, Plan]:
+    """Run the passes only: the block map and what would be quantized (no calibration)."""
+    ctx = PassContext(config or QuantConfig())
+    graph = gs.import_onnx(_as_model(model))
+    for run_pass in PIPELINE:
+        run_pass(graph, ctx)
+    if not ctx.plan.attention:
+        ctx.plan.notes.append(_no_attention_note(graph, ctx.plan))
+    return graph, ctx.plan
+
+
+def _no_attention_note(graph: gs.Graph, plan: Plan) -> str:
+    n_softmax = sum(n.op == "Softmax" for n in graph.nodes)
+    if n_softmax == 0:
+        return ("no attention found: the graph has no Softmax (pure conv or ReLU/linear "
+                "attention, e.g. fastvit_t8, efficientvit_b0); only conv weights are quantized")
+    return (f"no attention found: {n_softmax} Softmax node(s) feed no attention product "
+            "(e.g. a classifier head); they stay in float")
+
+
+def _finish(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProto:
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = source.ir_version
+    model.producer_name, model.producer_version = "onnxquant", _version()
+    del model.metadata_props[:]
+    model.metadata_props.extend(source.metadata_props)
+    model.functions.extend(f for f in source.functions
+                           if f.name not in {g.name for g in model.functions})
+    if any(n.domain == functions.DOMAIN for n in model.graph.node):
+        functions.install(model)
+    return model
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def run(model, config: QuantConfig | None = None, calibration=None, preprocess=None,
+        progress: bool = True) -> Result:
+    """quantize() with the plan, counts and timings kept (used by the CLI summary)."""
+    config = config or QuantConfig()
+    source = _as_model(model)
+    t0 = time.perf_counter()
+    graph, plan = analyze(source, config)
+    t1 = time.perf_counter()
+    plan.stats = collect_stats(source, plan.calibration_tensors(), calibration, config,
+                               preprocess, progress)
+    t2 = time.perf_counter()
+    counts = emit.emit(graph, plan, config)
+    out = _finish(graph, source)
+    if out.ByteSize() < PROTOBUF_LIMIT:
+        onnx.checker.check_model(out, full_check=True)
+    t3 = time.perf_counter()
+    seconds = {"passes": t1 - t0, "calibration": t2 - t1, "emit": t3 - t2}
+    log.info("quantized: %s in %.2f s", counts, t3 - t0)
+    return Result(out, plan, counts, seconds)
+
+
+def quantize(model, config: QuantConfig | None = None, calibration=None, preprocess=None,
+             progress: bool = False) -> onnx.ModelProto:
+    """Quantize ``model`` (a ModelProto or a path) with ``config``; returns a new ModelProto.
+
+    ``calibration``: a folder of images (with ``preprocess``, an ``images.Preprocess``), a
+    ``.npy`` path, an N x C x H x W float32 array, or a ``CalibrationDataReader``. The input
+    model is not modified.
+    """
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+    return run(model, config, calibration, preprocess, progress).model
+
+
+__all__ = ["quantize", "analyze", "run", "Result", "UserError"]

@@ -1,0 +1,106 @@
+"""Loading and saving models: checks that name the file, atomic writes, external data.
+
+Models over 2 GB keep their weights in external data files; those are loaded only from
+inside the model's own folder (a path that escapes it is refused: a model file must not
+make the tool read arbitrary files), and saved beside the output as ``<name>.data``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from .errors import UserError
+
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_THRESHOLD = 2**31 - 2**26  # leave headroom for the graph itself
+
+
+def _external_tensors(model: onnx.ModelProto):
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if uses_external_data(tensor):
+            yield tensor
+
+
+def _check_external_paths(model: onnx.ModelProto, path: Path) -> None:
+    base = path.parent.resolve()
+    for tensor in _external_tensors(model):
+        location = ExternalDataInfo(tensor).location
+        target = (base / location).resolve()
+        if Path(location).is_absolute() or base not in target.parents:
+            raise UserError(f"{path}: external data of tensor {tensor.name!r} points outside the "
+                            f"model's folder ({location}); move the data file beside the model")
+        if not target.is_file():
+            raise UserError(f"{path}: external data file {location} of tensor {tensor.name!r} "
+                            "is missing; copy it beside the model")
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and sanity-check an ONNX model; every failure is a one-line UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file; pass the path of an exported .onnx model")
+    if not path.is_file():
+        raise UserError(f"{path}: is not a file; pass the path of an exported .onnx model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: not an ONNX model or truncated ({type(exc).__name__}); "
+                        "re-export it with torch.onnx.export") from None
+    if not model.graph.node or not model.opset_import:
+        raise UserError(f"{path}: not an ONNX model or truncated (no graph nodes); re-export it")
+    _check_external_paths(model, path)
+    onnx.load_external_data_for_model(model, str(path.parent))
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        else:
+            onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"{path}: invalid ONNX model ({first}); re-export it") from None
+    return model
+
+
+def check_output_path(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Refuse to overwrite the input; make sure the output folder exists and is writable."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise UserError(f"{dst}: output path is the input model; choose another output file")
+    if dst.is_dir():
+        raise UserError(f"{dst}: is a folder; give an output file name such as model.int8.onnx")
+    folder = dst.parent if str(dst.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"{dst}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{dst}: folder {folder} is not writable; choose another output path")
+    return dst
+
+
+def save_model(model: onnx.ModelProto, dst: str | os.PathLike) -> Path:
+    """Write ``model`` atomically: a temporary file in the same folder, then a rename.
+
+    Models over ~2 GB get their initializers in ``<name>.data`` beside the output.
+    """
+    dst = Path(dst)
+    external = model.ByteSize() > EXTERNAL_THRESHOLD
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent or ".")
+    os.close(fd)
+    data_name = f"{dst.name}.data"
+    try:
+        if external:
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return dst

@@ -1,0 +1,81 @@
+"""The plan: what the passes marked for quantization, and the statistics calibration fills.
+
+Passes write the plan; they never create Q/DQ nodes. ``emit.py`` reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from .config import QuantConfig
+
+ROLES = ("conv_block", "transformer", "bridge")
+
+
+@dataclass
+class AttentionSite:
+    """One Softmax that produces attention probabilities."""
+
+    softmax: str  # node name
+    output: str  # tensor that gets the log2 Q/DQ
+    pattern: str  # which topology matched (see passes/find_attention.py)
+    nodes: tuple = ()  # names of the matched pattern nodes, in order
+    quantize: bool = True
+
+
+@dataclass
+class ConvSite:
+    """One Conv with a constant weight."""
+
+    node: str
+    weight: str  # initializer name (after following Identity)
+    input: str  # activation tensor (input 0)
+    role: str = "conv_block"  # one of ROLES
+    kernel: tuple = ()
+    group: int = 1
+    cin: int = 0
+    cout: int = 0
+    quantize: bool = True
+    int8_input: bool = False  # targets ort/tensorrt: Q/DQ on the activation too
+
+    @property
+    def depthwise(self) -> bool:
+        return self.group > 1 and self.group == self.cout
+
+    @property
+    def kind(self) -> str:
+        """dense kxk / pointwise / depthwise / stem: what onnxruntime's int8 speed depends on."""
+        if self.depthwise:
+            return "depthwise"
+        if self.cin * self.group <= 4:
+            return "stem"
+        return "pointwise" if all(k == 1 for k in self.kernel) else "dense"
+
+
+@dataclass
+class Plan:
+    attention: list = field(default_factory=list)  # AttentionSite
+    convs: list = field(default_factory=list)  # ConvSite
+    unmatched_softmax: list = field(default_factory=list)  # (node name, reason)
+    notes: list = field(default_factory=list)  # lines for the summary
+    stats: dict = field(default_factory=dict)  # tensor name -> (min, max)
+
+    def calibration_tensors(self) -> list:
+        """Tensors whose min/max the emission needs, in a stable order."""
+        names = [a.output for a in self.attention if a.quantize]
+        names += [c.input for c in self.convs if c.quantize and c.int8_input]
+        return list(dict.fromkeys(names))
+
+    def role_counts(self) -> dict:
+        counts = {r: 0 for r in ROLES}
+        for c in self.convs:
+            counts[c.role] += 1
+        return counts
+
+
+@dataclass
+class PassContext:
+    config: QuantConfig
+    plan: Plan = field(default_factory=Plan)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxquant"))

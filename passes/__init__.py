@@ -1,0 +1,9 @@
+"""Graph passes, one per file. Each exposes ``run(graph, ctx) -> int`` (places matched).
+
+The pipeline is the explicit ordered list ``PIPELINE``; passes only mark the plan,
+``onnxquant.emit`` creates every Q/DQ node afterwards.
+"""
+
+from . import check_model, find_attention, find_blocks, select_sites
+
+PIPELINE = (check_model.run, find_attention.run, find_blocks.run, select_sites.run)

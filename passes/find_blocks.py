@@ -1,0 +1,124 @@
+"""Classify every Conv as conv-block, inside-transformer, or bridge, by topology alone.
+
+Cut the graph at every Conv: the remaining activation-carrying nodes fall into connected
+*regions* (a residual stream, a SiLU, an attention core ...). Each Conv then leads from
+the region of its input to the region of its output:
+
+    region A --Conv--> region B --Conv--> region C ...
+
+Transformer regions start as the regions of the matched attention nodes (QK MatMul,
+Softmax, AV MatMul). A region joins them when it is sandwiched between transformer regions
+by at most ``SANDWICH_CONVS`` convs in total (into it from a transformer region, and out
+of it back to one): that takes in MobileViT v2's qkv/out-proj/MLP 1x1 convs (2-3 convs)
+and EfficientFormer v2's FFN (fc1, mid, fc2) while leaving the conv stages between
+transformer stacks out (6-7 convs in mobilevit_xxs / mobilevitv2_050).
+
+    role = transformer  if both regions of a Conv are transformer regions
+           bridge       if exactly one is (the convs that enter or leave a transformer)
+           conv_block   otherwise
+
+The weight of every Conv is found here too (through Identity/Constant, DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from onnxquant.graph import constant_value, data_inputs
+from onnxquant.plan import ConvSite
+
+SANDWICH_CONVS = 3
+
+
+class _Regions:
+    """Union-find over tensors, merged through every non-Conv node's data edges."""
+
+    def __init__(self, graph: gs.Graph):
+        self.parent = {}
+        for node in graph.nodes:
+            if node.op == "Conv":
+                continue
+            outs = [t for t in node.outputs if isinstance(t, gs.Variable)]
+            for t in data_inputs(node) + outs[1:]:
+                if outs:
+                    self.union(t.name, outs[0].name)
+
+    def find(self, key: str) -> str:
+        root = key
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        while key != root:  # path compression
+            self.parent[key], key = root, self.parent.get(key, key)
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[ra] = rb
+
+
+def _conv_site(node: gs.Node):
+    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None or weight.ndim < 3:
+        return None
+    name = node.inputs[1].name
+    group = int(node.attrs.get("group", 1))
+    return ConvSite(node=node.name, weight=name, input=node.inputs[0].name,
+                    kernel=tuple(int(k) for k in weight.shape[2:]), group=group,
+                    cin=int(weight.shape[1]), cout=int(weight.shape[0]))
+
+
+def _distances(edges, seeds, limit):
+    """Fewest convs from any seed region to each region (BFS over conv edges)."""
+    dist = {s: 0 for s in seeds}
+    frontier = list(seeds)
+    while frontier:
+        nxt = []
+        for region in frontier:
+            for other in edges.get(region, ()):
+                if other not in dist and dist[region] + 1 <= limit:
+                    dist[other] = dist[region] + 1
+                    nxt.append(other)
+        frontier = nxt
+    return dist
+
+
+def _transformer_regions(edges_fwd, edges_bwd, seeds):
+    regions = set(seeds)
+    while True:
+        after = _distances(edges_fwd, regions, SANDWICH_CONVS)
+        before = _distances(edges_bwd, regions, SANDWICH_CONVS)
+        joined = {r for r in after if r in before and after[r] + before[r] <= SANDWICH_CONVS}
+        if joined <= regions:
+            return regions
+        regions |= joined
+
+
+def run(graph: gs.Graph, ctx) -> int:
+    """Append a ConvSite (with its role) per Conv with a constant weight; returns the count."""
+    regions = _Regions(graph)
+    by_name = {n.name: n for n in graph.nodes}
+    seeds = {regions.find(t.name) for site in ctx.plan.attention for name in site.nodes
+             if by_name[name].op != "Conv" for t in by_name[name].outputs}
+    convs, ends = [], []
+    for node in graph.nodes:
+        if node.op != "Conv":
+            continue
+        site = _conv_site(node)
+        if site is None:
+            ctx.log.debug("Conv %s: weight is not a constant, left in float", node.name)
+            ctx.plan.notes.append(f"Conv {node.name}: weight is not constant, left in float")
+            continue
+        convs.append(site)
+        ends.append((regions.find(node.inputs[0].name), regions.find(node.outputs[0].name)))
+    fwd, bwd = {}, {}
+    for src, dst in ends:
+        fwd.setdefault(src, set()).add(dst)
+        bwd.setdefault(dst, set()).add(src)
+    transformer = _transformer_regions(fwd, bwd, seeds) if seeds else set()
+    for site, (src, dst) in zip(convs, ends):
+        inside = (src in transformer) + (dst in transformer)
+        site.role = ("conv_block", "bridge", "transformer")[inside]
+    ctx.plan.convs.extend(convs)
+    ctx.log.info("find_blocks: %d convs %s", len(convs), ctx.plan.role_counts())
+    return len(convs)
