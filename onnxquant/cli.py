@@ -1,0 +1,204 @@
+"""Command line: parse, load, call the API, save, summarize. No quantization logic here.
+
+    onnxquant IN.onnx OUT.onnx [--calib DIR|FILE.npy] [--target paper|ort|tensorrt] ...
+    onnxquant inspect IN.onnx [--plots DIR --calib ...]
+    onnxquant eval MODEL.onnx --images DIR [--compare QUANT.onnx] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__, api
+from .config import DEFAULT_LOG2_EPS, PARTS, TARGETS, QuantConfig
+from .errors import UserError
+from .model_io import check_output_path, load_model, save_model
+
+BUNDLED = Path(__file__).resolve().parents[1] / "models" / "reference"
+BUNDLED_CALIB = BUNDLED / "calib"
+
+
+def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image preprocessing (for --calib DIR)")
+    g.add_argument("--preprocess-json", help="JSON with eval_preprocessing (reference checkpoints)")
+    g.add_argument("--timm-model", help="take preprocessing from this timm model's config")
+    g.add_argument("--input-size", type=int, help="crop size (default: the model input's H)")
+    g.add_argument("--crop-pct", type=float, default=0.875)
+    g.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear", "nearest"))
+    g.add_argument("--mean", type=float, nargs=3, default=(0.485, 0.456, 0.406))
+    g.add_argument("--std", type=float, nargs=3, default=(0.229, 0.224, 0.225))
+
+
+def preprocess_from_args(args, input_size: int | None):
+    from .images import Preprocess
+
+    try:
+        if args.preprocess_json:
+            return Preprocess.from_json(args.preprocess_json)
+        if args.timm_model:
+            return Preprocess.from_timm(args.timm_model)
+        return Preprocess(input_size=args.input_size or input_size or 224,
+                          crop_pct=args.crop_pct, interpolation=args.interpolation,
+                          mean=tuple(args.mean), std=tuple(args.std))
+    except (ValueError, ImportError, OSError) as exc:
+        raise UserError(f"preprocessing: {exc}") from None
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per QuantConfig field; dest == field name (config_from_args relies on it)."""
+    d = QuantConfig()
+    g = p.add_argument_group("recipe (QuantConfig)")
+    g.add_argument("--target", choices=TARGETS, default=d.target,
+                   help="paper: EfficientQuant as published (default); ort: int8 where "
+                        "onnxruntime CPU is faster; tensorrt: symmetric INT8 Q/DQ + log2 plugin op")
+    g.add_argument("--weight-bits", type=int, default=d.weight_bits, help="2..8 (default 8)")
+    g.add_argument("--weight-symmetric", action="store_true", help="int8, zero point 0")
+    g.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    g.add_argument("--softmax-bits", type=int, default=d.softmax_bits, help="log2 bits (default 8)")
+    g.add_argument("--log2-eps", type=float, default=d.log2_eps,
+                   help=f"floor for post-Softmax values before log2 (default {DEFAULT_LOG2_EPS:g})")
+    g.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma list of parts to quantize, from {','.join(PARTS)}")
+    g.add_argument("--num-calib", type=int, default=d.num_calib, help="calibration samples (32)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+
+
+def config_from_args(args) -> QuantConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(QuantConfig)}
+    values["parts"] = frozenset(p.strip() for p in values["parts"].split(",") if p.strip())
+    try:
+        return QuantConfig(**values)
+    except ValueError as exc:
+        raise UserError(f"option: {exc}") from None
+
+
+def _calibration(args, model):
+    from .calibrate import model_input
+
+    _, shape = model_input(model)
+    source = args.calib
+    if source is None:
+        source = BUNDLED_CALIB
+        logging.getLogger("onnxquant").warning(
+            "no --calib given: calibrating on the %d bundled ImageNet images; pass --calib DIR "
+            "with your own images (and their preprocessing) for best accuracy", 32)
+    return source, preprocess_from_args(args, shape[-1])
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MB"
+
+
+def print_summary(result: api.Result, cfg: QuantConfig, src: Path, dst: Path, seconds: float):
+    plan = result.plan
+    patterns = {}
+    for a in plan.attention:
+        patterns[a.pattern] = patterns.get(a.pattern, 0) + 1
+    roles = plan.role_counts()
+    quantized_convs = sum(c.quantize for c in plan.convs)
+    print(f"onnxquant {__version__}: {src} -> {dst}")
+    print(f"  recipe      target={cfg.target} weights={cfg.weight_bits}-bit "
+          f"{'symmetric' if cfg.weight_symmetric or cfg.target != 'paper' else 'asymmetric'} "
+          f"{'per-channel' if cfg.per_channel or cfg.target != 'paper' else 'per-tensor'}, "
+          f"softmax log2 {cfg.softmax_bits}-bit eps={cfg.log2_eps:g}")
+    print(f"  attention   {len(plan.attention)} blocks {patterns or ''}"
+          f"{'; ' + str(len(plan.unmatched_softmax)) + ' other Softmax left float' if plan.unmatched_softmax else ''}")
+    print(f"  convs       {len(plan.convs)} (conv blocks {roles['conv_block']}, inside "
+          f"transformer {roles['transformer']}, bridges {roles['bridge']})")
+    print(f"  quantized   {quantized_convs} conv weights"
+          f" ({sum(c.int8_input for c in plan.convs)} with int8 inputs), "
+          f"{result.counts.get('softmax', 0)} softmax outputs (log2)")
+    for note in plan.notes[:5]:
+        print(f"  note        {note}")
+    print(f"  size        {_mb(src.stat().st_size)} -> {_mb(dst.stat().st_size)} "
+          f"({dst.stat().st_size / src.stat().st_size:.2f}x)")
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
+    print(f"  time        {seconds:.2f} s ({parts})")
+
+
+def cmd_quantize(args) -> int:
+    cfg = config_from_args(args)
+    dst = check_output_path(args.input, args.output)
+    model = load_model(args.input)
+    source, pre = _calibration(args, model)
+    start = time.perf_counter()
+    result = api.run(model, cfg, source, pre, progress=not args.quiet)
+    save_model(result.model, dst)
+    print_summary(result, cfg, Path(args.input), dst, time.perf_counter() - start)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .report import print_block_map
+
+    model = load_model(args.input)
+    graph, plan = api.analyze(model)
+    print_block_map(plan, verbose=args.verbose)
+    if args.plots:
+        from .report import write_plots
+
+        source, pre = _calibration(args, model)
+        for path in write_plots(model, plan, source, pre, QuantConfig(), Path(args.plots)):
+            print(f"wrote {path}")
+    return 0
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    if command == "inspect":
+        p = argparse.ArgumentParser(prog="onnxquant inspect",
+                                    description="Print the block map of a model")
+        p.add_argument("input")
+        p.add_argument("-v", "--verbose", action="store_true", help="list every conv")
+        p.add_argument("--plots", help="write Figure-3 histograms (PNG) into this folder")
+        p.add_argument("--calib", help="calibration images/.npy for the activation histograms")
+        add_preprocess_arguments(p)
+        p.set_defaults(func=cmd_inspect)
+        return p
+    if command == "eval":
+        from . import evaluate
+
+        p = argparse.ArgumentParser(prog="onnxquant eval",
+                                    description="Top-1/top-5 on labelled images")
+        evaluate.add_arguments(p)
+        p.set_defaults(func=evaluate.run)
+        return p
+    p = argparse.ArgumentParser(
+        prog="onnxquant", description="EfficientQuant post-training quantization of an ONNX "
+        "hybrid vision model. Other commands: 'onnxquant inspect', 'onnxquant eval'.")
+    p.add_argument("input", help="float ONNX model")
+    p.add_argument("output", help="where to write the quantized model")
+    p.add_argument("--calib", help="folder of images or .npy (N x C x H x W float32); "
+                                   "default: the 32 bundled ImageNet images")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every pass")
+    p.add_argument("--version", action="version", version=__version__)
+    add_config_arguments(p)
+    add_preprocess_arguments(p)
+    p.set_defaults(func=cmd_quantize)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in ("inspect", "eval") else "quantize"
+    args = build_parser(command).parse_args(argv[1:] if command != "quantize" else argv)
+    logging.basicConfig(format="onnxquant: %(levelname)s: %(message)s",
+                        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"onnxquant: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxquant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
