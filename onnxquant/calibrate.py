@@ -8,6 +8,7 @@ onnxruntime's ``CalibrationDataReader`` interface (``get_next() -> dict | None``
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -33,10 +34,11 @@ def model_input(model: onnx.ModelProto):
 
 
 def _check_batch(batch: np.ndarray, shape: list, origin: str) -> np.ndarray:
+    """Refuse a batch that is not float32 of the model input's shape, naming both."""
     if batch.dtype != np.float32:
         raise UserError(f"{origin}: calibration data is {batch.dtype}, the model wants float32 "
                         "(N x C x H x W, already preprocessed)")
-    expected = ["N" if d is None else d for d in shape]
+    expected = "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
     ok = batch.ndim == len(shape) and all(d is None or d == b
                                           for d, b in zip(shape[1:], batch.shape[1:]))
     if not ok:
@@ -124,18 +126,20 @@ def collect_stats(model: onnx.ModelProto, tensors: list, source, cfg, preprocess
     if source is None:
         raise UserError("this recipe needs calibration data: pass --calib DIR (images) or a .npy")
     name, shape = model_input(model)
+    source_batches = batches(source, name, shape, cfg, preprocess)
+    first = next(source_batches, None)  # surface source errors before the progress bar
+    if first is None:
+        raise UserError("calibration source gave no samples; pass a folder with images or a "
+                        "non-empty .npy")
+    _check_batch(np.asarray(first[1]), shape, first[0])
     session = _session(model, tensors)
     lo = {t: np.inf for t in tensors}
     hi = {t: -np.inf for t in tensors}
-    seen = 0
     with tqdm(total=cfg.num_calib, desc="calibrating", unit="img", disable=not progress) as bar:
-        for origin, batch in batches(source, name, shape, cfg, preprocess):
+        for origin, batch in itertools.chain([first], source_batches):
             batch = _check_batch(np.asarray(batch), shape, origin)
             for t, value in zip(tensors, session.run(tensors, {name: batch})):
                 lo[t] = min(lo[t], float(value.min()))
                 hi[t] = max(hi[t], float(value.max()))
-            seen += len(batch)
             bar.update(len(batch))
-    if seen == 0:
-        raise UserError("calibration source gave no samples; pass a folder with images or a non-empty .npy")
     return {t: (lo[t], hi[t]) for t in tensors}

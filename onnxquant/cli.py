@@ -85,9 +85,6 @@ def _calibration(args, model):
     source = args.calib
     if source is None:
         source = BUNDLED_CALIB
-        logging.getLogger("onnxquant").warning(
-            "no --calib given: calibrating on the %d bundled ImageNet images; pass --calib DIR "
-            "with your own images (and their preprocessing) for best accuracy", 32)
     return source, preprocess_from_args(args, shape[-1])
 
 
@@ -131,6 +128,10 @@ def cmd_quantize(args) -> int:
     result = api.run(model, cfg, source, pre, progress=not args.quiet)
     save_model(result.model, dst)
     print_summary(result, cfg, Path(args.input), dst, time.perf_counter() - start)
+    if args.calib is None and result.plan.calibration_tensors():
+        print("onnxquant: warning: no --calib given, calibrated on the 32 bundled ImageNet "
+              "images; pass --calib DIR with your own images (and their preprocessing) for "
+              "best accuracy", file=sys.stderr)
     return 0
 
 

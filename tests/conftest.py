@@ -1,0 +1,24 @@
+"""Shared fixtures: where the project's shared assets live, seeded RNG."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "assets"
+REFERENCE = SHARED / "reference"
+BUNDLED = ROOT / "models" / "reference"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def need_shared(*parts) -> Path:
+    """Path inside ../shared/assets, or skip the test saying why."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found: the shared assets are not beside this checkout")
+    return path

@@ -1,0 +1,70 @@
+"""The log2 op as a model-local function: accepted by onnx.checker, run by stock onnxruntime,
+codes equal to the NumPy reference exactly."""
+
+import numpy as np
+import onnx
+import onnx.inliner
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from onnxquant import functions as F
+from onnxquant import quantizers as Q
+
+
+def _model(p: Q.Log2Params) -> onnx.ModelProto:
+    node = helper.make_node(F.OP_TYPE, ["x"], ["y"], domain=F.DOMAIN, name="log2",
+                            **F.log2_node_attrs(p))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [None])],
+                              [helper.make_tensor_value_info("y", 1, [None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    F.install(model)
+    return model
+
+
+def _run(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def _softmax_like(rng, n):
+    logits = rng.normal(0, 4, (n // 64, 64))
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return (e / e.sum(1, keepdims=True)).astype(np.float32).ravel()
+
+
+@pytest.mark.parametrize("bits,eps", [(8, 2.0**-16), (8, 1e-8), (6, 2.0**-12), (4, 2.0**-8)])
+def test_function_equals_reference_exactly(rng, bits, eps):
+    x = np.concatenate([rng.random(200_000, np.float32), _softmax_like(rng, 200_000),
+                        np.array([0.0, 1.0, eps, np.float32(eps) / 2], np.float32)])
+    p = Q.log2_params(float(x.min()), float(x.max()), bits, eps)
+    model = _model(p)
+    onnx.checker.check_model(model, full_check=True)
+    y = _run(model, x)
+    np.testing.assert_array_equal(y, Q.log2_fake_quant(x, p))
+    # the codes, recovered exactly from the dequantized values: 2^(s(q - z)) is injective
+    assert len(np.unique(y)) == len(np.unique(Q.log2_quantize(x, p)))
+
+
+def test_inlined_function_runs_the_same(rng):
+    x = _softmax_like(rng, 64 * 100)
+    p = Q.log2_params(float(x.min()), float(x.max()), 8)
+    model = _model(p)
+    inlined = onnx.inliner.inline_local_functions(model)
+    assert not inlined.functions
+    assert F.OP_TYPE not in {n.op_type for n in inlined.graph.node}
+    np.testing.assert_array_equal(_run(inlined, x), _run(model, x))
+
+
+def test_install_is_idempotent():
+    model = _model(Q.log2_params(1e-4, 1.0))
+    F.install(model)
+    assert len(model.functions) == 1
+    assert sum(o.domain == F.DOMAIN for o in model.opset_import) == 1
+
+
+def test_node_attributes_round_trip():
+    p = Q.log2_params(1e-5, 0.9, 7, 2.0**-14)
+    attrs = F.log2_node_attrs(p)
+    assert set(attrs) == set(F.ATTRIBUTES)
+    assert F.params_from_attrs(attrs) == p
