@@ -102,7 +102,8 @@ def _image_batches(folder: Path, shape: list, cfg, preprocess, size: int):
         yield str(folder), batch
 
 
-def _session(model: onnx.ModelProto, outputs: list):
+def probe_session(model: onnx.ModelProto, outputs: list):
+    """onnxruntime session of the float model returning only ``outputs``."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
@@ -132,7 +133,7 @@ def collect_stats(model: onnx.ModelProto, tensors: list, source, cfg, preprocess
         raise UserError("calibration source gave no samples; pass a folder with images or a "
                         "non-empty .npy")
     _check_batch(np.asarray(first[1]), shape, first[0])
-    session = _session(model, tensors)
+    session = probe_session(model, tensors)
     lo = {t: np.inf for t in tensors}
     hi = {t: -np.inf for t in tensors}
     with tqdm(total=cfg.num_calib, desc="calibrating", unit="img", disable=not progress) as bar:

@@ -20,7 +20,11 @@ from .config import DEFAULT_LOG2_EPS, PARTS, TARGETS, QuantConfig
 from .errors import UserError
 from .model_io import check_output_path, load_model, save_model
 
-BUNDLED = Path(__file__).resolve().parents[1] / "models" / "reference"
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "reference"
+if not BUNDLED.is_dir():  # installed (not editable): the models package carries it
+    from . import models as _models
+
+    BUNDLED = Path(_models.__file__).resolve().parent / "reference"
 BUNDLED_CALIB = BUNDLED / "calib"
 
 
@@ -142,7 +146,7 @@ def cmd_inspect(args) -> int:
     graph, plan = api.analyze(model)
     print_block_map(plan, verbose=args.verbose)
     if args.plots:
-        from .report import write_plots
+        from .plots import write_plots
 
         source, pre = _calibration(args, model)
         for path in write_plots(model, plan, source, pre, QuantConfig(), Path(args.plots)):
