@@ -34,7 +34,12 @@ class Result:
 
 
 def _as_model(model) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else load_model(model)
+    """A ModelProto the caller does not own (graphsurgeon shares lists with its source)."""
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    return load_model(model)
 
 
 def analyze(model, config: QuantConfig | None = None) -> tuple[gs.Graph, Plan]:
@@ -105,10 +110,6 @@ def quantize(model, config: QuantConfig | None = None, calibration=None, preproc
     ``.npy`` path, an N x C x H x W float32 array, or a ``CalibrationDataReader``. The input
     model is not modified.
     """
-    if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        model = copy
     return run(model, config, calibration, preprocess, progress).model
 
 

@@ -35,10 +35,10 @@ def model_input(model: onnx.ModelProto):
 
 def _check_batch(batch: np.ndarray, shape: list, origin: str) -> np.ndarray:
     """Refuse a batch that is not float32 of the model input's shape, naming both."""
+    expected = "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
     if batch.dtype != np.float32:
         raise UserError(f"{origin}: calibration data is {batch.dtype}, the model wants float32 "
-                        "(N x C x H x W, already preprocessed)")
-    expected = "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+                        f"{expected} (already preprocessed)")
     ok = batch.ndim == len(shape) and all(d is None or d == b
                                           for d, b in zip(shape[1:], batch.shape[1:]))
     if not ok:

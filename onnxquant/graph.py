@@ -11,24 +11,35 @@ def producer(tensor: gs.Tensor):
     return tensor.inputs[0] if tensor.inputs else None
 
 
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """Value of a constant tensor: an initializer, a Constant node, or either behind Identity.
+def constant_source(tensor: gs.Tensor):
+    """The tensor that holds a constant's value: an initializer or a Constant node's output,
+    found through any Identity chain. None if ``tensor`` is not constant.
 
     ``torch.onnx.export(dynamo=False)`` de-duplicates equal initializers through Identity
     nodes (DESIGN.md §5), so a Conv weight may arrive that way.
     """
-    seen = 0
-    while isinstance(tensor, gs.Variable) and seen < 8:
+    for _ in range(8):
+        if isinstance(tensor, gs.Constant):
+            return tensor
         node = producer(tensor)
         if node is None:
             return None
         if node.op == "Constant":
-            value = node.attrs.get("value")
-            return None if value is None else np.asarray(value.values)
+            return tensor if node.attrs.get("value") is not None else None
         if node.op != "Identity":
             return None
-        tensor, seen = node.inputs[0], seen + 1
-    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+        tensor = node.inputs[0]
+    return None
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """Value of a constant tensor (see ``constant_source``), or None."""
+    source = constant_source(tensor)
+    if source is None:
+        return None
+    if isinstance(source, gs.Constant):
+        return np.asarray(source.values)
+    return np.asarray(producer(source).attrs["value"].values)
 
 
 def data_inputs(node: gs.Node) -> list:

@@ -98,6 +98,9 @@ def save_model(model: onnx.ModelProto, dst: str | os.PathLike) -> Path:
                             location=data_name, size_threshold=1024)
         else:
             onnx.save_model(model, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only
         os.replace(tmp, dst)
     except BaseException:
         if os.path.exists(tmp):

@@ -31,11 +31,13 @@ class ConvSite:
     node: str
     weight: str  # initializer name (after following Identity)
     input: str  # activation tensor (input 0)
+    output: str = ""
     role: str = "conv_block"  # one of ROLES
     kernel: tuple = ()
     group: int = 1
     cin: int = 0
     cout: int = 0
+    stem: bool = False  # reads the graph input (the image)
     quantize: bool = True
     int8_input: bool = False  # targets ort/tensorrt: Q/DQ on the activation too
 
@@ -48,7 +50,7 @@ class ConvSite:
         """dense kxk / pointwise / depthwise / stem: what onnxruntime's int8 speed depends on."""
         if self.depthwise:
             return "depthwise"
-        if self.cin * self.group <= 4:
+        if self.stem:
             return "stem"
         return "pointwise" if all(k == 1 for k in self.kernel) else "dense"
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxquant.graph import constant_value, data_inputs
+from onnxquant.graph import constant_source, constant_value, data_inputs
 from onnxquant.plan import ConvSite
 
 SANDWICH_CONVS = 3
@@ -57,15 +57,15 @@ class _Regions:
             self.parent[ra] = rb
 
 
-def _conv_site(node: gs.Node):
+def _conv_site(node: gs.Node, graph_inputs: set):
     weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or weight.ndim < 3:
         return None
-    name = node.inputs[1].name
-    group = int(node.attrs.get("group", 1))
-    return ConvSite(node=node.name, weight=name, input=node.inputs[0].name,
-                    kernel=tuple(int(k) for k in weight.shape[2:]), group=group,
-                    cin=int(weight.shape[1]), cout=int(weight.shape[0]))
+    return ConvSite(node=node.name, weight=constant_source(node.inputs[1]).name,
+                    input=node.inputs[0].name, output=node.outputs[0].name,
+                    kernel=tuple(int(k) for k in weight.shape[2:]),
+                    group=int(node.attrs.get("group", 1)), cin=int(weight.shape[1]),
+                    cout=int(weight.shape[0]), stem=node.inputs[0].name in graph_inputs)
 
 
 def _distances(edges, seeds, limit):
@@ -101,10 +101,11 @@ def run(graph: gs.Graph, ctx) -> int:
     seeds = {regions.find(t.name) for site in ctx.plan.attention for name in site.nodes
              if by_name[name].op != "Conv" for t in by_name[name].outputs}
     convs, ends = [], []
+    graph_inputs = {t.name for t in graph.inputs}
     for node in graph.nodes:
         if node.op != "Conv":
             continue
-        site = _conv_site(node)
+        site = _conv_site(node, graph_inputs)
         if site is None:
             ctx.log.debug("Conv %s: weight is not a constant, left in float", node.name)
             ctx.plan.notes.append(f"Conv {node.name}: weight is not constant, left in float")

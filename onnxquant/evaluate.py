@@ -1,0 +1,265 @@
+"""Top-1/top-5 of ONNX classifiers on labelled images, and float-vs-quantized comparison.
+
+Models run in onnxruntime on CPU, one session per model for the whole run. Labels are
+ImageNet-1k indices; a model with fewer outputs (the 10-class reference models) gives a
+``class_map``: output index -> ImageNet index. Images whose class the model cannot
+predict are skipped and counted, not scored as errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from tqdm import tqdm
+
+from .errors import UserError
+from .images import Preprocess, iter_batches, list_labelled, take_evenly
+
+Model = Union[str, os.PathLike, onnx.ModelProto]
+
+
+@dataclass
+class EvalResult:
+    """Accuracy of one model; ``logits`` (n, C) and ``labels`` (n,) are in output-index space."""
+
+    name: str
+    n: int
+    top1: float  # percent
+    top5: float  # percent (top-C when the model has fewer than 5 outputs)
+    skipped: int  # images whose class is not among the model's outputs
+    logits: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class CompareResult:
+    """Two models on the same images; ``kl`` is the mean KL(softmax(a) || softmax(b))."""
+
+    a: EvalResult
+    b: EvalResult
+    agreement: float  # percent of images with the same top-1
+    kl: float
+    max_abs_err: float  # max |logit_a - logit_b| over all images and outputs
+
+
+class _Runner:
+    """One onnxruntime CPU session; accepts any batch, splits/pads for a fixed batch dim."""
+
+    def __init__(self, model: Model, spinning: bool = True):
+        opts = ort.SessionOptions()
+        # Two sessions spinning their intra-op threads while the other one runs slow both
+        # down; turning spinning off costs nothing measurable for batched evaluation.
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.name = _model_name(model)
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        try:
+            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped failures
+            raise UserError(f"{self.name}: onnxruntime cannot load the model ({exc})") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = list(inp.shape)
+        first = self.input_shape[0] if self.input_shape else None
+        self.fixed_batch = first if isinstance(first, int) and first > 0 else None
+        last = self.session.get_outputs()[0].shape[-1]
+        self.num_outputs = last if isinstance(last, int) else None
+
+    def check_input(self, pre: Preprocess) -> None:
+        """A fixed spatial size must match the preprocessing crop."""
+        hw = self.input_shape[2:]
+        if all(isinstance(d, int) for d in hw) and hw != [pre.input_size] * 2:
+            raise UserError(f"{self.name}: input is {hw[0]}x{hw[1]} but the preprocessing crops "
+                            f"{pre.input_size}x{pre.input_size}; fix --input-size")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.fixed_batch is None:
+            return self._run(x)
+        b = self.fixed_batch
+        outs = []
+        for start in range(0, len(x), b):
+            chunk = x[start:start + b]
+            pad = np.zeros((b - len(chunk),) + x.shape[1:], x.dtype)
+            outs.append(self._run(np.concatenate([chunk, pad]))[:len(chunk)])
+        return np.concatenate(outs)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        out = self.session.run(None, {self.input_name: x})[0]
+        return out.reshape(len(x), -1).astype(np.float32)
+
+
+def _model_name(model: Model) -> str:
+    if isinstance(model, onnx.ModelProto):
+        return model.graph.name or "model"
+    path = Path(model)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
+    return path.name
+
+
+def _targets(items, class_map, num_outputs):
+    """Keep the images the model can classify; map labels to output indices."""
+    if class_map is None:
+        index = None if num_outputs is None else {i: i for i in range(num_outputs)}
+    else:
+        if num_outputs is not None and len(class_map) != num_outputs:
+            raise UserError(f"class map has {len(class_map)} entries but the model has "
+                            f"{num_outputs} outputs; give one ImageNet index per output")
+        index = {int(c): i for i, c in enumerate(class_map)}
+    if index is None:
+        return [p for p, _ in items], np.array([c for _, c in items], np.int64)
+    kept = [(p, index[c]) for p, c in items if c in index]
+    if not kept:
+        raise UserError("no image's class is among the model's outputs; pass --class-map "
+                        "or --reference-json")
+    return [p for p, _ in kept], np.array([t for _, t in kept], np.int64)
+
+
+def _scores(name, logits, labels, skipped) -> EvalResult:
+    k = min(5, logits.shape[1])
+    topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    top1 = float(np.mean(topk[:, 0] == labels) * 100)
+    top5 = float(np.mean(np.any(topk == labels[:, None], axis=1)) * 100)
+    return EvalResult(name, len(labels), top1, top5, skipped, logits, labels)
+
+
+def _run_models(models, images, pre, class_map, batch_size, limit, progress):
+    """One pass over the images, every model on each batch."""
+    runners = [_Runner(m, spinning=len(models) == 1) for m in models]
+    for r in runners:
+        r.check_input(pre)
+    items = list_labelled(images) if isinstance(images, (str, os.PathLike)) else list(images)
+    items = take_evenly(items, limit)
+    paths, labels = _targets(items, class_map, runners[0].num_outputs)
+    outs = [[] for _ in runners]
+    with tqdm(total=len(paths), unit="img", disable=not progress, desc="eval") as bar:
+        for x in iter_batches(paths, pre, batch_size):
+            for out, runner in zip(outs, runners):
+                out.append(runner(x))
+            bar.update(len(x))
+    skipped = len(items) - len(paths)
+    return [_scores(r.name, np.concatenate(o), labels, skipped) for r, o in zip(runners, outs)]
+
+
+def evaluate(model: Model, images, pre: Preprocess, class_map: Sequence[int] | None = None,
+             batch_size: int = 32, limit: int | None = None, progress: bool = True) -> EvalResult:
+    """Top-1/top-5 of ``model`` on ``images``: a labelled folder or (path, class) pairs.
+
+    ``limit`` takes that many images spread evenly over the sorted list (all classes).
+    """
+    return _run_models([model], images, pre, class_map, batch_size, limit, progress)[0]
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def compare(model_a: Model, model_b: Model, images, pre: Preprocess,
+            class_map: Sequence[int] | None = None, batch_size: int = 32,
+            limit: int | None = None, progress: bool = True) -> CompareResult:
+    """Both models on the same images in one pass; b is judged against a (the float one)."""
+    a, b = _run_models([model_a, model_b], images, pre, class_map, batch_size, limit, progress)
+    if a.logits.shape != b.logits.shape:
+        raise UserError(f"{a.name} has {a.logits.shape[1]} outputs, {b.name} has "
+                        f"{b.logits.shape[1]}; compare models of the same classifier")
+    la, lb = _log_softmax(a.logits), _log_softmax(b.logits)
+    kl = float(np.mean(np.sum(np.exp(la) * (la - lb), axis=1)))
+    agreement = float(np.mean(a.logits.argmax(1) == b.logits.argmax(1)) * 100)
+    err = float(np.max(np.abs(a.logits - b.logits)))
+    return CompareResult(a, b, agreement, kl, err)
+
+
+# ---- CLI glue (wired into `onnxquant eval` by onnxquant.cli) ----
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``onnxquant eval``."""
+    parser.add_argument("model", help="ONNX classifier (the float model when comparing)")
+    parser.add_argument("--images", required=True, help="folder of labelled images")
+    parser.add_argument("--labels", help="labels TSV (columns path, class_index)")
+    parser.add_argument("--compare", metavar="QUANT.onnx", help="second model, judged against MODEL")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--reference-json", help="preprocessing and class map (imagenet_index)")
+    source.add_argument("--timm-model", help="preprocessing of this timm model")
+    parser.add_argument("--input-size", type=int, help="crop size (default 224)")
+    parser.add_argument("--crop-pct", type=float, help="crop fraction (default 0.875)")
+    parser.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest"])
+    parser.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
+    parser.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
+    parser.add_argument("--class-map", help="ImageNet index of each output, e.g. '0,217,482'")
+    parser.add_argument("--limit", type=int, help="evaluate N images spread over the classes")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _preprocess_from_args(args) -> tuple[Preprocess, list[int] | None]:
+    """Base config (JSON, timm or defaults), then explicit flags override single fields."""
+    class_map = None
+    if args.reference_json:
+        path = Path(args.reference_json)
+        if not path.is_file():
+            raise UserError(f"{path}: no such reference JSON")
+        try:
+            pre = Preprocess.from_json(path)
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: {exc}") from None
+        class_map = json.loads(path.read_text(encoding="utf-8")).get("imagenet_index")
+    elif args.timm_model:
+        try:
+            pre = Preprocess.from_timm(args.timm_model)
+        except (ImportError, RuntimeError, ValueError) as exc:  # timm: RuntimeError if unknown
+            raise UserError(f"--timm-model {args.timm_model}: {exc}") from None
+    else:
+        pre = Preprocess(input_size=224)
+    flags = {"input_size": args.input_size, "crop_pct": args.crop_pct,
+             "interpolation": args.interpolation, "mean": args.mean, "std": args.std}
+    try:
+        pre = replace(pre, **{k: v for k, v in flags.items() if v is not None})
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.class_map:
+        try:
+            class_map = [int(c) for c in args.class_map.split(",")]
+        except ValueError:
+            raise UserError(f"--class-map {args.class_map!r}: give comma-separated ints") from None
+    return pre, class_map
+
+
+def _table(results: Sequence[EvalResult]) -> str:
+    width = max(len(r.name) for r in results) + 2
+    lines = [f"{'model':<{width}}{'images':>8}{'skipped':>9}{'top-1 %':>9}{'top-5 %':>9}"]
+    for r in results:
+        lines.append(f"{r.name:<{width}}{r.n:>8}{r.skipped:>9}{r.top1:>9.2f}{r.top5:>9.2f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``onnxquant eval``: print the accuracy table; user errors raise UserError."""
+    pre, class_map = _preprocess_from_args(args)
+    items = list_labelled(args.images, args.labels)
+    opts = dict(class_map=class_map, batch_size=args.batch_size, limit=args.limit,
+                progress=not args.no_progress)
+    start = time.perf_counter()
+    if args.compare:
+        res = compare(args.model, args.compare, items, pre, **opts)
+        results = [res.a, res.b]
+    else:
+        results = [evaluate(args.model, items, pre, **opts)]
+    seconds = time.perf_counter() - start
+    print(f"preprocessing: {pre}")
+    print(_table(results))
+    if args.compare:
+        print(f"top-1 agreement {res.agreement:.2f} %   mean KL {res.kl:.5f}   "
+              f"max |logit diff| {res.max_abs_err:.4f}")
+    print(f"{results[0].n} images in {seconds:.1f} s")
+    return 0

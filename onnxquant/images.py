@@ -1,0 +1,272 @@
+"""Image preprocessing and listing of labelled images, for calibration and evaluation.
+
+``load_image`` reproduces timm's eval transform (``transforms_imagenet_eval`` with the
+default ``crop_mode="center"``) in NumPy + PIL, so that accuracy measured here matches
+accuracy measured in PyTorch without importing torch:
+
+    RGB -> resize shorter side to floor(size / crop_pct)  (torchvision Resize, PIL filter)
+        -> center crop size x size                        (torchvision CenterCrop rounding)
+        -> float32 / 255 -> (x - mean) / std              (ToTensor + Normalize, float32)
+
+Labelled folders come in three layouts (see ``list_labelled``); class indices are always
+ImageNet-1k indices (timm/torchvision order: the sorted wnids).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+CLASSES_TSV = Path(__file__).resolve().parent / "data" / "imagenet_classes.tsv"
+_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval preprocessing of one model: square crop of ``input_size`` pixels."""
+
+    input_size: int
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if not isinstance(self.input_size, int) or self.input_size <= 0:
+            raise ValueError(f"input_size must be a positive int, got {self.input_size!r}")
+        # crop_pct > 1 would need torchvision's zero padding; no timm eval config uses it.
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        if self.interpolation not in _FILTERS:
+            raise ValueError(f"interpolation must be one of {sorted(_FILTERS)}, "
+                             f"got {self.interpolation!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(value) != 3:
+                raise ValueError(f"{name} needs 3 values (R, G, B), got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be > 0, got {self.std!r}")
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side before the crop: ``floor(input_size / crop_pct)`` as in timm."""
+        return math.floor(self.input_size / self.crop_pct)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "Preprocess":
+        """From a timm data config (``input_size`` as ``[3, H, W]`` or an int)."""
+        size = cfg["input_size"]
+        if not isinstance(size, int):
+            if len(size) != 3 or size[1] != size[2]:
+                raise ValueError(f"only square inputs [3, N, N] are supported, got {size!r}")
+            size = int(size[1])
+        crop_mode = cfg.get("crop_mode") or "center"
+        if crop_mode != "center":
+            raise ValueError(f"crop_mode {crop_mode!r} is not supported (only 'center')")
+        return cls(input_size=size, crop_pct=float(cfg.get("crop_pct") or 0.875),
+                   interpolation=cfg.get("interpolation", "bicubic"),
+                   mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                   std=tuple(cfg.get("std", IMAGENET_STD)))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "Preprocess":
+        """From a reference JSON (key ``eval_preprocessing``) or a bare data-config JSON."""
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        try:
+            return cls.from_dict(data.get("eval_preprocessing", data))
+        except KeyError as exc:
+            raise ValueError(f"{path}: no {exc.args[0]!r} in the preprocessing config") from None
+
+    @classmethod
+    def from_timm(cls, model_name: str) -> "Preprocess":
+        """From the pretrained config of a timm model (builds it without weights)."""
+        try:
+            import timm
+        except ImportError:
+            raise ImportError("Preprocess.from_timm needs timm: pip install 'onnxquant[torch]', "
+                              "or give the preprocessing explicitly") from None
+        model = timm.create_model(model_name, pretrained=False)
+        return cls.from_dict(timm.data.resolve_data_config({}, model=model))
+
+
+def _resized_size(width: int, height: int, short: int) -> tuple[int, int]:
+    """torchvision's Resize(int): shorter side = short, longer side truncated (int())."""
+    if width <= height:
+        return short, int(short * height / width)
+    return int(short * width / height), short
+
+
+def load_image(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
+    """One image as float32 CHW, exactly as timm's eval transform computes it."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read image ({exc}); remove it or fix the file") from None
+    size = _resized_size(img.width, img.height, pre.resize_size)
+    if size != img.size:  # torchvision returns the image untouched when sizes match
+        img = img.resize(size, _FILTERS[pre.interpolation])
+    crop = pre.input_size
+    # Python's round (half to even), as torchvision's CenterCrop.
+    top = int(round((img.height - crop) / 2.0))
+    left = int(round((img.width - crop) / 2.0))
+    img = img.crop((left, top, left + crop, top + crop))
+    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    mean = np.asarray(pre.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(pre.std, dtype=np.float32).reshape(3, 1, 1)
+    return (x - mean) / std
+
+
+def iter_batches(paths: Sequence, pre: Preprocess, batch_size: int = 32,
+                 workers: int | None = None) -> Iterator[np.ndarray]:
+    """Float32 NCHW batches in the order of ``paths``; the next batch decodes meanwhile.
+
+    PIL releases the GIL while decoding and resizing, so threads are enough.
+    """
+    paths = list(paths)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        pending = None
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            futures = [pool.submit(load_image, p, pre) for p in chunk]
+            if pending is not None:
+                yield np.stack([f.result() for f in pending])
+            pending = futures
+        if pending:
+            yield np.stack([f.result() for f in pending])
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """All images under ``folder`` (recursive, extensions case-insensitive), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder; pass a folder of images")
+    found = sorted((p for p in folder.rglob("*") if _is_image(p)),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    if not found:
+        raise UserError(f"{folder}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
+    return found
+
+
+def take_evenly(items: Sequence, n: int | None) -> list:
+    """``n`` items spread evenly over ``items`` (the middle of each of n equal slices).
+
+    Listings are sorted by class folder or class-prefixed names, so an even spread shows
+    every class to calibration, where the first n would show only the first classes.
+    """
+    items = list(items)
+    if n is None or n >= len(items):
+        return items
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return [items[(2 * i + 1) * len(items) // (2 * n)] for i in range(n)]
+
+
+def wnid_to_index(path: str | os.PathLike = CLASSES_TSV) -> dict[str, int]:
+    """ImageNet-1k wnid -> class index, from a ``index  wnid  names`` TSV."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return {r["wnid"]: int(r["index"]) for r in csv.DictReader(f, delimiter="\t")}
+
+
+def _read_label_rows(tsv: Path) -> list[tuple[str, int]]:
+    """(relative path, class index) rows of a labels TSV with ``path`` and a class column."""
+    with open(tsv, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        fields = reader.fieldnames or []
+        rows = list(reader)
+    if "path" not in fields or not ({"class_index", "wnid"} & set(fields)):
+        raise UserError(f"{tsv}: needs a header with columns 'path' and 'class_index' (or "
+                        f"'wnid'), found {fields}")
+    if "class_index" in fields:
+        return [(r["path"], int(r["class_index"])) for r in rows]
+    wnids = wnid_to_index()
+    unknown = sorted({r["wnid"] for r in rows} - set(wnids))
+    if unknown:
+        raise UserError(f"{tsv}: unknown wnid {unknown[0]!r}; use ImageNet-1k wnids")
+    return [(r["path"], wnids[r["wnid"]]) for r in rows]
+
+
+def _rows_under(rows, base: Path, folder: Path) -> list[tuple[Path, int]]:
+    """Rows (paths relative to ``base``) whose file lies inside ``folder``."""
+    kept = []
+    for rel, label in rows:
+        path = base / rel
+        if path.resolve().is_relative_to(folder):
+            kept.append((path, label))
+    return kept
+
+
+def _from_tsv(folder: Path, tsv: Path, explicit: bool) -> list[tuple[Path, int]]:
+    """Paths are relative to the TSV's folder; for an explicit TSV kept outside the image
+    folder (a flat folder with its labels elsewhere) they are relative to the image folder."""
+    rows = _read_label_rows(tsv)
+    items = _rows_under(rows, tsv.resolve().parent, folder)
+    if not items and explicit:
+        items = _rows_under(rows, folder, folder)
+    missing = [p for p, _ in items if not p.is_file()]
+    if missing:
+        raise UserError(f"{tsv}: {len(missing)} listed images are missing, e.g. {missing[0]}")
+    return items
+
+
+def _from_wnid_folders(folder: Path) -> list[tuple[Path, int]]:
+    """``folder/<wnid>/**/*.JPEG``; folders not named like a wnid are ignored."""
+    wnids = wnid_to_index()
+    items = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name in wnids):
+        items += [(p, wnids[sub.name]) for p in sorted(sub.rglob("*")) if _is_image(p)]
+    return items
+
+
+def _find_labels_tsv(folder: Path) -> Path | None:
+    for parent in (folder, *folder.parents):
+        if (parent / "labels.tsv").is_file():
+            return parent / "labels.tsv"
+    return None
+
+
+def list_labelled(folder: str | os.PathLike,
+                  labels_tsv: str | os.PathLike | None = None) -> list[tuple[Path, int]]:
+    """(image path, ImageNet class index) pairs under ``folder``, sorted by path.
+
+    Labels come from, in order: the explicit ``labels_tsv``; the nearest ``labels.tsv`` in
+    ``folder`` or a parent (rows outside ``folder`` are dropped, so ``imagenette/val`` keeps
+    only the val rows of ``imagenette/labels.tsv``); ``<folder>/<wnid>/`` subfolders.
+    """
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder; pass a folder of labelled images")
+    if labels_tsv is not None:
+        tsv = Path(labels_tsv)
+        if not tsv.is_file():
+            raise UserError(f"{tsv}: no such labels file")
+        items = _from_tsv(folder, tsv, explicit=True)
+    else:
+        tsv = _find_labels_tsv(folder)
+        items = _from_tsv(folder, tsv, explicit=False) if tsv else []
+        items = items or _from_wnid_folders(folder)
+    if not items:
+        raise UserError(f"{folder}: no labelled images found; add a labels.tsv (columns path, "
+                        f"class_index), use <wnid>/ subfolders, or pass --labels")
+    return sorted(items, key=lambda item: item[0].as_posix())

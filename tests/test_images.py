@@ -1,0 +1,185 @@
+"""Preprocessing (timm eval transform in NumPy), labelled-folder listing, batching."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from onnxquant.errors import UserError
+from onnxquant.images import (IMAGENET_MEAN, Preprocess, iter_batches, list_images,
+                              list_labelled, load_image, take_evenly, wnid_to_index)
+
+PLAIN = dict(mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def _noise_image(path, width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(input_size=0), "input_size"),
+    (dict(input_size=8, crop_pct=0.0), "crop_pct"),
+    (dict(input_size=8, crop_pct=1.2), "crop_pct"),
+    (dict(input_size=8, interpolation="lanczos"), "interpolation"),
+    (dict(input_size=8, mean=(0.5, 0.5)), "mean"),
+    (dict(input_size=8, std=(1.0, 0.0, 1.0)), "std"),
+])
+def test_preprocess_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Preprocess(**kwargs)
+
+
+def test_preprocess_from_reference_json(tmp_path):
+    cfg = {"input_size": [3, 128, 128], "interpolation": "bicubic", "crop_pct": 0.9,
+           "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps({"model": "m", "eval_preprocessing": cfg}))
+    pre = Preprocess.from_json(path)
+    assert pre == Preprocess(128, 0.9, "bicubic", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert pre.resize_size == 142  # floor(128 / 0.9)
+
+
+def test_preprocess_from_json_rejects_non_square(tmp_path):
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps({"input_size": [3, 128, 96]}))
+    with pytest.raises(ValueError, match="square"):
+        Preprocess.from_json(path)
+
+
+def test_load_image_without_resize_crops_like_torchvision(tmp_path):
+    # 20x10, shorter side 10 == floor(8 / 0.8): no resize; crop top=round(1.0), left=round(6.0)
+    pixels = _noise_image(tmp_path / "a.png", 20, 10)
+    x = load_image(tmp_path / "a.png", Preprocess(8, crop_pct=0.8, **PLAIN))
+    expected = pixels[1:9, 6:14].transpose(2, 0, 1).astype(np.float32) / 255
+    assert x.dtype == np.float32 and x.shape == (3, 8, 8)
+    np.testing.assert_array_equal(x, expected)
+
+
+@pytest.mark.parametrize("height, top", [(9, 0), (11, 2), (13, 2)])  # round half to even
+def test_center_crop_rounds_half_to_even(tmp_path, height, top):
+    pixels = _noise_image(tmp_path / "a.png", 8, height)
+    # crop_pct=1: shorter side 8 stays 8 (the width), so only the vertical crop moves
+    x = load_image(tmp_path / "a.png", Preprocess(8, crop_pct=1.0, **PLAIN))
+    np.testing.assert_array_equal(x * 255, pixels[top:top + 8].transpose(2, 0, 1))
+
+
+def test_load_image_resizes_shorter_side_with_truncated_long_side(tmp_path):
+    _noise_image(tmp_path / "a.png", 33, 20)
+    pre = Preprocess(8, crop_pct=0.5, interpolation="bilinear", **PLAIN)  # shorter side -> 16
+    with Image.open(tmp_path / "a.png") as img:
+        resized = np.asarray(img.resize((26, 16), Image.BILINEAR))  # int(16 * 33 / 20) = 26
+    x = load_image(tmp_path / "a.png", pre)
+    np.testing.assert_array_equal(x * 255, resized[4:12, 9:17].transpose(2, 0, 1))
+
+
+def test_load_image_normalizes_and_converts_grayscale(tmp_path):
+    Image.new("L", (8, 8), 255).save(tmp_path / "g.png")
+    x = load_image(tmp_path / "g.png", Preprocess(8, crop_pct=1.0))
+    expected = (1 - np.array(IMAGENET_MEAN, np.float32)) / np.array((0.229, 0.224, 0.225),
+                                                                     np.float32)
+    np.testing.assert_allclose(x[:, 0, 0], expected, rtol=1e-6)
+
+
+def test_load_image_names_unreadable_file(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="bad.jpg"):
+        load_image(tmp_path / "bad.jpg", Preprocess(8))
+
+
+@pytest.mark.torch
+def test_load_image_matches_timm_transform(tmp_path):
+    timm = pytest.importorskip("timm")
+    for i, (w, h) in enumerate([(37, 23), (23, 37), (50, 50), (161, 97)]):
+        _noise_image(tmp_path / f"{i}.jpg", w, h, seed=i)
+    for cfg in [dict(input_size=(3, 16, 16), crop_pct=0.9, interpolation="bicubic"),
+                dict(input_size=(3, 21, 21), crop_pct=0.875, interpolation="bilinear")]:
+        transform = timm.data.create_transform(**cfg)
+        pre = Preprocess.from_dict(cfg)
+        for path in sorted(tmp_path.glob("*.jpg")):
+            with Image.open(path) as img:
+                ref = transform(img.convert("RGB")).numpy()
+            np.testing.assert_array_equal(load_image(path, pre), ref)
+
+
+def test_list_images_recursive_sorted_case_insensitive(tmp_path):
+    for name in ["b/2.JPG", "a/1.png", "c.jpeg", "d.WebP", "notes.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
+    assert found == ["a/1.png", "b/2.JPG", "c.jpeg", "d.WebP"]
+
+
+def test_list_images_empty_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no images"):
+        list_images(tmp_path)
+
+
+def test_take_evenly_spreads_over_the_list():
+    items = list(range(10))
+    assert take_evenly(items, 5) == [1, 3, 5, 7, 9]
+    assert take_evenly(items, 2) == [2, 7]
+    assert take_evenly(items, 0) == []
+    assert take_evenly(items, 20) == items
+    assert take_evenly(items, None) == items
+
+
+def _tsv(path, rows, header="path\tclass_index"):
+    path.write_text("\n".join([header] + ["\t".join(map(str, r)) for r in rows]) + "\n")
+
+
+def test_list_labelled_subfolder_uses_parent_labels_tsv(tmp_path):
+    for name in ["val/x/1.JPEG", "val/x/2.JPEG", "train/x/3.JPEG"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    _tsv(tmp_path / "labels.tsv", [("train/x/3.JPEG", 5), ("val/x/2.JPEG", 7), ("val/x/1.JPEG", 7)])
+    items = list_labelled(tmp_path / "val")
+    assert [(p.name, c) for p, c in items] == [("1.JPEG", 7), ("2.JPEG", 7)]
+    assert len(list_labelled(tmp_path)) == 3
+
+
+def test_list_labelled_wnid_folders(tmp_path):
+    wnids = wnid_to_index()
+    assert wnids["n01440764"] == 0 and wnids["n03888257"] == 701 and len(wnids) == 1000
+    for name in ["n03888257/b.JPEG", "n01440764/a.JPEG", "other/c.JPEG"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    items = list_labelled(tmp_path)
+    assert [(p.name, c) for p, c in items] == [("a.JPEG", 0), ("b.JPEG", 701)]
+
+
+def test_list_labelled_flat_folder_with_explicit_tsv(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for name in ["b.png", "a.png"]:
+        (tmp_path / "imgs" / name).write_bytes(b"")
+    _tsv(tmp_path / "my_labels.tsv", [("b.png", "n01443537"), ("a.png", "n01440764")],
+         header="path\twnid")
+    items = list_labelled(tmp_path / "imgs", tmp_path / "my_labels.tsv")
+    assert [(p.name, c) for p, c in items] == [("a.png", 0), ("b.png", 1)]
+
+
+def test_list_labelled_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no labelled images"):
+        list_labelled(tmp_path)
+    _tsv(tmp_path / "labels.tsv", [("missing.png", 3)])
+    with pytest.raises(UserError, match="missing"):
+        list_labelled(tmp_path)
+    _tsv(tmp_path / "labels.tsv", [("a.png", 3)], header="file\tlabel")
+    with pytest.raises(UserError, match="columns"):
+        list_labelled(tmp_path)
+
+
+def test_iter_batches_keeps_order_and_shapes(tmp_path):
+    paths = []
+    for i in range(5):
+        Image.new("RGB", (10, 12), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    batches = list(iter_batches(paths, Preprocess(8, crop_pct=1.0, **PLAIN), batch_size=2))
+    assert [b.shape for b in batches] == [(2, 3, 8, 8), (2, 3, 8, 8), (1, 3, 8, 8)]
+    assert all(b.dtype == np.float32 for b in batches)
+    red = np.concatenate(batches)[:, 0, 0, 0] * 255
+    np.testing.assert_allclose(red, [0, 40, 80, 120, 160], atol=1e-4)

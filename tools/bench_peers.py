@@ -1,0 +1,422 @@
+"""Benchmark onnxquant against onnxruntime's quantize_static on hybrid models (one run).
+
+    for each repeat, for each model, tools in a rotated order:
+        one subprocess per quantization -> wall time (load .. saved) and peak RSS (ru_maxrss)
+    then, per model, one subprocess times every variant interleaved (onnxruntime CPU,
+    batch 1, 2 threads, spinning off: DESIGN.md section 7), and top-1 agreement with float
+    on 200 labelled images for the reference checkpoints.
+
+Tools: onnxquant paper recipe, onnxquant --target ort, and onnxruntime
+(quant_pre_process, then quantize_static QDQ per-channel MinMax, ORT 1.32 defaults S8S8).
+All calibrate on the same 32 images (take_evenly over the calibration folder, as the CLI).
+
+    python tools/bench_peers.py [--models a,b] [--repeats 3] [--runs 50] [--out docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+ASSETS = Path("/work/shared/assets")
+REFERENCE = ASSETS / "reference"
+CALIB = ASSETS / "imagenette" / "train"
+EVAL = ASSETS / "imagenet-val" / "nette"
+MODELS = ("mobilevit_xxs", "mobilevit_s", "mobilevitv2_050", "efficientformer_l1",
+          "efficientformerv2_s0", "fastvit_t8")
+TOOLS = ("onnxquant-paper", "onnxquant-ort", "ort-quantize_static")
+NUM_CALIB = 32
+BATCH = 8  # calibration batch of both tools (onnxquant's default batch_size)
+
+
+# ---- models ----------------------------------------------------------------------------
+
+SHARED_ZOO = Path.home() / ".cache" / "onnxquant" / "zoo"
+PRIVATE_ZOO = Path(tempfile.gettempdir()) / "onnxquant-bench-zoo"
+
+
+def zoo_path(name: str) -> Path:
+    """A private copy of the random-init (seed 0) zoo export of ``name``.
+
+    Other jobs rewrite and clean the shared cache (files vanished mid-run here), so the
+    file is copied out of it once, or exported (in a subprocess, torch) when absent.
+    """
+    sub = f"timm-{version('timm')}/{name}.seed0.onnx"
+    private = PRIVATE_ZOO / sub
+    if private.is_file():
+        return private
+    private.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copyfile(SHARED_ZOO / sub, f"{private}.tmp")
+        os.replace(f"{private}.tmp", private)
+        return private
+    except FileNotFoundError:
+        pass
+    print(f"exporting {name} into {PRIVATE_ZOO} ...", flush=True)
+    subprocess.run([sys.executable, "-c", "import sys; from onnxquant.models.export import "
+                    "zoo_cache; zoo_cache(sys.argv[1])", name], check=True,
+                   env={**os.environ, "ONNXQUANT_ZOO_CACHE": str(PRIVATE_ZOO)})
+    return private
+
+
+def resolve(name: str) -> dict:
+    """{name, path, source, pre (Preprocess kwargs), class_map} of a model name or .onnx path."""
+    ref = REFERENCE / f"{name}.imagenette.onnx"
+    if ref.is_file():
+        meta = json.loads(ref.with_suffix(".json").read_text())
+        pre = dict(meta["eval_preprocessing"])
+        return {"name": name, "path": str(ref), "source": "reference (Imagenette, 128 px)",
+                "pre": pre, "class_map": meta["imagenet_index"]}
+    path = Path(name) if name.endswith(".onnx") else zoo_path(name)
+    size = input_hw(path)
+    return {"name": Path(name).stem if name.endswith(".onnx") else name, "path": str(path),
+            "source": f"timm export, random weights, {size} px", "pre": {"input_size": size},
+            "class_map": None}
+
+
+def input_hw(path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+
+
+def preprocess(spec: dict):
+    from onnxquant.images import Preprocess
+
+    return Preprocess.from_dict(spec)
+
+
+def file_mb(path) -> float:
+    path = Path(path)
+    extra = Path(f"{path}.data")
+    return (path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)) / 2**20
+
+
+# ---- workers (run in their own process) ------------------------------------------------
+
+def calib_paths(folder=CALIB, n=NUM_CALIB):
+    from onnxquant import images
+
+    return images.take_evenly(images.list_images(folder), n)
+
+
+def _quant_onnxquant(job: dict) -> dict:
+    import onnxquant
+    from onnxquant.model_io import load_model, save_model
+
+    cfg = onnxquant.QuantConfig(target=job["target"], num_calib=job["num_calib"],
+                                batch_size=BATCH)
+    calib = np.load(job["calib"]) if job["calib"].endswith(".npy") else job["calib"]
+    job["import_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    model = load_model(job["model"])
+    loaded = time.perf_counter()
+    result = onnxquant.run(model, cfg, calibration=calib, preprocess=preprocess(job["pre"]),
+                           progress=False)
+    done = time.perf_counter()
+    save_model(result.model, job["out"])
+    end = time.perf_counter()
+    phases = {"load": loaded - start, **result.seconds, "save": end - done}
+    return {"seconds": end - start, "phases": phases, "counts": result.counts}
+
+
+def _quant_ort(job: dict) -> dict:
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from onnxquant import images
+
+    name = onnx.load(job["model"], load_external_data=False).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            paths = calib_paths(job["calib"], job["num_calib"])
+            self.batches = images.iter_batches(paths, preprocess(job["pre"]), BATCH)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {name: batch}
+
+    job["import_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    pre_path = job["out"] + ".pre.onnx"
+    quant_pre_process(job["model"], pre_path)
+    prepped = time.perf_counter()
+    quantize_static(pre_path, job["out"], Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, calibrate_method=CalibrationMethod.MinMax)
+    end = time.perf_counter()
+    os.unlink(pre_path)
+    return {"seconds": end - start, "phases": {"pre_process": prepped - start,
+                                               "quantize_static": end - prepped}}
+
+
+def _latency(job: dict) -> dict:
+    """Every model of ``job`` once per round, in a shuffled order; ms per run."""
+    import onnxruntime as ort
+
+    sessions = {}
+    for label, path in job["models"].items():
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = job["threads"]
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        sessions[label] = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    first = next(iter(sessions.values())).get_inputs()[0]
+    x = np.random.default_rng(0).standard_normal([1] + list(first.shape[1:])).astype(np.float32)
+    feeds = {s: {s.get_inputs()[0].name: x} for s in sessions.values()}
+    for _ in range(job["warmup"]):
+        for s in sessions.values():
+            s.run(None, feeds[s])
+    times = {label: [] for label in sessions}
+    order, rng = list(sessions), random.Random(0)
+    for _ in range(job["runs"]):
+        rng.shuffle(order)
+        for label in order:
+            s = sessions[label]
+            t = time.perf_counter()
+            s.run(None, feeds[s])
+            times[label].append((time.perf_counter() - t) * 1e3)
+    return {"times_ms": times}
+
+
+WORKERS = {"onnxquant": _quant_onnxquant, "ort": _quant_ort, "latency": _latency}
+
+
+def worker_main(job_json: str) -> None:
+    job = json.loads(job_json)
+    out = WORKERS[job["kind"]](job)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["start_rss_mb"] = job.get("import_rss", 0) / 1024
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def in_subprocess(job: dict, timeout: float = 3600, script: str = __file__) -> dict:
+    """Run one worker job in a fresh Python; its own ru_maxrss is the peak RSS of that job."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, script, "_worker", json.dumps(job)],
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{job['kind']} on {job.get('model')}: exit {proc.returncode}\n"
+                           f"{proc.stderr[-3000:]}")
+    out = json.loads(lines[-1][7:])
+    out["process_seconds"] = time.perf_counter() - start
+    return out
+
+
+def quant_job(tool: str, model: dict, out: str, calib: str = str(CALIB)) -> dict:
+    job = {"model": model["path"], "out": out, "pre": model["pre"], "calib": calib,
+           "num_calib": NUM_CALIB}
+    if tool == "ort-quantize_static":
+        return {"kind": "ort", **job}
+    return {"kind": "onnxquant", "target": tool.split("-")[1], **job}
+
+
+# ---- report ----------------------------------------------------------------------------
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def p90(values):
+    return float(np.percentile(values, 90)) if values else float("nan")
+
+
+def machine() -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), platform.processor())
+    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f" {f}" in flags]
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "isa": ",".join(isa), "ram_gib": round(mem, 1),
+            "python": platform.python_version(), "onnx": version("onnx"),
+            "onnxruntime": version("onnxruntime"), "numpy": version("numpy"),
+            "onnxquant": version("onnxquant"),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def header(info: dict, command: str) -> str:
+    return (f"- machine: {info['cpu']}, {info['cores']} cores ({info['isa']}), "
+            f"{info['ram_gib']} GiB RAM; shared and noisy (other jobs may run)\n"
+            f"- versions: python {info['python']}, onnx {info['onnx']}, onnxruntime "
+            f"{info['onnxruntime']}, numpy {info['numpy']}, onnxquant {info['onnxquant']}\n"
+            f"- date: {info['date']}\n- command: `{command}`\n")
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table; columns are (title, key, format)."""
+    cells = [[("-" if r.get(k) is None else format(r[k], f)) for _, k, f in columns] for r in rows]
+    widths = [max(len(t), *(len(c[i]) for c in cells)) for i, (t, _, _) in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+    out = [line([t for t, _, _ in columns]), line(["-" * w for w in widths])]
+    return "\n".join(out + [line(c) for c in cells])
+
+
+PEER_COLUMNS = [("model", "model", ""), ("variant", "variant", ""),
+                ("quant s (median)", "quant_s", ".2f"), ("min s", "quant_min_s", ".2f"),
+                ("peak RSS MB", "rss_mb", ".0f"), ("size MB", "size_mb", ".2f"),
+                ("latency ms median", "lat_ms", ".2f"), ("p90 ms", "lat_p90", ".2f"),
+                ("float/model", "ratio", ".3f"), ("top-1 agree %", "agree", ".1f")]
+
+
+# ---- main ------------------------------------------------------------------------------
+
+def quantize_all(models, tools, repeats, work: Path) -> dict:
+    results = {(m["name"], t): [] for m in models for t in tools}
+    for rep in range(repeats):
+        for i, model in enumerate(models):
+            k = (rep + i) % len(tools)
+            for tool in tools[k:] + tools[:k]:
+                out = str(work / f"{model['name']}.{tool}.onnx")
+                res = in_subprocess(quant_job(tool, model, out))
+                res["size_mb"] = file_mb(out)
+                results[(model["name"], tool)].append(res)
+                print(f"  [{rep + 1}/{repeats}] {model['name']:<22} {tool:<20} "
+                      f"{res['seconds']:7.2f} s  peak {res['peak_rss_mb']:7.0f} MB  "
+                      f"{' '.join(f'{k}={v:.2f}' for k, v in res['phases'].items())}",
+                      flush=True)
+    return results
+
+
+def latency_and_agreement(model, tools, work: Path, runs: int, warmup: int, threads: int):
+    paths = {"float": model["path"], **{t: str(work / f"{model['name']}.{t}.onnx") for t in tools}}
+    lat = in_subprocess({"kind": "latency", "model": model["name"], "models": paths,
+                         "runs": runs, "warmup": warmup, "threads": threads})["times_ms"]
+    agree = {}
+    if model["class_map"] is not None and EVAL.is_dir():
+        from onnxquant.evaluate import compare
+        from onnxquant.images import list_labelled
+
+        items = list_labelled(EVAL)
+        for tool in tools:
+            res = compare(model["path"], paths[tool], items, preprocess(model["pre"]),
+                          class_map=model["class_map"], limit=200, progress=False)
+            agree[tool] = res.agreement
+            agree["float"] = 100.0
+    return lat, agree
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma-separated zoo names (reference checkpoint used when one exists)")
+    parser.add_argument("--tools", default=",".join(TOOLS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=100, help="timed runs per model variant")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="docs/benchmarks.md", help="markdown report ('' = none)")
+    parser.add_argument("--keep", help="keep the quantized models in this folder")
+    args = parser.parse_args(argv)
+    tools = [t for t in args.tools.split(",") if t]
+    models = [resolve(n) for n in args.models.split(",") if n]
+    work = Path(args.keep or tempfile.mkdtemp(prefix="bench_peers."))
+    work.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    command = "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:]))
+    print(header(info, command))
+    try:
+        quant = quantize_all(models, tools, args.repeats, work)
+        rows = []
+        for model in models:
+            lat, agree = latency_and_agreement(model, tools, work, args.runs, args.warmup,
+                                               args.threads)
+            base = median(lat["float"])
+            for variant in ["float"] + tools:
+                q = quant.get((model["name"], variant), [])
+                rows.append({"model": model["name"], "variant": variant,
+                             "quant_s": median([r["seconds"] for r in q]) if q else None,
+                             "quant_min_s": min(r["seconds"] for r in q) if q else None,
+                             "rss_mb": median([r["peak_rss_mb"] for r in q]) if q else None,
+                             "size_mb": q[-1]["size_mb"] if q else file_mb(model["path"]),
+                             "lat_ms": median(lat[variant]), "lat_p90": p90(lat[variant]),
+                             "ratio": base / median(lat[variant]), "agree": agree.get(variant)})
+            print(table(rows[-1 - len(tools):], PEER_COLUMNS), flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    text = table(rows, PEER_COLUMNS)
+    phases = phase_table(quant)
+    print("\n" + text + "\n\n" + phases)
+    if args.out:
+        write_report(Path(args.out), info, command, models, text, phases, args)
+    return 0
+
+
+def phase_table(quant: dict) -> str:
+    rows = []
+    for (model, tool), runs in quant.items():
+        keys = runs[0]["phases"]
+        row = {"model": model, "tool": tool,
+               "phases": ", ".join(f"{k} {median([r['phases'][k] for r in runs]):.2f}"
+                                   for k in keys),
+               "start": median([r["start_rss_mb"] for r in runs]),
+               "proc": median([r["process_seconds"] for r in runs])}
+        rows.append(row)
+    return table(rows, [("model", "model", ""), ("tool", "tool", ""),
+                        ("phases, median s", "phases", ""),
+                        ("process s incl. imports", "proc", ".2f"),
+                        ("RSS after imports MB", "start", ".0f")])
+
+
+def write_report(path: Path, info, command, models, text, phases, args) -> None:
+    sources = "\n".join(f"- {m['name']}: {m['source']}" for m in models)
+    path.write_text(f"""# onnxquant vs onnxruntime quantize_static
+
+{header(info, command)}
+Models:
+{sources}
+
+Quantization: each tool in its own subprocess, tools alternated (rotated order per model
+and repeat), {args.repeats} repeats, medians. Time = load .. quantized model saved (image
+decoding of the 32 calibration images included; interpreter start-up and imports not
+included, see the second table). Peak RSS = `ru_maxrss` of that subprocess (imports
+included). All tools calibrate on the same {NUM_CALIB} images of `{CALIB}` (evenly spread,
+as the CLI), batches of {BATCH}.
+
+- `onnxquant-paper`: `QuantConfig(target="paper")` (uint8 weight-only convs + log2 Softmax).
+- `onnxquant-ort`: `QuantConfig(target="ort")` (int8 Q/DQ on dense kxk convs only).
+- `ort-quantize_static`: `quant_pre_process` then `quantize_static(QuantFormat.QDQ,
+  per_channel=True, CalibrationMethod.MinMax)`, default S8S8 types of onnxruntime
+  {info['onnxruntime']}; time includes `quant_pre_process`.
+
+Latency: onnxruntime CPU EP, batch 1, {args.threads} intra-op threads, spinning off
+(`session.intra_op.allow_spinning=0`, DESIGN.md section 7), all variants of a model in one
+process, {args.warmup} warm-up runs each, then {args.runs} rounds running every variant once
+in a shuffled order; median and p90. float/model = float median / variant median (>1 is
+faster than float). Top-1 agreement with the float model on 200 images of
+`{EVAL}` (reference checkpoints only; random-weight exports have no meaningful top-1).
+
+{text}
+
+Phases (median seconds) and process overhead:
+
+{phases}
+""")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "_worker":
+        worker_main(sys.argv[2])
+    else:
+        sys.exit(main())
