@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__, api
-from .config import DEFAULT_LOG2_EPS, PARTS, TARGETS, QuantConfig
+from .config import DEFAULT_LOG2_EPS, PARTS, TARGET_PARTS, TARGETS, WEIGHT_FORMATS, QuantConfig
 from .errors import UserError
 from .model_io import check_output_path, load_model, save_model
 
@@ -64,18 +64,23 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-bits", type=int, default=d.weight_bits, help="2..8 (default 8)")
     g.add_argument("--weight-symmetric", action="store_true", help="int8, zero point 0")
     g.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    g.add_argument("--weight-format", choices=WEIGHT_FORMATS, default=d.weight_format,
+                   help="qdq: DequantizeLinear (standard); folded: Cast/Sub/Mul, which "
+                        "onnxruntime folds at load: same small file, float speed")
     g.add_argument("--softmax-bits", type=int, default=d.softmax_bits, help="log2 bits (default 8)")
     g.add_argument("--log2-eps", type=float, default=d.log2_eps,
                    help=f"floor for post-Softmax values before log2 (default {DEFAULT_LOG2_EPS:g})")
-    g.add_argument("--parts", default=",".join(PARTS),
-                   help=f"comma list of parts to quantize, from {','.join(PARTS)}")
+    g.add_argument("--parts", default=None,
+                   help=f"comma list of parts to quantize, from {','.join(PARTS)} (default: "
+                        f"the target's, paper: {','.join(sorted(TARGET_PARTS['paper']))})")
     g.add_argument("--num-calib", type=int, default=d.num_calib, help="calibration samples (32)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
 
 
 def config_from_args(args) -> QuantConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(QuantConfig)}
-    values["parts"] = frozenset(p.strip() for p in values["parts"].split(",") if p.strip())
+    if values["parts"] is not None:
+        values["parts"] = frozenset(p.strip() for p in values["parts"].split(",") if p.strip())
     try:
         return QuantConfig(**values)
     except ValueError as exc:

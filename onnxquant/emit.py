@@ -1,12 +1,16 @@
-"""Emit every quantize/dequantize node the plan asks for. The only module that adds Q/DQ.
+"""Emit every quantize/dequantize node the plan asks for. Passes only mark; this module edits.
 
-    conv weight   W_q (initializer) -> DequantizeLinear(s, z) -> Conv          (all targets)
-    conv input    x -> QuantizeLinear -> DequantizeLinear -> Conv             (ort, tensorrt)
-    attention     Softmax -> onnxquant.Log2QuantDequant -> consumers          (all targets)
+    conv weight   W_q -> DequantizeLinear (or folded Cast/Sub/Mul) -> Conv     (all targets)
+    conv input    x -> QuantizeLinear -> DequantizeLinear -> Conv            (ort, tensorrt)
+    conv output   Conv(int32 bias) -> QuantizeLinear -> DequantizeLinear    (ort: QLinearConv)
+    linear        W_q -> DQ -> MatMul/Gemm (weight-only) | dynamic int8 MatMul (ort)
+    attention     Softmax -> onnxquant.Log2QuantDequant -> consumers         (paper, tensorrt)
 
-Weight scheme: the paper's uint8 asymmetric per-tensor by default; the ort and tensorrt
-targets use symmetric int8 per output channel (TensorRT rejects uint8 and non-zero zero
-points, DESIGN.md §4; onnxruntime's fast U8S8 kernels want signed weights).
+Weight schemes: the paper's uint8 asymmetric per tensor by default (options: per channel,
+symmetric, 2-8 bits). tensorrt: int8 symmetric per channel (TensorRT rejects uint8 and
+non-zero zero points, DESIGN.md §4). ort: QLinearConv weights int8 symmetric per channel with
+7-bit codes (AVX2 u8s8 kernels can saturate their 16-bit intermediate sums with full 8-bit
+weights, DESIGN.md §7); every other weight uint8 per channel, folded.
 """
 
 from __future__ import annotations
@@ -16,75 +20,101 @@ import onnx_graphsurgeon as gs
 
 from . import functions, quantizers
 from .config import QuantConfig
+from .emit_qdq import dynamic_matmul, int32_bias, quant_dequant, store_weight, tensor_name
 from .graph import constant_value
-from .plan import Plan
+from .plan import ConvSite, Plan
+
+ORT_CONV_WEIGHT_BITS = 7
 
 
-def tensor_name(base: str, suffix: str) -> str:
-    """Deterministic name of an inserted tensor or node; never parsed back."""
-    return f"{base}_{suffix}"
-
-
-def _weight_scheme(cfg: QuantConfig) -> dict:
-    if cfg.target in ("ort", "tensorrt"):
+def _weight_only_scheme(cfg: QuantConfig) -> dict:
+    if cfg.target == "tensorrt":
         return {"bits": cfg.weight_bits, "symmetric": True, "axis": 0}
+    if cfg.target == "ort":
+        return {"bits": cfg.weight_bits, "symmetric": False, "axis": 0}
     return {"bits": cfg.weight_bits, "symmetric": cfg.weight_symmetric,
             "axis": 0 if cfg.per_channel else None}
 
 
-def _dequant(graph, base, codes, p: quantizers.UniformParams):
-    """Constant codes -> DequantizeLinear -> new float tensor."""
-    per_tensor = p.axis is None
-    scale = p.scale[0] if per_tensor else p.scale
-    zero = p.zero_point[0] if per_tensor else p.zero_point
-    inputs = [gs.Constant(tensor_name(base, "quantized"), codes),
-              gs.Constant(tensor_name(base, "scale"), np.asarray(scale, np.float32)),
-              gs.Constant(tensor_name(base, "zero_point"), np.asarray(zero))]
-    out = gs.Variable(tensor_name(base, "dequantized"), dtype=np.float32)
-    attrs = {} if per_tensor else {"axis": int(p.axis)}
-    graph.layer(op="DequantizeLinear", name=tensor_name(base, "DequantizeLinear"),
-                inputs=inputs, outputs=[out], attrs=attrs)
-    return out
+def _weight_format(cfg: QuantConfig) -> str:
+    return "folded" if cfg.target == "ort" else cfg.weight_format
 
 
-def _quant_dequant(graph, tensor, p: quantizers.UniformParams):
-    """Activation fake-quant pair: tensor -> QuantizeLinear -> DequantizeLinear."""
-    scale = gs.Constant(tensor_name(tensor.name, "act_scale"), np.asarray(p.scale[0]))
-    zero = gs.Constant(tensor_name(tensor.name, "act_zero_point"), np.asarray(p.zero_point[0]))
-    q = gs.Variable(tensor_name(tensor.name, "quantized"), dtype=p.zero_point.dtype)
-    out = gs.Variable(tensor_name(tensor.name, "qdq"), dtype=np.float32)
-    graph.layer(op="QuantizeLinear", name=tensor_name(tensor.name, "QuantizeLinear"),
-                inputs=[tensor, scale, zero], outputs=[q])
-    graph.layer(op="DequantizeLinear", name=tensor_name(tensor.name, "DequantizeLinear"),
-                inputs=[q, scale, zero], outputs=[out])
-    return out
+def _rewire(old: gs.Tensor, new: gs.Tensor, consumers: list) -> None:
+    """Make ``consumers`` (taken before ``new`` was built from ``old``) read ``new``."""
+    for consumer in consumers:
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
 
 
-def _activation_params(stats, name: str, cfg: QuantConfig) -> quantizers.UniformParams:
+def _activation(stats, name: str, symmetric: bool) -> quantizers.UniformParams:
     lo, hi = stats[name]
-    symmetric = cfg.target == "tensorrt"
     return quantizers.uniform_params(np.array([lo, hi]), 8, symmetric=symmetric)
+
+
+def _fused_conv(graph, node: gs.Node, site: ConvSite, plan: Plan, inputs: dict) -> None:
+    """ort: DQ(x) + DQ(W int8) + DQ(int32 bias) -> Conv -> Q/DQ: onnxruntime's QLinearConv."""
+    w = constant_value(node.inputs[1])
+    p = quantizers.uniform_params(w, ORT_CONV_WEIGHT_BITS, symmetric=True, axis=0)
+    node.inputs[1] = store_weight(graph, site.weight + "_" + node.name, w, p, "qdq")
+    act = _activation(plan.stats, site.input, symmetric=False)
+    if site.input not in inputs:
+        inputs[site.input] = quant_dequant(graph, node.inputs[0], act)
+    node.inputs[0] = inputs[site.input]
+    if len(node.inputs) > 2:
+        bias = constant_value(node.inputs[2])
+        node.inputs[2] = int32_bias(graph, tensor_name(node.name, "bias"), bias,
+                                    act.scale[0], p.scale)
+    out = node.outputs[0]
+    consumers = list(out.outputs)
+    q_out = quant_dequant(graph, out, _activation(plan.stats, site.output, symmetric=False))
+    _rewire(out, q_out, consumers)
 
 
 def emit_convs(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> int:
     nodes = {n.name: n for n in graph.nodes if n.op == "Conv"}
-    scheme = _weight_scheme(cfg)
+    scheme, fmt = _weight_only_scheme(cfg), _weight_format(cfg)
     weights, inputs, count = {}, {}, 0
     for site in plan.convs:
         if not site.quantize:
             continue
-        node = nodes[site.node]
+        node, count = nodes[site.node], count + 1
+        if site.int8_output:
+            _fused_conv(graph, node, site, plan, inputs)
+            continue
         if site.weight not in weights:  # a shared weight is stored once
             w = constant_value(node.inputs[1])
             p = quantizers.uniform_params(w, **scheme)
-            weights[site.weight] = _dequant(graph, site.weight, quantizers.uniform_quantize(w, p), p)
+            weights[site.weight] = store_weight(graph, site.weight, w, p, fmt)
         node.inputs[1] = weights[site.weight]
         if site.int8_input:
             if site.input not in inputs:
-                p = _activation_params(plan.stats, site.input, cfg)
-                inputs[site.input] = _quant_dequant(graph, node.inputs[0], p)
+                p = _activation(plan.stats, site.input, symmetric=cfg.target == "tensorrt")
+                inputs[site.input] = quant_dequant(graph, node.inputs[0], p)
             node.inputs[0] = inputs[site.input]
-        count += 1
+    return count
+
+
+def emit_linears(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> int:
+    nodes = {n.name: n for n in graph.nodes if n.op in ("MatMul", "Gemm")}
+    scheme, fmt = _weight_only_scheme(cfg), _weight_format(cfg)
+    weights, count = {}, 0
+    for site in plan.linears:
+        if not site.quantize:
+            continue
+        node, count = nodes[site.node], count + 1
+        w = constant_value(node.inputs[1])
+        if site.dynamic:
+            dynamic_matmul(graph, node, w)
+            continue
+        if site.weight not in weights:
+            # output channels: MatMul W is [K, N] (axis 1); Gemm B is [N, K] unless transB=0
+            axis = 1 if site.op == "MatMul" or not node.attrs.get("transB", 0) else 0
+            p = quantizers.uniform_params(
+                w, **{**scheme, "axis": None if scheme["axis"] is None else axis})
+            weights[site.weight] = store_weight(graph, site.weight, w, p, fmt)
+        node.inputs[1] = weights[site.weight]
     return count
 
 
@@ -98,20 +128,17 @@ def emit_log2(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> int:
         lo, hi = plan.stats[site.output]
         p = quantizers.log2_params(lo, hi, cfg.softmax_bits, cfg.log2_eps)
         y = gs.Variable(tensor_name(site.output, "log2qdq"), dtype=np.float32, shape=x.shape)
-        for consumer in list(x.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is x:
-                    consumer.inputs[i] = y
-        node = gs.Node(op=functions.OP_TYPE, name=tensor_name(site.softmax, "log2qdq"),
-                       domain=functions.DOMAIN, attrs=functions.log2_node_attrs(p),
-                       inputs=[x], outputs=[y])
-        graph.nodes.append(node)
+        _rewire(x, y, list(x.outputs))
+        graph.nodes.append(gs.Node(op=functions.OP_TYPE, name=tensor_name(site.softmax, "log2qdq"),
+                                   domain=functions.DOMAIN, attrs=functions.log2_node_attrs(p),
+                                   inputs=[x], outputs=[y]))
         count += 1
     return count
 
 
 def emit(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> dict:
     """Insert all Q/DQ; returns counts per kind."""
-    counts = {"convs": emit_convs(graph, plan, cfg), "softmax": emit_log2(graph, plan, cfg)}
+    counts = {"convs": emit_convs(graph, plan, cfg), "linears": emit_linears(graph, plan, cfg),
+              "softmax": emit_log2(graph, plan, cfg)}
     graph.cleanup().toposort()
     return counts

@@ -159,6 +159,21 @@ def evaluate(model: Model, images, pre: Preprocess, class_map: Sequence[int] | N
     return _run_models([model], images, pre, class_map, batch_size, limit, progress)[0]
 
 
+def evaluate_many(models: Sequence[Model], images, pre: Preprocess,
+                  class_map: Sequence[int] | None = None, batch_size: int = 32,
+                  limit: int | None = None, progress: bool = True) -> list[EvalResult]:
+    """``evaluate`` for several models in one pass: each image is decoded and preprocessed
+    once and every model runs on each batch (sessions do not spin, DESIGN.md section 7).
+
+    The results are in the order of ``models``; judge one against another with
+    ``compare_results``.
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("evaluate_many needs at least one model")
+    return _run_models(models, images, pre, class_map, batch_size, limit, progress)
+
+
 def _log_softmax(z: np.ndarray) -> np.ndarray:
     z = z.astype(np.float64)
     z = z - z.max(axis=1, keepdims=True)
@@ -170,6 +185,11 @@ def compare(model_a: Model, model_b: Model, images, pre: Preprocess,
             limit: int | None = None, progress: bool = True) -> CompareResult:
     """Both models on the same images in one pass; b is judged against a (the float one)."""
     a, b = _run_models([model_a, model_b], images, pre, class_map, batch_size, limit, progress)
+    return compare_results(a, b)
+
+
+def compare_results(a: EvalResult, b: EvalResult) -> CompareResult:
+    """Judge ``b`` against ``a`` (the float model); both evaluated on the same images."""
     if a.logits.shape != b.logits.shape:
         raise UserError(f"{a.name} has {a.logits.shape[1]} outputs, {b.name} has "
                         f"{b.logits.shape[1]}; compare models of the same classifier")

@@ -40,6 +40,7 @@ class ConvSite:
     stem: bool = False  # reads the graph input (the image)
     quantize: bool = True
     int8_input: bool = False  # targets ort/tensorrt: Q/DQ on the activation too
+    int8_output: bool = False  # target ort: Q/DQ on the output + int32 bias (QLinearConv)
 
     @property
     def depthwise(self) -> bool:
@@ -56,9 +57,22 @@ class ConvSite:
 
 
 @dataclass
+class LinearSite:
+    """A MatMul/Gemm with a constant 2-D weight (transformer linear layers, heads)."""
+
+    node: str
+    op: str  # MatMul or Gemm
+    weight: str  # initializer name
+    input: str
+    quantize: bool = False
+    dynamic: bool = False  # target ort: dynamic int8 (DynamicQuantizeMatMul)
+
+
+@dataclass
 class Plan:
     attention: list = field(default_factory=list)  # AttentionSite
     convs: list = field(default_factory=list)  # ConvSite
+    linears: list = field(default_factory=list)  # LinearSite
     unmatched_softmax: list = field(default_factory=list)  # (node name, reason)
     notes: list = field(default_factory=list)  # lines for the summary
     stats: dict = field(default_factory=dict)  # tensor name -> (min, max)
@@ -67,6 +81,7 @@ class Plan:
         """Tensors whose min/max the emission needs, in a stable order."""
         names = [a.output for a in self.attention if a.quantize]
         names += [c.input for c in self.convs if c.quantize and c.int8_input]
+        names += [c.output for c in self.convs if c.quantize and c.int8_output]
         return list(dict.fromkeys(names))
 
     def role_counts(self) -> dict:

@@ -13,10 +13,11 @@ tensor the paper's formula would give z < 0) and zero stays exactly representabl
 Log2 (post-Softmax activations):
     L = log2(max(x, eps)),  s = (L_max - L_min) / (2^b - 1),  z = round(-L_min / s)
     q = clamp(round(L / s) + z, 0, 2^b - 1),   x_hat = 2^(s * (q - z))
-Computed in float64 as ``log(x) * (1 / (s ln 2))`` and ``exp((q - z) * s ln 2)``,
-exactly the arithmetic of the ONNX function body, so codes agree across backends:
-a disagreement needs ``log2(x)/s`` within 2 ulp of float64 of a rounding boundary
-(onnxruntime's float32 Log differs from NumPy's by up to 5 ulp, its float64 Log by 2).
+The rounding boundaries are a float32 table (``log2_tables``): the code of x is the number
+of boundaries it reaches. That makes codes exact across backends whose ``log`` differs
+(onnxruntime's float32 Log differs from NumPy's by up to 5 ulp): the ONNX function estimates
+the code with a float32 log and corrects it with one table comparison, at float32 speed
+(float64 Log/Exp in onnxruntime are 8-100x slower than float32, not vectorized).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 LN2 = float(np.log(2.0))
+MIN_EPS = 2.0**-120  # thresholds 2^(-120 - s/2) stay normal float32
+MIN_LOG2_SCALE = 2.0**-12  # adjacent log2 levels differ by > 100 float32 ulp
 
 
 @dataclass(frozen=True)
@@ -126,28 +129,50 @@ def log2_params(xmin: float, xmax: float, bits: int = 8, eps: float = 2.0**-16) 
     """Calibrated parameters from the observed min/max of the (non-negative) input."""
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    if not MIN_EPS <= eps < 1:
+        raise ValueError(f"eps must be in [2^-120, 1), got {eps}")  # float32 tables
     eps32 = float(np.float32(eps))
     l_min = np.log2(max(float(xmin), eps32))
     l_max = np.log2(max(float(xmax), eps32))
     scale = (l_max - l_min) / (2**bits - 1)
-    if not scale > 0:  # constant input (e.g. one key): any scale represents it
-        scale = 1.0 / (2**bits - 1)
+    # constant input (one key) or a range too narrow for distinct float32 thresholds
+    scale = max(scale, MIN_LOG2_SCALE)
     scale = float(np.float32(scale))
     return Log2Params(scale, int(np.round(-l_min / scale)), bits, eps32)
 
 
+def log2_tables(p: Log2Params) -> tuple[np.ndarray, np.ndarray]:
+    """(thresholds, levels), both float32 of length 2^b.
+
+    ``levels[k] = 2^(s (k - z))`` is the dequantized value of code k. ``thresholds[k]`` is
+    the smallest input that gets a code above k: ``2^(s (k + 1/2 - z))`` (the log-domain
+    rounding boundary), and +inf for the last code. Computed in float64 as
+    ``exp(((k + 0.5) - z) * (s ln 2))`` then rounded to float32, in exactly this order in
+    the ONNX function body, so both sides hold the same tables.
+    """
+    k = np.arange(p.qmax + 1, dtype=np.float64)
+    s_ln2 = p.scale * LN2
+    levels = np.exp((k - p.zero_point) * s_ln2).astype(np.float32)
+    thresholds = np.exp(((k + 0.5) - p.zero_point) * s_ln2).astype(np.float32)
+    thresholds[-1] = np.inf
+    return thresholds, levels
+
+
 def log2_quantize(x: np.ndarray, p: Log2Params) -> np.ndarray:
-    """Codes in [0, 2^b - 1] as int32 (float64 arithmetic, see module docstring)."""
-    xd = np.maximum(np.asarray(x, np.float64), p.eps)
-    t = np.log(xd) * (1.0 / (p.scale * LN2))
-    return np.clip(np.round(t) + p.zero_point, 0, p.qmax).astype(np.int32)
+    """Codes in [0, 2^b - 1] (int32): how many thresholds ``max(x, eps)`` reaches.
+
+    This is ``clamp(round(log2(max(x, eps)) / s) + z, 0, 2^b - 1)`` with the rounding
+    boundaries taken from ``log2_tables`` (float32), so that every implementation that
+    compares against the same table gets the same codes, whatever its ``log`` rounds to.
+    """
+    thresholds, _ = log2_tables(p)
+    xm = np.maximum(np.asarray(x, np.float32), np.float32(p.eps))
+    return np.searchsorted(thresholds[:-1], xm, side="right").astype(np.int32)
 
 
 def log2_dequantize(q: np.ndarray, p: Log2Params) -> np.ndarray:
-    """``2^(s (q - z))`` in float32."""
-    return np.exp((np.asarray(q, np.float64) - p.zero_point) * (p.scale * LN2)).astype(np.float32)
+    """``2^(s (q - z))`` in float32 (a lookup in ``log2_tables``)."""
+    return log2_tables(p)[1][np.asarray(q)]
 
 
 def log2_fake_quant(x: np.ndarray, p: Log2Params) -> np.ndarray:

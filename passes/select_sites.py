@@ -1,13 +1,16 @@
 """Decide, per marked site, what gets quantized and how, from the config's target and parts.
 
     paper     every Conv weight (uniform, weight-only) + every attention Softmax (log2)
-    ort       int8 activations+weights only on dense kxk convs, where onnxruntime CPU has a
-              faster int8 kernel (DESIGN.md §7: dense 3x3 1.96x; 1x1 0.97x, depthwise 0.42x,
-              stem 0.41x), log2 Softmax kept
+    ort       where onnxruntime CPU has a faster int8 kernel (DESIGN.md §7, measured here:
+              dense 3x3 1.96x, 1x1 0.97x, depthwise 0.42x, stem 0.41x): dense kxk convs
+              become QLinearConv (Q/DQ on input, weight, int32 bias and output), linear
+              MatMuls dynamic int8; every other weight is stored folded (small file, float
+              speed); no log2 op (no onnxruntime kernel consumes it)
     tensorrt  int8 activations+weights on every Conv (TensorRT quantizes both together;
               weight-only INT8 gives no INT8 kernel, DESIGN.md §4), log2 Softmax kept
 
-``parts`` (ablation) switches off whole roles: conv_block, transformer, bridge, softmax.
+``parts`` (ablation) switches whole roles on or off: conv_block, transformer, bridge,
+softmax, linear.
 """
 
 from __future__ import annotations
@@ -18,15 +21,20 @@ ORT_INT8_KINDS = ("dense",)
 
 
 def run(graph: gs.Graph, ctx) -> int:
-    """Set ``quantize``/``int8_input`` on the plan's sites; returns how many are quantized."""
+    """Set the quantize flags on the plan's sites; returns how many are quantized."""
     cfg = ctx.config
+    parts = cfg.active_parts
     for site in ctx.plan.attention:
-        site.quantize = "softmax" in cfg.parts
+        site.quantize = "softmax" in parts
     for site in ctx.plan.convs:
-        site.quantize = site.role in cfg.parts
-        if cfg.target == "ort":
-            site.quantize = site.quantize and site.kind in ORT_INT8_KINDS
-        site.int8_input = site.quantize and cfg.target in ("ort", "tensorrt")
-    chosen = sum(s.quantize for s in ctx.plan.attention + ctx.plan.convs)
+        site.quantize = site.role in parts
+        fused = cfg.target == "ort" and site.kind in ORT_INT8_KINDS
+        site.int8_input = site.quantize and (fused or cfg.target == "tensorrt")
+        site.int8_output = site.quantize and fused
+    for site in ctx.plan.linears:
+        site.quantize = "linear" in parts
+        site.dynamic = site.quantize and cfg.target == "ort" and site.op == "MatMul"
+    sites = ctx.plan.attention + ctx.plan.convs + ctx.plan.linears
+    chosen = sum(s.quantize for s in sites)
     ctx.log.info("select_sites: %d sites to quantize (target %s)", chosen, cfg.target)
     return chosen

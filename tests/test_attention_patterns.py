@@ -70,7 +70,7 @@ def test_quantized_structure_and_numerics(case):
     res = g.quantize(model, calib)
     q = res.model
     assert [a.pattern for a in res.plan.attention] == [pattern]
-    assert res.counts == {"convs": n_convs, "softmax": 1}
+    assert res.counts == {"convs": n_convs, "linears": 0, "softmax": 1}
     onnx.checker.check_model(q, full_check=True)
 
     node = g.assert_log2_after(model, q, "attn_softmax")
@@ -128,7 +128,7 @@ def test_classifier_softmax_is_not_attention(build):
     assert [name for name, _ in plan.unmatched_softmax] == ["head_softmax"]
     res = g.quantize(model)  # nothing needs calibration: weight-only convs
     assert any("classifier head" in note for note in res.plan.notes)
-    assert res.counts == {"convs": 1, "softmax": 0} and not g.log2_nodes(res.model)
+    assert res.counts == {"convs": 1, "linears": 0, "softmax": 0} and not g.log2_nodes(res.model)
     assert g.producer_of(res.model, "probs").name == "head_softmax"
     got, = g.run_ort(res.model, {"x": X})
     ref, = g.reference(model, {"x": X}, ["stem"], {}, ["probs"])

@@ -36,7 +36,7 @@ def test_pure_conv_chain_is_all_conv_block():
     assert count == 3 and roles == dict.fromkeys(["conv1", "conv2", "conv3"], "conv_block")
     res = g.quantize(model)  # no Softmax: weight-only, no calibration needed
     assert any("has no Softmax" in note for note in res.plan.notes)
-    assert res.counts == {"convs": 3, "softmax": 0}
+    assert res.counts == {"convs": 3, "linears": 0, "softmax": 0}
     onnx.checker.check_model(res.model, full_check=True)
     _assert_weight_only_numerics(model, res, {"x": X}, list(roles))
 

@@ -94,7 +94,7 @@ def test_parts_ablation(build, parts, convs, n_log2):
     model = build()
     res = g.quantize(model, g.calibration() if n_log2 else None, parts=parts)
     assert _dq_convs(res.model) == convs and len(g.log2_nodes(res.model)) == n_log2
-    assert res.counts == {"convs": len(convs), "softmax": n_log2}
+    assert res.counts == {"convs": len(convs), "linears": 0, "softmax": n_log2}
     assert not [n for n in res.model.graph.node if n.op_type == "QuantizeLinear"]
     onnx.checker.check_model(res.model, full_check=True)
 
@@ -139,19 +139,24 @@ def test_ort_target_quantizes_only_dense_kxk_convs():
     kinds = {c.node: c.kind for c in res.plan.convs}
     assert kinds == {"stem": "stem", "dense": "dense", "depthwise": "depthwise",
                      "pointwise": "pointwise", "conv_out": "pointwise"}
-    assert _dq_convs(res.model) == ["dense"] and len(g.log2_nodes(res.model)) == 1
+    assert _dq_convs(res.model) == ["dense"] and not g.log2_nodes(res.model)
     _, _, zero = _act_qdq(res.model, "dense")
     assert zero.dtype == np.uint8
-    assert g.weight_dq(res.model, "dense")[1].dtype == np.int8
-    assert sum(n.op_type == "QuantizeLinear" for n in res.model.graph.node) == 1
+    codes = g.weight_dq(res.model, "dense")[1]
+    assert codes.dtype == np.int8 and np.abs(codes).max() <= 63  # 7-bit weights
+    # input and output Q/DQ around the dense conv: onnxruntime fuses them into QLinearConv
+    assert sum(n.op_type == "QuantizeLinear" for n in res.model.graph.node) == 2
+    producers = {o: n for n in res.model.graph.node for o in n.output}
+    for conv in (n for n in res.model.graph.node if n.op_type == "Conv" and n.name != "dense"):
+        assert producers[conv.input[1]].op_type == "Mul"  # folded Cast -> Sub -> Mul weight
     onnx.checker.check_model(res.model, full_check=True)
 
 
 def test_select_sites_returns_the_number_chosen():
     graph, plan = onnxquant.analyze(g.mixed_model(), QuantConfig(parts={"bridge", "softmax"}))
     assert [c.quantize for c in plan.convs] == [False, True, True, False]
-    ctx = PassContext(QuantConfig(target="ort"), plan)
-    assert select_sites.run(graph, ctx) == 2  # the tail 3x3 conv and the Softmax
+    ctx = PassContext(QuantConfig(target="ort", parts={"bridge", "softmax"}), plan)
+    assert select_sites.run(graph, ctx) == 3  # the two bridges and the Softmax
 
 
 @pytest.mark.parametrize("calib, expected", [

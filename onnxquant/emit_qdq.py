@@ -1,0 +1,115 @@
+"""Node builders for quantized tensors: the only place that creates Q/DQ-style nodes.
+
+    store_weight     W_q -> DequantizeLinear(s, z)                       (format "qdq")
+                     W_q -> Cast -> Sub(z) -> Mul(s)                     (format "folded")
+    quant_dequant    x -> QuantizeLinear -> DequantizeLinear            (activations)
+    int32_bias       b_q -> DequantizeLinear(s_x * s_w)                 (QLinearConv bias)
+    dynamic_matmul   x -> DynamicQuantizeLinear -> MatMulInteger(W_q) -> Cast -> Mul
+
+"folded": onnxruntime's constant folding evaluates Cast/Sub/Mul on initializers at session
+load (it deliberately never folds DequantizeLinear), so the file keeps 8-bit weights while
+the session runs the float graph with its fast NCHWc convs. Measured on mobilevit_xxs:
+DequantizeLinear 0.76x float speed, folded 0.98x, outputs bit-identical to the float model
+with the dequantized weights baked in (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import quantizers
+
+
+def tensor_name(base: str, suffix: str) -> str:
+    """Deterministic name of an inserted tensor or node; never parsed back."""
+    return f"{base}_{suffix}"
+
+
+def _const(base: str, suffix: str, value) -> gs.Constant:
+    return gs.Constant(tensor_name(base, suffix), np.asarray(value))
+
+
+def _params_arrays(p: quantizers.UniformParams, ndim: int, broadcast: bool):
+    """Scale/zero point as scalars (per tensor) or per-channel arrays (1-D or broadcastable)."""
+    if p.axis is None:
+        return p.scale[0], p.zero_point[0]
+    if not broadcast:
+        return p.scale, p.zero_point
+    shape = [1] * ndim
+    shape[p.axis] = -1
+    return p.scale.reshape(shape), p.zero_point.reshape(shape)
+
+
+def store_weight(graph: gs.Graph, base: str, w: np.ndarray, p: quantizers.UniformParams,
+                 fmt: str = "qdq") -> gs.Variable:
+    """Quantize constant ``w`` with ``p``; returns the float tensor that replaces it."""
+    codes = gs.Constant(tensor_name(base, "quantized"), quantizers.uniform_quantize(w, p))
+    out = gs.Variable(tensor_name(base, "dequantized"), dtype=np.float32)
+    if fmt == "qdq":
+        scale, zero = _params_arrays(p, w.ndim, broadcast=False)
+        attrs = {} if p.axis is None else {"axis": int(p.axis)}
+        graph.layer(op="DequantizeLinear", name=tensor_name(base, "DequantizeLinear"),
+                    inputs=[codes, _const(base, "scale", scale.astype(np.float32)),
+                            _const(base, "zero_point", zero)], outputs=[out], attrs=attrs)
+        return out
+    scale, zero = _params_arrays(p, w.ndim, broadcast=True)
+    cast = graph.layer(op="Cast", name=tensor_name(base, "Cast"), inputs=[codes],
+                       outputs=[tensor_name(base, "codes_float")], attrs={"to": 1})[0]
+    cast.dtype = np.float32
+    centered = graph.layer(op="Sub", name=tensor_name(base, "Sub"),
+                           inputs=[cast, _const(base, "zero_point_float",
+                                                np.asarray(zero, np.float32))],
+                           outputs=[tensor_name(base, "centered")])[0]
+    centered.dtype = np.float32
+    graph.layer(op="Mul", name=tensor_name(base, "Mul"),
+                inputs=[centered, _const(base, "scale", np.asarray(scale, np.float32))],
+                outputs=[out])
+    return out
+
+
+def quant_dequant(graph: gs.Graph, tensor: gs.Tensor, p: quantizers.UniformParams) -> gs.Variable:
+    """Activation fake-quant pair on ``tensor`` (per tensor)."""
+    scale = _const(tensor.name, "act_scale", p.scale[0])
+    zero = _const(tensor.name, "act_zero_point", p.zero_point[0])
+    q = gs.Variable(tensor_name(tensor.name, "quantized"), dtype=p.zero_point.dtype)
+    out = gs.Variable(tensor_name(tensor.name, "qdq"), dtype=np.float32)
+    graph.layer(op="QuantizeLinear", name=tensor_name(tensor.name, "QuantizeLinear"),
+                inputs=[tensor, scale, zero], outputs=[q])
+    graph.layer(op="DequantizeLinear", name=tensor_name(tensor.name, "DequantizeLinear"),
+                inputs=[q, scale, zero], outputs=[out])
+    return out
+
+
+def int32_bias(graph: gs.Graph, base: str, b: np.ndarray, act_scale: float,
+               weight_scale: np.ndarray) -> gs.Variable:
+    """Bias as int32 with scale s_x * s_w[c]: the form onnxruntime fuses into QLinearConv."""
+    scale = (np.float32(act_scale) * weight_scale.astype(np.float32)).astype(np.float32)
+    codes = np.round(b.astype(np.float64) / scale).clip(-(2**31), 2**31 - 1).astype(np.int32)
+    out = gs.Variable(tensor_name(base, "dequantized"), dtype=np.float32)
+    graph.layer(op="DequantizeLinear", name=tensor_name(base, "DequantizeLinear"),
+                inputs=[_const(base, "quantized", codes), _const(base, "scale", scale),
+                        _const(base, "zero_point", np.zeros_like(codes))],
+                outputs=[out], attrs={"axis": 0})
+    return out
+
+
+def dynamic_matmul(graph: gs.Graph, node: gs.Node, w: np.ndarray) -> None:
+    """Replace float MatMul(x, W) by dynamic int8 (onnxruntime: DynamicQuantizeMatMul)."""
+    p = quantizers.uniform_params(w, 8, symmetric=True)
+    base, x, y = node.name, node.inputs[0], node.outputs[0]
+    xq, xs, xz = graph.layer(op="DynamicQuantizeLinear", name=tensor_name(base, "DynQuant"),
+                             inputs=[x], outputs=[tensor_name(base, n) for n in
+                                                  ("x_quantized", "x_scale", "x_zero_point")])
+    acc = graph.layer(op="MatMulInteger", name=tensor_name(base, "MatMulInteger"),
+                      inputs=[xq, _const(base, "w_quantized", quantizers.uniform_quantize(w, p)),
+                              xz, _const(base, "w_zero_point", np.int8(0))],
+                      outputs=[tensor_name(base, "acc")])[0]
+    acc_f = graph.layer(op="Cast", name=tensor_name(base, "Cast"), inputs=[acc],
+                        outputs=[tensor_name(base, "acc_float")], attrs={"to": 1})[0]
+    scale = graph.layer(op="Mul", name=tensor_name(base, "scale_Mul"),
+                        inputs=[xs, _const(base, "w_scale", p.scale[0])],
+                        outputs=[tensor_name(base, "out_scale")])[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.layer(op="Mul", name=tensor_name(base, "Mul"), inputs=[acc_f, scale], outputs=[y])

@@ -1,0 +1,77 @@
+"""Weight formats, the linear part and the ort target on the real mobilevit_xxs checkpoint:
+structure, what onnxruntime makes of it (optimized graph), numerics against float."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import onnxquant
+from onnxquant import QuantConfig
+from conftest import need_shared
+
+CONV_PARTS = {"conv_block", "transformer", "bridge"}
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    return str(need_shared("reference", "mobilevit_xxs.imagenette.onnx"))
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return np.random.default_rng(0).random((8, 3, 128, 128), np.float32)
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path) -> collections.Counter:
+    path, opt = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
+    onnx.save(model, path)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(opt)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(opt).graph.node)
+
+
+def _run(model, x):
+    data = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_folded_weights_equal_dequantize_linear_and_fold_at_load(model_path, calib, tmp_path):
+    base = dict(per_channel=True, parts=CONV_PARTS)
+    qdq = onnxquant.quantize(model_path, QuantConfig(**base), calib)
+    folded = onnxquant.quantize(model_path, QuantConfig(weight_format="folded", **base), calib)
+    onnx.checker.check_model(folded, full_check=True)
+    x = calib[:2]
+    np.testing.assert_allclose(_run(folded, x), _run(qdq, x), atol=1e-5)
+    assert sum(n.op_type == "Cast" for n in folded.graph.node) == 35
+    ops = _optimized_ops(folded, tmp_path)
+    assert ops["Cast"] == 0 and ops["DequantizeLinear"] == 0  # all folded by onnxruntime
+    assert _optimized_ops(qdq, tmp_path)["DequantizeLinear"] == 35  # never folded
+
+
+def test_linear_part_quantizes_matmul_and_gemm_weights(model_path, calib):
+    result = onnxquant.run(model_path, QuantConfig(parts=CONV_PARTS | {"linear"}), calib,
+                           progress=False)
+    assert result.counts == {"convs": 35, "linears": 37, "softmax": 0}  # 36 MatMul + head Gemm
+    ops = collections.Counter(n.op_type for n in result.model.graph.node)
+    assert ops["DequantizeLinear"] == 35 + 37
+    x = calib[:2]
+    assert np.abs(_run(result.model, x) - _run(model_path, x)).max() < 0.5  # measured 0.06-0.2
+    assert result.model.ByteSize() < 0.32 * onnx.load(model_path).ByteSize()
+
+
+def test_ort_target_fuses_into_int8_kernels(model_path, calib, tmp_path):
+    result = onnxquant.run(model_path, QuantConfig(target="ort"), calib, progress=False)
+    onnx.checker.check_model(result.model, full_check=True)
+    ops = _optimized_ops(result.model, tmp_path)
+    dense = sum(c.kind == "dense" for c in result.plan.convs)
+    assert dense == 6
+    assert ops["QLinearConv"] == dense  # DQ -> Conv(int32 bias) -> Q fused
+    assert ops["DynamicQuantizeMatMul"] == 36  # every transformer linear MatMul
+    assert "Log2QuantDequant" not in ops and ops["Conv"] == 35 - dense  # others stay float
+    x = calib[:2]
+    assert np.abs(_run(result.model, x) - _run(model_path, x)).max() < 0.5  # measured ~0.17
