@@ -5,8 +5,9 @@
 The parser creates the plugin from the node attributes (int -> INT32, float -> FLOAT32
 fields); ``get_fields_to_serialize`` stores them in the engine. The builder never calls
 ``enqueue`` (DESIGN.md §4); at run time ``enqueue`` runs a CuPy kernel that computes exactly
-``quantizers.log2_quantize``/``log2_dequantize`` in float64 (``rint`` rounds half to even,
-like ``np.round``). The plugin is Python code, not part of the engine: call
+``quantizers.log2_quantize``/``log2_dequantize``: a float32 log estimate of the code, corrected
+by one comparison with the reference's threshold table, then a lookup of the level table
+(the same algorithm as the ONNX function body, so codes are exact whatever ``logf`` rounds to). The plugin is Python code, not part of the engine: call
 ``register_plugin()`` in every process that parses a model or deserializes such an engine.
 """
 
@@ -17,7 +18,7 @@ import contextlib
 import numpy as np
 
 from . import functions
-from .quantizers import LN2, Log2Params
+from .quantizers import LN2, Log2Params, log2_tables
 from .trt_loader import TensorRTError, check_loader, import_trt, logger
 
 PLUGIN_NAME = functions.OP_TYPE
@@ -35,14 +36,16 @@ KERNEL_NAME = "onnxquant_log2_qdq"
 KERNEL_SOURCE = r"""
 extern "C" __global__ void onnxquant_log2_qdq(
     const float* x, float* y, int* codes, long long n,
-    double inv, double s_ln2, double eps, double z, double qmax)
+    const float* thresholds, const float* levels, float eps, float inv, float z, int qmax)
 {
     long long step = (long long)blockDim.x * gridDim.x;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += step) {
-        double t = log(fmax((double)x[i], eps)) * inv;
-        double q = fmin(fmax(rint(t) + z, 0.0), qmax);  /* rint: half to even */
-        if (codes) codes[i] = (int)q;
-        y[i] = (float)exp((q - z) * s_ln2);
+        float xm = fmaxf(x[i], eps);
+        float t = floorf(logf(xm) * inv + z);       /* true code or one below it */
+        int c = (int)fminf(fmaxf(t, 0.0f), (float)qmax);
+        int q = c + (xm >= thresholds[c] ? 1 : 0);  /* thresholds[qmax] = +inf */
+        if (codes) codes[i] = q;
+        y[i] = levels[q];
     }
 }
 """
@@ -68,12 +71,22 @@ def _kernel():
     return _state["kernel"]
 
 
+def _tables(p: Log2Params):
+    """The reference's threshold and level tables on the GPU, cached per parameter set."""
+    cache = _state.setdefault("tables", {})
+    if p not in cache:
+        cp = _cupy()
+        cache[p] = tuple(cp.asarray(t) for t in log2_tables(p))
+    return cache[p]
+
+
 def _launch(p: Log2Params, x_ptr: int, y_ptr: int, codes_ptr: int, n: int) -> None:
-    """One launch on the current CuPy stream; float64 constants as in the NumPy reference."""
+    """One launch on the current CuPy stream."""
+    thresholds, levels = _tables(p)
     blocks = max(1, min((n + _BLOCK - 1) // _BLOCK, 65535))
     args = (np.uint64(x_ptr), np.uint64(y_ptr), np.uint64(codes_ptr), np.int64(n),
-            np.float64(1.0 / (p.scale * LN2)), np.float64(p.scale * LN2), np.float64(p.eps),
-            np.float64(p.zero_point), np.float64(p.qmax))
+            np.uint64(thresholds.data.ptr), np.uint64(levels.data.ptr), np.float32(p.eps),
+            np.float32(1.0 / (p.scale * LN2)), np.float32(p.zero_point), np.int32(p.qmax))
     _kernel()((blocks,), (_BLOCK,), args)
 
 
