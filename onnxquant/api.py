@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -87,6 +87,13 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
     config = config or QuantConfig()
     source = _as_model(model)
     t0 = time.perf_counter()
+    if config.target == "ort" and config.measure_kernels:
+        from .calibrate import model_input
+        from .kernel_probe import choose_int8_kinds
+
+        kinds = choose_int8_kinds(source, config, model_input(source)[1], log)
+        config = replace(config, ort_int8_kinds=kinds, measure_kernels=False)
+        log.info("measure_kernels: int8 on %s convs", ", ".join(kinds) or "no")
     graph, plan = analyze(source, config)
     t1 = time.perf_counter()
     plan.stats = collect_stats(source, plan.calibration_tensors(), calibration, config,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 TARGETS = ("paper", "ort", "tensorrt")
 PARTS = ("conv_block", "transformer", "bridge", "softmax", "linear")
 WEIGHT_FORMATS = ("qdq", "folded")
+CONV_KINDS = ("dense", "pointwise", "depthwise", "stem")
 
 # What each target quantizes when ``parts`` is not given. The paper quantizes conv weights
 # and post-Softmax activations only. On onnxruntime CPU the log2 fake-quant has no int8
@@ -37,6 +38,9 @@ class QuantConfig:
         load, so the small file runs at float speed).
     parts: which parts to quantize (ablation); None = the target's default (TARGET_PARTS).
         conv_block / transformer / bridge convs, softmax (log2), linear (MatMul/Gemm weights).
+    ort_int8_kinds: target ort: conv kinds that get int8 kernels (dense, pointwise,
+        depthwise, stem). Default dense kxk only, measured on AVX2 without VNNI (DESIGN.md §7).
+    measure_kernels: target ort: choose ort_int8_kinds by timing the model on this CPU.
     """
 
     target: str = "paper"
@@ -47,6 +51,8 @@ class QuantConfig:
     softmax_bits: int = 8
     log2_eps: float = DEFAULT_LOG2_EPS
     parts: frozenset | None = None
+    ort_int8_kinds: tuple = ("dense",)
+    measure_kernels: bool = False
     num_calib: int = 32
     batch_size: int = 8
 
@@ -67,6 +73,10 @@ class QuantConfig:
             if unknown:
                 raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
             object.__setattr__(self, "parts", frozenset(self.parts))
+        unknown = set(self.ort_int8_kinds) - set(CONV_KINDS)
+        if unknown:
+            raise ValueError(f"unknown conv kinds {sorted(unknown)}; choose from {CONV_KINDS}")
+        object.__setattr__(self, "ort_int8_kinds", tuple(self.ort_int8_kinds))
         if self.num_calib < 1 or self.batch_size < 1:
             raise ValueError("num_calib and batch_size must be >= 1")
 

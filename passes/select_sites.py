@@ -5,7 +5,8 @@
               dense 3x3 1.96x, 1x1 0.97x, depthwise 0.42x, stem 0.41x): dense kxk convs
               become QLinearConv (Q/DQ on input, weight, int32 bias and output), linear
               MatMuls dynamic int8; every other weight is stored folded (small file, float
-              speed); no log2 op (no onnxruntime kernel consumes it)
+              speed); no log2 op (no onnxruntime kernel consumes it). The int8 conv kinds
+              are ``config.ort_int8_kinds``, or measured on this CPU (kernel_probe.py)
     tensorrt  int8 activations+weights on every Conv (TensorRT quantizes both together;
               weight-only INT8 gives no INT8 kernel, DESIGN.md §4), log2 Softmax kept
 
@@ -17,9 +18,6 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-ORT_INT8_KINDS = ("dense",)
-
-
 def run(graph: gs.Graph, ctx) -> int:
     """Set the quantize flags on the plan's sites; returns how many are quantized."""
     cfg = ctx.config
@@ -28,7 +26,7 @@ def run(graph: gs.Graph, ctx) -> int:
         site.quantize = "softmax" in parts
     for site in ctx.plan.convs:
         site.quantize = site.role in parts
-        fused = cfg.target == "ort" and site.kind in ORT_INT8_KINDS
+        fused = cfg.target == "ort" and site.kind in cfg.ort_int8_kinds
         site.int8_input = site.quantize and (fused or cfg.target == "tensorrt")
         site.int8_output = site.quantize and fused
     for site in ctx.plan.linears:

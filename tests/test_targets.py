@@ -75,3 +75,25 @@ def test_ort_target_fuses_into_int8_kernels(model_path, calib, tmp_path):
     assert "Log2QuantDequant" not in ops and ops["Conv"] == 35 - dense  # others stay float
     x = calib[:2]
     assert np.abs(_run(result.model, x) - _run(model_path, x)).max() < 0.5  # measured ~0.17
+
+
+def test_measure_kernels_keeps_only_kinds_that_speed_the_model_up(model_path, monkeypatch):
+    from onnxquant import kernel_probe
+
+    # fake timings: dense and depthwise pay, the others do not (the greedy order is fixed)
+    gains = {"dense": 0.8, "pointwise": 1.2, "depthwise": 0.9, "stem": 1.0}
+    monkeypatch.setattr(kernel_probe, "_compare",
+                        lambda model, cfg, a, b, calib: (1.0, gains[b[-1]]))
+    model = onnx.load(model_path)
+    assert kernel_probe.choose_int8_kinds(model, QuantConfig(target="ort"),
+                                          [None, 3, 128, 128]) == ("dense", "depthwise")
+
+
+def test_ort_int8_kinds_option_places_qlinearconv(model_path, calib, tmp_path):
+    cfg = QuantConfig(target="ort", ort_int8_kinds=("dense", "depthwise"))
+    result = onnxquant.run(model_path, cfg, calib, progress=False)
+    expected = sum(c.kind in ("dense", "depthwise") for c in result.plan.convs)
+    assert expected == 13
+    assert _optimized_ops(result.model, tmp_path)["QLinearConv"] == expected
+    with pytest.raises(ValueError, match="unknown conv kinds"):
+        QuantConfig(ort_int8_kinds=("grouped",))
