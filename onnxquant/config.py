@@ -7,7 +7,7 @@ from dataclasses import dataclass
 TARGETS = ("paper", "ort", "tensorrt")
 PARTS = ("conv_block", "transformer", "bridge", "softmax", "linear")
 WEIGHT_FORMATS = ("qdq", "folded")
-CONV_KINDS = ("dense", "pointwise", "depthwise", "stem")
+CONV_KINDS = ("dense", "pointwise", "grouped", "depthwise", "stem")
 
 # What each target quantizes when ``parts`` is not given. The paper quantizes conv weights
 # and post-Softmax activations only. On onnxruntime CPU the log2 fake-quant has no int8
@@ -39,7 +39,7 @@ class QuantConfig:
     parts: which parts to quantize (ablation); None = the target's default (TARGET_PARTS).
         conv_block / transformer / bridge convs, softmax (log2), linear (MatMul/Gemm weights).
     ort_int8_kinds: target ort: conv kinds that get int8 kernels (dense, pointwise,
-        depthwise, stem). Default dense kxk only, measured on AVX2 without VNNI (DESIGN.md §7).
+        grouped, depthwise, stem). Default dense kxk only, measured on AVX2 without VNNI (DESIGN.md §7).
     measure_kernels: target ort: choose ort_int8_kinds by timing the model on this CPU.
     """
 

@@ -44,15 +44,18 @@ class ConvSite:
 
     @property
     def depthwise(self) -> bool:
-        return self.group > 1 and self.group == self.cout
+        """One input channel per group (channel multipliers included, e.g. FastViT 48->96)."""
+        return self.group > 1 and self.cin == 1
 
     @property
     def kind(self) -> str:
-        """dense kxk / pointwise / depthwise / stem: what onnxruntime's int8 speed depends on."""
-        if self.depthwise:
-            return "depthwise"
+        """stem / depthwise / grouped / pointwise / dense kxk: what int8 speed depends on."""
         if self.stem:
             return "stem"
+        if self.depthwise:
+            return "depthwise"
+        if self.group > 1:
+            return "grouped"
         return "pointwise" if all(k == 1 for k in self.kernel) else "dense"
 
 
