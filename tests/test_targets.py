@@ -81,7 +81,7 @@ def test_measure_kernels_keeps_only_kinds_that_speed_the_model_up(model_path, mo
     from onnxquant import kernel_probe
 
     # fake timings: dense and depthwise pay, the others do not (the greedy order is fixed)
-    gains = {"dense": 0.8, "pointwise": 1.2, "depthwise": 0.9, "stem": 1.0}
+    gains = {"dense": 0.8, "pointwise": 1.2, "grouped": 1.0, "depthwise": 0.9, "stem": 1.0}
     monkeypatch.setattr(kernel_probe, "_compare",
                         lambda model, cfg, a, b, calib: (1.0, gains[b[-1]]))
     model = onnx.load(model_path)
@@ -96,4 +96,4 @@ def test_ort_int8_kinds_option_places_qlinearconv(model_path, calib, tmp_path):
     assert expected == 13
     assert _optimized_ops(result.model, tmp_path)["QLinearConv"] == expected
     with pytest.raises(ValueError, match="unknown conv kinds"):
-        QuantConfig(ort_int8_kinds=("grouped",))
+        QuantConfig(ort_int8_kinds=("sparse",))
