@@ -32,10 +32,13 @@ __all__ = ["NOT_FOUND", "TensorRTError", "EngineReport", "build_engine", "create
 
 _MATH = ("CONVOLUTION", "MATRIX_MULTIPLY", "DECONVOLUTION")
 _NOTES = (
-    "Layer counts are of the parsed network; TensorRT fuses them, and the chosen kernels and "
-    "their precisions are only known from the engine, which needs a GPU to deserialize.",
-    "INT8-eligible = conv/matmul whose data and weight inputs both come from DequantizeLinear; "
-    "TensorRT runs weight-only Q/DQ layers in float (no INT8 kernel).",
+    "Layer counts are of the parsed network; TensorRT fuses them. The engine's own layers "
+    "(kernel kinds, data types) are in the builder's VERBOSE log, also without a GPU "
+    "(tools/engine_table.py); the concrete kernels are picked on the target GPU.",
+    "INT8-eligible = conv/matmul whose data and weight inputs both come from DequantizeLinear. "
+    "Weight-only Q/DQ gives no INT8 activation kernel: such convs run in float (TensorRT-RTX "
+    "dequantizes the weights in a separate kernel); TensorRT-RTX may fuse int8 weights into "
+    "a weight-only GEMM.",
 )
 
 
@@ -76,7 +79,7 @@ class EngineReport:
                 ("Quantize / Dequantize layers",
                  f"{self.quantize_layers} / {self.dequantize_layers}"),
                 ("INT8-eligible conv/matmul", str(len(self.int8_eligible))),
-                ("Q/DQ on weights only (runs in float)", str(len(self.weight_only)))]
+                ("Q/DQ on weights only (no INT8 activations)", str(len(self.weight_only)))]
         top = sorted(self.layer_types.items(), key=lambda kv: -kv[1])[:8]
         rows.append(("layer types (top 8)", ", ".join(f"{k} {v}" for k, v in top)))
         if self.engine_precisions is not None:
