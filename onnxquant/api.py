@@ -31,6 +31,7 @@ class Result:
     plan: Plan
     counts: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    config: QuantConfig | None = None  # as applied (ort: with the measured int8 kinds)
 
 
 def _as_model(model) -> onnx.ModelProto:
@@ -87,13 +88,14 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
     config = config or QuantConfig()
     source = _as_model(model)
     t0 = time.perf_counter()
-    if config.target == "ort" and config.measure_kernels:
+    if config.target == "ort" and config.ort_int8_kinds is None:
         from .calibrate import model_input
         from .kernel_probe import choose_int8_kinds
 
         kinds = choose_int8_kinds(source, config, model_input(source)[1], log)
-        config = replace(config, ort_int8_kinds=kinds, measure_kernels=False)
-        log.info("measure_kernels: int8 on %s convs", ", ".join(kinds) or "no")
+        config = replace(config, ort_int8_kinds=kinds)
+        log.info("kernel probe: int8 on %s", ", ".join(kinds) or "nothing")
+    tp = time.perf_counter()
     graph, plan = analyze(source, config)
     t1 = time.perf_counter()
     plan.stats = collect_stats(source, plan.calibration_tensors(), calibration, config,
@@ -104,9 +106,11 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
     if out.ByteSize() < PROTOBUF_LIMIT:
         onnx.checker.check_model(out, full_check=True)
     t3 = time.perf_counter()
-    seconds = {"passes": t1 - t0, "calibration": t2 - t1, "emit": t3 - t2}
+    seconds = {"passes": t1 - tp, "calibration": t2 - t1, "emit": t3 - t2}
+    if tp - t0 > 0.01:
+        seconds = {"kernel probe": tp - t0, **seconds}
     log.info("quantized: %s in %.2f s", counts, t3 - t0)
-    return Result(out, plan, counts, seconds)
+    return Result(out, plan, counts, seconds, config)
 
 
 def quantize(model, config: QuantConfig | None = None, calibration=None, preprocess=None,

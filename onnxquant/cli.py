@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__, api
-from .config import (CONV_KINDS, DEFAULT_LOG2_EPS, PARTS, TARGET_PARTS, TARGETS,
+from .config import (INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, TARGET_PARTS, TARGETS,
                      WEIGHT_FORMATS, QuantConfig)
 from .errors import UserError
 from .model_io import check_output_path, load_model, save_model
@@ -76,10 +76,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                         f"the target's, paper: {','.join(sorted(TARGET_PARTS['paper']))})")
     g.add_argument("--ort-int8-kinds", type=lambda v: tuple(k for k in v.split(",") if k),
                    default=d.ort_int8_kinds,
-                   help=f"--target ort: conv kinds with int8 kernels, from "
-                        f"{','.join(CONV_KINDS)} (default {','.join(d.ort_int8_kinds)})")
-    g.add_argument("--measure-kernels", action="store_true",
-                   help="--target ort: choose those kinds by timing the model on this CPU")
+                   help=f"--target ort: what runs in int8, from {','.join(INT8_KINDS)} "
+                        "(default: measured on this CPU by timing the model)")
     g.add_argument("--num-calib", type=int, default=d.num_calib, help="calibration samples (32)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
 

@@ -8,15 +8,17 @@ TARGETS = ("paper", "ort", "tensorrt")
 PARTS = ("conv_block", "transformer", "bridge", "softmax", "linear")
 WEIGHT_FORMATS = ("qdq", "folded")
 CONV_KINDS = ("dense", "pointwise", "grouped", "depthwise", "stem")
+INT8_KINDS = CONV_KINDS + ("linear",)
 
 # What each target quantizes when ``parts`` is not given. The paper quantizes conv weights
 # and post-Softmax activations only. On onnxruntime CPU the log2 fake-quant has no int8
 # kernel to feed (it only costs time), while int8 linear layers pay (DESIGN.md §7,
-# docs/benchmarks.md), hence the ort default.
+# docs/benchmarks.md), hence the ort default. TensorRT wants Q/DQ on the inputs of every
+# weighted op, linear layers included (docs/tensorrt_engines.md).
 TARGET_PARTS = {
     "paper": frozenset({"conv_block", "transformer", "bridge", "softmax"}),
     "ort": frozenset({"conv_block", "transformer", "bridge", "linear"}),
-    "tensorrt": frozenset({"conv_block", "transformer", "bridge", "softmax"}),
+    "tensorrt": frozenset({"conv_block", "transformer", "bridge", "softmax", "linear"}),
 }
 
 # Default log2 epsilon, chosen by the sweep in docs/log2_eps.md (top-1 on real images of
@@ -38,9 +40,10 @@ class QuantConfig:
         load, so the small file runs at float speed).
     parts: which parts to quantize (ablation); None = the target's default (TARGET_PARTS).
         conv_block / transformer / bridge convs, softmax (log2), linear (MatMul/Gemm weights).
-    ort_int8_kinds: target ort: conv kinds that get int8 kernels (dense, pointwise,
-        grouped, depthwise, stem). Default dense kxk only, measured on AVX2 without VNNI (DESIGN.md §7).
-    measure_kernels: target ort: choose ort_int8_kinds by timing the model on this CPU.
+    ort_int8_kinds: target ort: what gets int8 kernels: conv kinds (dense, pointwise,
+        grouped, depthwise, stem) and "linear" (dynamic int8 MatMul). None (default):
+        chosen by timing the model on this CPU (kernel_probe.py); the rest is stored
+        folded (8-bit file, float speed).
     """
 
     target: str = "paper"
@@ -51,8 +54,7 @@ class QuantConfig:
     softmax_bits: int = 8
     log2_eps: float = DEFAULT_LOG2_EPS
     parts: frozenset | None = None
-    ort_int8_kinds: tuple = ("dense",)
-    measure_kernels: bool = False
+    ort_int8_kinds: tuple | None = None
     num_calib: int = 32
     batch_size: int = 8
 
@@ -73,10 +75,11 @@ class QuantConfig:
             if unknown:
                 raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
             object.__setattr__(self, "parts", frozenset(self.parts))
-        unknown = set(self.ort_int8_kinds) - set(CONV_KINDS)
-        if unknown:
-            raise ValueError(f"unknown conv kinds {sorted(unknown)}; choose from {CONV_KINDS}")
-        object.__setattr__(self, "ort_int8_kinds", tuple(self.ort_int8_kinds))
+        if self.ort_int8_kinds is not None:
+            unknown = set(self.ort_int8_kinds) - set(INT8_KINDS)
+            if unknown:
+                raise ValueError(f"unknown int8 kinds {sorted(unknown)}; choose from {INT8_KINDS}")
+            object.__setattr__(self, "ort_int8_kinds", tuple(self.ort_int8_kinds))
         if self.num_calib < 1 or self.batch_size < 1:
             raise ValueError("num_calib and batch_size must be >= 1")
 

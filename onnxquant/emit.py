@@ -72,10 +72,10 @@ def _fused_conv(graph, node: gs.Node, site: ConvSite, plan: Plan, inputs: dict) 
     _rewire(out, q_out, consumers)
 
 
-def emit_convs(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> int:
+def emit_convs(graph: gs.Graph, plan: Plan, cfg: QuantConfig, inputs: dict) -> int:
     nodes = {n.name: n for n in graph.nodes if n.op == "Conv"}
     scheme, fmt = _weight_only_scheme(cfg), _weight_format(cfg)
-    weights, inputs, count = {}, {}, 0
+    weights, count = {}, 0
     for site in plan.convs:
         if not site.quantize:
             continue
@@ -96,7 +96,7 @@ def emit_convs(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> int:
     return count
 
 
-def emit_linears(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> int:
+def emit_linears(graph: gs.Graph, plan: Plan, cfg: QuantConfig, inputs: dict) -> int:
     nodes = {n.name: n for n in graph.nodes if n.op in ("MatMul", "Gemm")}
     scheme, fmt = _weight_only_scheme(cfg), _weight_format(cfg)
     weights, count = {}, 0
@@ -115,6 +115,11 @@ def emit_linears(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> int:
                 w, **{**scheme, "axis": None if scheme["axis"] is None else axis})
             weights[site.weight] = store_weight(graph, site.weight, w, p, fmt)
         node.inputs[1] = weights[site.weight]
+        if site.int8_input:
+            if site.input not in inputs:
+                p = _activation(plan.stats, site.input, symmetric=True)
+                inputs[site.input] = quant_dequant(graph, node.inputs[0], p)
+            node.inputs[0] = inputs[site.input]
     return count
 
 
@@ -138,7 +143,9 @@ def emit_log2(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> int:
 
 def emit(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> dict:
     """Insert all Q/DQ; returns counts per kind."""
-    counts = {"convs": emit_convs(graph, plan, cfg), "linears": emit_linears(graph, plan, cfg),
+    inputs = {}  # activation tensor -> its Q/DQ output, shared by all its consumers
+    counts = {"convs": emit_convs(graph, plan, cfg, inputs),
+              "linears": emit_linears(graph, plan, cfg, inputs),
               "softmax": emit_log2(graph, plan, cfg)}
     graph.cleanup().toposort()
     return counts

@@ -1,10 +1,12 @@
-"""Measure, on the machine at hand, where onnxruntime runs convs faster in int8.
+"""Measure, on the machine at hand, where onnxruntime runs faster in int8.
 
-``QuantConfig(target="ort", measure_kernels=True)`` times the whole model in onnxruntime
-with int8 (QLinearConv) on each kind of conv (dense kxk, pointwise, depthwise, stem) added
-greedily, and keeps a kind only if the model gets faster by ``MIN_GAIN``. The fixed rule
-(dense only) came from an AVX2 machine without VNNI; CPUs with VNNI or ARM dot-product
-kernels may gain on more kinds. Whole-model timing, not per layer: a one-conv model favours
+``QuantConfig(target="ort")`` (``ort_int8_kinds=None``) times the whole model in
+onnxruntime with int8 added greedily on each kind: dense kxk, pointwise, grouped, depthwise
+and stem convs (QLinearConv), then linear MatMuls (dynamic int8), and keeps a kind only if
+the model gets faster by ``MIN_GAIN``. A fixed rule cannot hold across CPUs and models:
+on this AVX2 machine dense 3x3 convs pay and depthwise/stem do not (DESIGN.md §7), and
+dynamic int8 MatMuls paid on mobilevit_xxs but not on efficientformer_l1
+(docs/benchmarks.md); VNNI or ARM dot-product kernels shift the balance again. Whole-model timing, not per layer: a one-conv model favours
 int8 because its float conv pays the NCHWc layout reorder that a chain of float convs
 shares (measured on mobilevit_xxs: 1x1 convs 1.0-1.6x faster alone, slower in the model).
 
@@ -22,10 +24,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .config import CONV_KINDS
+from .config import INT8_KINDS
 
-RUNS = 10
+RUNS = 10  # at most; fewer for slow models (TIME_PER_MEDIAN)
 ROUNDS = 2
+TIME_PER_MEDIAN = 0.25  # seconds of CPU time per median
 MIN_GAIN = 1.03  # a kind must make the whole model this much faster to be kept
 
 
@@ -36,45 +39,66 @@ def _session(data: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def _cpu_median(session, feed) -> float:
+def _cpu_median(session, feed, runs: int) -> float:
     times = []
-    for _ in range(RUNS):
+    for _ in range(runs):
         start = time.thread_time()
         session.run(None, feed)
         times.append(time.thread_time() - start)
     return float(np.median(times))
 
 
-def _variant(model: onnx.ModelProto, cfg, kinds: tuple, calibration) -> bytes:
-    from .api import run
+class _Variants:
+    """Quantized variants by int8 kinds, each built and warmed up once."""
 
-    variant = replace(cfg, ort_int8_kinds=kinds, measure_kernels=False, num_calib=2)
-    return run(model, variant, calibration, progress=False).model.SerializeToString()
+    def __init__(self, model: onnx.ModelProto, cfg, calibration):
+        self.model, self.cfg, self.calibration = model, cfg, calibration
+        self.feed = {model.graph.input[0].name: calibration[:1]}
+        self.sessions = {}
+
+    def session(self, kinds: tuple):
+        if kinds not in self.sessions:
+            from .api import run
+
+            variant = replace(self.cfg, ort_int8_kinds=kinds, num_calib=2)
+            data = run(self.model, variant, self.calibration, progress=False).model
+            session = _session(data.SerializeToString())
+            session.run(None, self.feed)
+            self.sessions[kinds] = session
+        return self.sessions[kinds]
 
 
-def _compare(model, cfg, kinds_a: tuple, kinds_b: tuple, calibration) -> tuple:
+def _compare(variants: _Variants, kinds_a: tuple, kinds_b: tuple) -> tuple:
     """Best-of-rounds CPU time of two variants, timed interleaved."""
-    feed = {model.graph.input[0].name: calibration[:1]}
-    sessions = [_session(_variant(model, cfg, k, calibration)) for k in (kinds_a, kinds_b)]
-    for s in sessions:
-        s.run(None, feed)
+    sessions = [variants.session(kinds_a), variants.session(kinds_b)]
+    start = time.thread_time()
+    sessions[0].run(None, variants.feed)
+    runs = int(np.clip(TIME_PER_MEDIAN / max(time.thread_time() - start, 1e-4), 3, RUNS))
     times = [[], []]
     for _ in range(ROUNDS):
         for t, s in zip(times, sessions):
-            t.append(_cpu_median(s, feed))
+            t.append(_cpu_median(s, variants.feed, runs))
     return min(times[0]), min(times[1])
 
 
+def _present_kinds(model: onnx.ModelProto, cfg) -> list:
+    from .api import analyze
+
+    _, plan = analyze(model, replace(cfg, ort_int8_kinds=()))
+    present = {c.kind for c in plan.convs if c.quantize}
+    present |= {"linear" for s in plan.linears if s.quantize and s.op == "MatMul"}
+    return [k for k in INT8_KINDS if k in present]
+
+
 def choose_int8_kinds(model: onnx.ModelProto, cfg, shape: list, log=None) -> tuple:
-    """The conv kinds worth int8 on this CPU, by timing whole-model variants."""
+    """What is worth int8 on this CPU (subset of INT8_KINDS), by timing whole-model variants."""
     dims = [2] + [d or 224 for d in shape[1:]]
     calibration = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
-    chosen = ()
-    for kind in CONV_KINDS:
-        base, with_kind = _compare(model, cfg, chosen, chosen + (kind,), calibration)
+    variants, chosen = _Variants(model, cfg, calibration), ()
+    for kind in _present_kinds(model, cfg):
+        base, with_kind = _compare(variants, chosen, chosen + (kind,))
         if log:
-            log.info("measure_kernels: int8 %s convs: %.3f -> %.3f ms", kind, base * 1e3,
-                     with_kind * 1e3)
+            log.info("kernel probe: int8 %s: %.3f -> %.3f ms", kind, base * 1e3, with_kind * 1e3)
         if base / with_kind >= MIN_GAIN:
             chosen = chosen + (kind,)
     return chosen

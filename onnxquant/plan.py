@@ -69,6 +69,7 @@ class LinearSite:
     input: str
     quantize: bool = False
     dynamic: bool = False  # target ort: dynamic int8 (DynamicQuantizeMatMul)
+    int8_input: bool = False  # target tensorrt: Q/DQ on the activation too
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Plan:
         names = [a.output for a in self.attention if a.quantize]
         names += [c.input for c in self.convs if c.quantize and c.int8_input]
         names += [c.output for c in self.convs if c.quantize and c.int8_output]
+        names += [s.input for s in self.linears if s.quantize and s.int8_input]
         return list(dict.fromkeys(names))
 
     def role_counts(self) -> dict:

@@ -5,10 +5,12 @@
               dense 3x3 1.96x, 1x1 0.97x, depthwise 0.42x, stem 0.41x): dense kxk convs
               become QLinearConv (Q/DQ on input, weight, int32 bias and output), linear
               MatMuls dynamic int8; every other weight is stored folded (small file, float
-              speed); no log2 op (no onnxruntime kernel consumes it). The int8 conv kinds
-              are ``config.ort_int8_kinds``, or measured on this CPU (kernel_probe.py)
-    tensorrt  int8 activations+weights on every Conv (TensorRT quantizes both together;
-              weight-only INT8 gives no INT8 kernel, DESIGN.md §4), log2 Softmax kept
+              speed); no log2 op (no onnxruntime kernel consumes it). What gets int8 is
+              ``config.ort_int8_kinds``, measured on this CPU when None (kernel_probe.py)
+    tensorrt  int8 activations+weights on every Conv and linear MatMul/Gemm (TensorRT
+              quantizes both together; weight-only INT8 gives no INT8 conv, DESIGN.md §4),
+              log2 Softmax kept; a conv that reads a log2-quantized Softmax (EfficientFormer
+              v2 talking heads) gets no second, uniform int8 quantizer on that input
 
 ``parts`` (ablation) switches whole roles on or off: conv_block, transformer, bridge,
 softmax, linear.
@@ -24,14 +26,18 @@ def run(graph: gs.Graph, ctx) -> int:
     parts = cfg.active_parts
     for site in ctx.plan.attention:
         site.quantize = "softmax" in parts
+    log2_outputs = {a.output for a in ctx.plan.attention if a.quantize}
     for site in ctx.plan.convs:
         site.quantize = site.role in parts
-        fused = cfg.target == "ort" and site.kind in cfg.ort_int8_kinds
-        site.int8_input = site.quantize and (fused or cfg.target == "tensorrt")
+        fused = cfg.target == "ort" and site.kind in (cfg.ort_int8_kinds or ())
+        trt = cfg.target == "tensorrt" and site.input not in log2_outputs
+        site.int8_input = site.quantize and (fused or trt)
         site.int8_output = site.quantize and fused
     for site in ctx.plan.linears:
         site.quantize = "linear" in parts
-        site.dynamic = site.quantize and cfg.target == "ort" and site.op == "MatMul"
+        site.dynamic = (site.quantize and cfg.target == "ort" and site.op == "MatMul"
+                        and "linear" in (cfg.ort_int8_kinds or ()))
+        site.int8_input = site.quantize and cfg.target == "tensorrt"
     sites = ctx.plan.attention + ctx.plan.convs + ctx.plan.linears
     chosen = sum(s.quantize for s in sites)
     ctx.log.info("select_sites: %d sites to quantize (target %s)", chosen, cfg.target)

@@ -135,7 +135,7 @@ def test_ort_target_quantizes_only_dense_kxk_convs():
     h = b.relu("dw_act", b.conv("depthwise", h, 8, 8, k=3, group=8))
     h = b.sdpa("attn", b.conv("pointwise", h, 8, 8), variant="mul")
     model = b.build({b.conv("conv_out", h, 8, 4): "float[N,4,4,4]"})
-    res = g.quantize(model, g.calibration(channels=3), target="ort")
+    res = g.quantize(model, g.calibration(channels=3), target="ort", ort_int8_kinds=("dense",))
     kinds = {c.node: c.kind for c in res.plan.convs}
     assert kinds == {"stem": "stem", "dense": "dense", "depthwise": "depthwise",
                      "pointwise": "pointwise", "conv_out": "pointwise"}
@@ -155,7 +155,7 @@ def test_ort_target_quantizes_only_dense_kxk_convs():
 def test_select_sites_returns_the_number_chosen():
     graph, plan = onnxquant.analyze(g.mixed_model(), QuantConfig(parts={"bridge", "softmax"}))
     assert [c.quantize for c in plan.convs] == [False, True, True, False]
-    ctx = PassContext(QuantConfig(target="ort", parts={"bridge", "softmax"}), plan)
+    ctx = PassContext(QuantConfig(target="ort", ort_int8_kinds=("dense",), parts={"bridge", "softmax"}), plan)
     assert select_sites.run(graph, ctx) == 3  # the two bridges and the Softmax
 
 

@@ -65,7 +65,8 @@ def test_linear_part_quantizes_matmul_and_gemm_weights(model_path, calib):
 
 
 def test_ort_target_fuses_into_int8_kernels(model_path, calib, tmp_path):
-    result = onnxquant.run(model_path, QuantConfig(target="ort"), calib, progress=False)
+    cfg = QuantConfig(target="ort", ort_int8_kinds=("dense", "linear"))
+    result = onnxquant.run(model_path, cfg, calib, progress=False)
     onnx.checker.check_model(result.model, full_check=True)
     ops = _optimized_ops(result.model, tmp_path)
     dense = sum(c.kind == "dense" for c in result.plan.convs)
@@ -80,13 +81,28 @@ def test_ort_target_fuses_into_int8_kernels(model_path, calib, tmp_path):
 def test_measure_kernels_keeps_only_kinds_that_speed_the_model_up(model_path, monkeypatch):
     from onnxquant import kernel_probe
 
-    # fake timings: dense and depthwise pay, the others do not (the greedy order is fixed)
-    gains = {"dense": 0.8, "pointwise": 1.2, "grouped": 1.0, "depthwise": 0.9, "stem": 1.0}
-    monkeypatch.setattr(kernel_probe, "_compare",
-                        lambda model, cfg, a, b, calib: (1.0, gains[b[-1]]))
+    # fake timings: dense, depthwise and linear pay, the others do not; mobilevit_xxs has
+    # no grouped convs, so that kind is never timed
+    gains = {"dense": 0.8, "pointwise": 1.2, "depthwise": 0.9, "stem": 1.0, "linear": 0.9}
+    tried = []
+
+    def fake_compare(variants, a, b):
+        tried.append(b[-1])
+        return 1.0, gains[b[-1]]
+
+    monkeypatch.setattr(kernel_probe, "_compare", fake_compare)
     model = onnx.load(model_path)
-    assert kernel_probe.choose_int8_kinds(model, QuantConfig(target="ort"),
-                                          [None, 3, 128, 128]) == ("dense", "depthwise")
+    kinds = kernel_probe.choose_int8_kinds(model, QuantConfig(target="ort"), [None, 3, 128, 128])
+    assert kinds == ("dense", "depthwise", "linear")
+    assert tried == ["dense", "pointwise", "depthwise", "stem", "linear"]
+
+
+def test_ort_target_measures_by_default(model_path, calib):
+    result = onnxquant.run(model_path, QuantConfig(target="ort"), calib, progress=False)
+    assert set(result.config.ort_int8_kinds) <= {"dense", "pointwise", "depthwise", "stem",
+                                                  "linear"}
+    assert result.seconds["kernel probe"] > 0
+    onnx.checker.check_model(result.model, full_check=True)
 
 
 def test_ort_int8_kinds_option_places_qlinearconv(model_path, calib, tmp_path):
@@ -95,5 +111,5 @@ def test_ort_int8_kinds_option_places_qlinearconv(model_path, calib, tmp_path):
     expected = sum(c.kind in ("dense", "depthwise") for c in result.plan.convs)
     assert expected == 13
     assert _optimized_ops(result.model, tmp_path)["QLinearConv"] == expected
-    with pytest.raises(ValueError, match="unknown conv kinds"):
+    with pytest.raises(ValueError, match="unknown int8 kinds"):
         QuantConfig(ort_int8_kinds=("sparse",))

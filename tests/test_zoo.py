@@ -256,7 +256,7 @@ def _plan(name, config=None):
 
 
 def test_channel_multiplier_depthwise_is_not_dense():
-    plan = _plan("fastvit_t8", onnxquant.QuantConfig(target="ort"))
+    plan = _plan("fastvit_t8", onnxquant.QuantConfig(target="ort", ort_int8_kinds=("dense", "pointwise", "grouped", "linear")))
     grouped = [c for c in plan.convs if c.group > 1 and c.cin == 1]
     assert len(grouped) == 40  # 32 with cout == group, 8 with cout == 2 * group
     assert {c.kind for c in grouped} == {"depthwise"}
