@@ -106,6 +106,20 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MB"
 
 
+def _recipe(cfg: QuantConfig) -> str:
+    parts = ",".join(p for p in PARTS if p in cfg.active_parts)
+    if cfg.target == "ort":
+        kinds = ", ".join(cfg.ort_int8_kinds or ()) or "nothing"
+        return f"target=ort: int8 on {kinds}; other weights 8-bit folded; parts {parts}"
+    if cfg.target == "tensorrt":
+        return (f"target=tensorrt: int8 symmetric Q/DQ (per-channel weights), softmax log2 "
+                f"{cfg.softmax_bits}-bit eps={cfg.log2_eps:g}; parts {parts}")
+    scheme = "symmetric" if cfg.weight_symmetric else "asymmetric"
+    grain = "per-channel" if cfg.per_channel else "per-tensor"
+    return (f"target=paper: weights {cfg.weight_bits}-bit {scheme} {grain} ({cfg.weight_format}), "
+            f"softmax log2 {cfg.softmax_bits}-bit eps={cfg.log2_eps:g}; parts {parts}")
+
+
 def print_summary(result: api.Result, cfg: QuantConfig, src: Path, dst: Path, seconds: float):
     plan = result.plan
     patterns = {}
@@ -114,10 +128,7 @@ def print_summary(result: api.Result, cfg: QuantConfig, src: Path, dst: Path, se
     roles = plan.role_counts()
     quantized_convs = sum(c.quantize for c in plan.convs)
     print(f"onnxquant {__version__}: {src} -> {dst}")
-    print(f"  recipe      target={cfg.target} weights={cfg.weight_bits}-bit "
-          f"{'symmetric' if cfg.weight_symmetric or cfg.target != 'paper' else 'asymmetric'} "
-          f"{'per-channel' if cfg.per_channel or cfg.target != 'paper' else 'per-tensor'}, "
-          f"softmax log2 {cfg.softmax_bits}-bit eps={cfg.log2_eps:g}")
+    print(f"  recipe      {_recipe(result.config or cfg)}")
     print(f"  attention   {len(plan.attention)} blocks {patterns or ''}"
           f"{'; ' + str(len(plan.unmatched_softmax)) + ' other Softmax left float' if plan.unmatched_softmax else ''}")
     print(f"  convs       {len(plan.convs)} (conv blocks {roles['conv_block']}, inside "

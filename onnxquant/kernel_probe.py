@@ -29,7 +29,7 @@ from .config import INT8_KINDS
 RUNS = 10  # at most; fewer for slow models (TIME_PER_MEDIAN)
 ROUNDS = 2
 TIME_PER_MEDIAN = 0.25  # seconds of CPU time per median
-MIN_GAIN = 1.03  # a kind must make the whole model this much faster to be kept
+MIN_GAIN = 1.05  # a kind must make the whole model this much faster (timing noise here: ~3 %)
 
 
 def _session(data: bytes) -> ort.InferenceSession:
