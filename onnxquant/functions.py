@@ -22,7 +22,9 @@ The body computes exactly ``quantizers.log2_quantize``/``log2_dequantize``, in f
 Floor of the estimate lands on the true code or one below it as long as the float32 log
 error stays under half a code (it is ~1e-5 of one), and the single table comparison fixes
 that, so the codes are exact whatever the runtime's Log rounds to. 12 elementwise ops, no
-float64 transcendentals (onnxruntime's float64 Log is 8x slower than float32, not vectorized).
+float64 transcendentals (onnxruntime's float64 Log is 8x slower than float32, not vectorized);
+the lookups run on a flat view with GatherElements (Gather: 2.9 ms per 1M lookups on this
+CPU, GatherElements 0.45 ms).
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def _const_ref(out: str, attr: str, kind: str) -> NodeProto:
     return node
 
 
-def _const(out: str, value: float, dtype: int = TensorProto.DOUBLE) -> NodeProto:
-    tensor = helper.make_tensor(out, dtype, [], [value])
+def _const(out: str, value: float, dtype: int = TensorProto.DOUBLE, dims=()) -> NodeProto:
+    tensor = helper.make_tensor(out, dtype, list(dims), [value])
     return helper.make_node("Constant", [], [out], value=tensor)
 
 
@@ -90,18 +92,23 @@ def log2_function() -> FunctionProto:
     """The FunctionProto to append to ``ModelProto.functions`` (once per model)."""
     mk = helper.make_node
     nodes = _table_nodes() + [
-        mk("Max", ["X", "eps"], ["xm"]),
+        # flat view: GatherElements on 1-D indices is 6x faster than Gather in onnxruntime
+        mk("Shape", ["X"], ["x_shape"]),
+        _const("flat", -1, TensorProto.INT64, [1]),
+        mk("Reshape", ["X", "flat"], ["x_flat"]),
+        mk("Max", ["x_flat", "eps"], ["xm"]),
         mk("Log", ["xm"], ["lx"]),
         mk("Mul", ["lx", "inv"], ["t0"]),
         mk("Add", ["t0", "zf"], ["t"]),
         mk("Floor", ["t"], ["tf"]),
         mk("Clip", ["tf", "zerof", "qmaxf"], ["cf"]),
         _cast("cf", "c", TensorProto.INT64),
-        mk("Gather", ["thresholds", "c"], ["next_threshold"]),
+        mk("GatherElements", ["thresholds", "c"], ["next_threshold"], axis=0),
         mk("GreaterOrEqual", ["xm", "next_threshold"], ["up_bool"]),
         _cast("up_bool", "up", TensorProto.INT64),
         mk("Add", ["c", "up"], ["q"]),
-        mk("Gather", ["levels", "q"], ["Y"]),
+        mk("GatherElements", ["levels", "q"], ["y_flat"], axis=0),
+        mk("Reshape", ["y_flat", "x_shape"], ["Y"]),
     ]
     return helper.make_function(
         DOMAIN, OP_TYPE, ["X"], ["Y"], nodes,
