@@ -14,9 +14,9 @@ import onnx_graphsurgeon as gs
 
 from . import emit, functions
 from .calibrate import collect_stats
-from .config import QuantConfig
+from .config import INT8_KINDS, QuantConfig
 from .errors import UserError
-from .model_io import PROTOBUF_LIMIT, load_model
+from .model_io import PROTOBUF_LIMIT, is_large, load_model
 from .passes import PIPELINE
 from .plan import PassContext, Plan
 
@@ -82,34 +82,46 @@ def _version() -> str:
     return __version__
 
 
+def build(graph: gs.Graph, plan: Plan, config: QuantConfig, source: onnx.ModelProto):
+    """Emit the plan's Q/DQ (``plan.stats`` filled) -> (quantized ModelProto, counts)."""
+    counts = emit.emit(graph, plan, config)
+    return _finish(graph, source), counts
+
+
+def _probing(config: QuantConfig) -> bool:
+    return config.target == "ort" and config.ort_int8_kinds is None
+
+
 def run(model, config: QuantConfig | None = None, calibration=None, preprocess=None,
         progress: bool = True) -> Result:
-    """quantize() with the plan, counts and timings kept (used by the CLI summary)."""
+    """quantize() with the plan, counts and timings kept (used by the CLI summary).
+
+    ort target with ``ort_int8_kinds=None``: calibrate once for every candidate placement,
+    time the candidates (kernel_probe.py), then emit the chosen one.
+    """
     config = config or QuantConfig()
     source = _as_model(model)
     t0 = time.perf_counter()
-    if config.target == "ort" and config.ort_int8_kinds is None:
-        from .calibrate import model_input
+    probing = _probing(config)
+    graph, plan = analyze(source, replace(config, ort_int8_kinds=INT8_KINDS) if probing else config)
+    t1 = time.perf_counter()
+    stats = collect_stats(source, plan.calibration_tensors(), calibration, config,
+                          preprocess, progress)
+    t2 = time.perf_counter()
+    seconds = {"passes": t1 - t0, "calibration": t2 - t1}
+    if probing:
         from .kernel_probe import choose_int8_kinds
 
-        kinds = choose_int8_kinds(source, config, model_input(source)[1], log)
-        config = replace(config, ort_int8_kinds=kinds)
-        log.info("kernel probe: int8 on %s", ", ".join(kinds) or "nothing")
-    tp = time.perf_counter()
-    graph, plan = analyze(source, config)
-    t1 = time.perf_counter()
-    plan.stats = collect_stats(source, plan.calibration_tensors(), calibration, config,
-                               preprocess, progress)
-    t2 = time.perf_counter()
-    counts = emit.emit(graph, plan, config)
-    out = _finish(graph, source)
-    if out.ByteSize() < PROTOBUF_LIMIT:
+        config = replace(config, ort_int8_kinds=choose_int8_kinds(source, config, stats, log))
+        graph, plan = analyze(source, config)
+        seconds["kernel probe"] = time.perf_counter() - t2
+        t2 = time.perf_counter()
+    plan.stats = stats
+    out, counts = build(graph, plan, config, source)
+    if not is_large(out, PROTOBUF_LIMIT):
         onnx.checker.check_model(out, full_check=True)
-    t3 = time.perf_counter()
-    seconds = {"passes": t1 - tp, "calibration": t2 - t1, "emit": t3 - t2}
-    if tp - t0 > 0.01:
-        seconds = {"kernel probe": tp - t0, **seconds}
-    log.info("quantized: %s in %.2f s", counts, t3 - t0)
+    seconds["emit"] = time.perf_counter() - t2
+    log.info("quantized: %s in %.2f s", counts, time.perf_counter() - t0)
     return Result(out, plan, counts, seconds, config)
 
 

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from .errors import UserError
-from .model_io import EXTERNAL_THRESHOLD
+from .model_io import is_large
 
 
 def model_input(model: onnx.ModelProto):
@@ -103,20 +103,28 @@ def _image_batches(folder: Path, shape: list, cfg, preprocess, size: int):
 
 
 def probe_session(model: onnx.ModelProto, outputs: list):
-    """onnxruntime session of the float model returning only ``outputs``."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)
+    """onnxruntime session of the float model returning only ``outputs``.
+
+    The graph outputs are swapped in place and restored (no copy of a large model).
+    """
+    saved = list(model.graph.output)
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if probe.ByteSize() < EXTERNAL_THRESHOLD:
-        return ort.InferenceSession(probe.SerializeToString(), opts,
-                                    providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory() as tmp:  # > 2 GB: onnxruntime needs a file
-        path = os.path.join(tmp, "calib.onnx")
-        onnx.save_model(probe, path, save_as_external_data=True, location="calib.data")
-        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    try:
+        if not is_large(model):
+            return ort.InferenceSession(model.SerializeToString(), opts,
+                                        providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory() as tmp:  # > 2 GB: onnxruntime needs a file
+            path = os.path.join(tmp, "calib.onnx")
+            onnx.save_model(model, path, save_as_external_data=True, location="calib.data")
+            session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            onnx.load_external_data_for_model(model, tmp)  # saving moved the tensors out
+            return session
+    finally:
+        del model.graph.output[:]
+        model.graph.output.extend(saved)
 
 
 def collect_stats(model: onnx.ModelProto, tensors: list, source, cfg, preprocess=None,

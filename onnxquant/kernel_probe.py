@@ -12,7 +12,8 @@ shares (measured on mobilevit_xxs: 1x1 convs 1.0-1.6x faster alone, slower in th
 
 Timing uses one intra-op thread and the thread's CPU time (best of interleaved medians):
 robust to other load on the machine, which wall-clock medians here were not (DESIGN.md §7).
-Scales do not change kernel speed, so the variants are calibrated on random inputs.
+All variants share the one calibration of the quantization run (its statistics cover
+every candidate), and are timed on a random input (values do not change kernel speed).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .calibrate import model_input
 from .config import INT8_KINDS
 
 RUNS = 10  # at most; fewer for slow models (TIME_PER_MEDIAN)
 ROUNDS = 2
-TIME_PER_MEDIAN = 0.25  # seconds of CPU time per median
+TIME_PER_MEDIAN = 0.15  # seconds of CPU time per median
 MIN_GAIN = 1.05  # a kind must make the whole model this much faster (timing noise here: ~3 %)
 
 
@@ -49,20 +51,23 @@ def _cpu_median(session, feed, runs: int) -> float:
 
 
 class _Variants:
-    """Quantized variants by int8 kinds, each built and warmed up once."""
+    """Quantized variants by int8 kinds, all from one calibration, each built once."""
 
-    def __init__(self, model: onnx.ModelProto, cfg, calibration):
-        self.model, self.cfg, self.calibration = model, cfg, calibration
-        self.feed = {model.graph.input[0].name: calibration[:1]}
+    def __init__(self, model: onnx.ModelProto, cfg, stats: dict):
+        self.model, self.cfg, self.stats = model, cfg, stats
+        name, shape = model_input(model)
+        dims = [1] + [d or 224 for d in shape[1:]]
+        self.feed = {name: np.random.default_rng(0).standard_normal(dims).astype(np.float32)}
         self.sessions = {}
 
     def session(self, kinds: tuple):
         if kinds not in self.sessions:
-            from .api import run
+            from .api import analyze, build
 
-            variant = replace(self.cfg, ort_int8_kinds=kinds, num_calib=2)
-            data = run(self.model, variant, self.calibration, progress=False).model
-            session = _session(data.SerializeToString())
+            variant = replace(self.cfg, ort_int8_kinds=kinds)
+            graph, plan = analyze(self.model, variant)
+            plan.stats = self.stats
+            session = _session(build(graph, plan, variant, self.model)[0].SerializeToString())
             session.run(None, self.feed)
             self.sessions[kinds] = session
         return self.sessions[kinds]
@@ -90,15 +95,18 @@ def _present_kinds(model: onnx.ModelProto, cfg) -> list:
     return [k for k in INT8_KINDS if k in present]
 
 
-def choose_int8_kinds(model: onnx.ModelProto, cfg, shape: list, log=None) -> tuple:
-    """What is worth int8 on this CPU (subset of INT8_KINDS), by timing whole-model variants."""
-    dims = [2] + [d or 224 for d in shape[1:]]
-    calibration = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
-    variants, chosen = _Variants(model, cfg, calibration), ()
+def choose_int8_kinds(model: onnx.ModelProto, cfg, stats: dict, log=None) -> tuple:
+    """What is worth int8 on this CPU (subset of INT8_KINDS), by timing whole-model variants.
+
+    ``stats`` must cover every candidate (calibrated with ``ort_int8_kinds=INT8_KINDS``).
+    """
+    variants, chosen = _Variants(model, cfg, stats), ()
     for kind in _present_kinds(model, cfg):
         base, with_kind = _compare(variants, chosen, chosen + (kind,))
         if log:
             log.info("kernel probe: int8 %s: %.3f -> %.3f ms", kind, base * 1e3, with_kind * 1e3)
         if base / with_kind >= MIN_GAIN:
             chosen = chosen + (kind,)
+    if log:
+        log.info("kernel probe: int8 on %s", ", ".join(chosen) or "nothing")
     return chosen

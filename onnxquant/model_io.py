@@ -21,6 +21,22 @@ PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_THRESHOLD = 2**31 - 2**26  # leave headroom for the graph itself
 
 
+def is_large(model: onnx.ModelProto, limit: int | None = None) -> bool:
+    """Whether ``model`` is too large for one protobuf message (must use external data).
+
+    Counted part by part: protobuf's ``ByteSize()`` itself fails (EncodeError) past 2 GB.
+    """
+    limit = EXTERNAL_THRESHOLD if limit is None else limit
+    graph = model.graph
+    parts = list(graph.initializer) + list(graph.node) + list(model.functions)
+    total = 0
+    for part in parts:
+        total += part.ByteSize()
+        if total > limit:
+            return True
+    return False
+
+
 def _external_tensors(model: onnx.ModelProto):
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if uses_external_data(tensor):
@@ -57,7 +73,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     _check_external_paths(model, path)
     onnx.load_external_data_for_model(model, str(path.parent))
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if not is_large(model, PROTOBUF_LIMIT):
             onnx.checker.check_model(model)
         else:
             onnx.checker.check_model(str(path))
@@ -88,7 +104,7 @@ def save_model(model: onnx.ModelProto, dst: str | os.PathLike) -> Path:
     Models over ~2 GB get their initializers in ``<name>.data`` beside the output.
     """
     dst = Path(dst)
-    external = model.ByteSize() > EXTERNAL_THRESHOLD
+    external = is_large(model)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent or ".")
     os.close(fd)
     data_name = f"{dst.name}.data"

@@ -67,3 +67,29 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch, rng):
     with pytest.raises(OSError):
         save_model(_conv_model(rng), tmp_path / "out.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_large_model_path_uses_external_data_end_to_end(tmp_path, rng, monkeypatch):
+    """The > 2 GB code paths (external data for calibration and output), forced by a tiny
+    threshold: protobuf cannot even size a message past 2 GB, so nothing may serialize it."""
+    from onnxquant import model_io
+
+    monkeypatch.setattr(model_io, "EXTERNAL_THRESHOLD", 0)
+    graph = onnx.parser.parse_graph("""
+        g (float[1, 4] x) => (float[1, 512] y) {
+            a = MatMul (x, k)
+            s = Softmax <axis = -1> (a)
+            y = MatMul (s, w)
+        }""")
+    graph.initializer.extend([
+        numpy_helper.from_array(rng.normal(size=(4, 512)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "k")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    src = tmp_path / "in.onnx"
+    onnx.save_model(model, src)
+    q = onnxquant.quantize(load_model(src), calibration=rng.random((4, 1, 4), np.float32)[0])
+    assert model_io.is_large(q)
+    dst = save_model(q, tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx.data").exists()
+    ops = [n.op_type for n in onnx.load(dst).graph.node]
+    assert ops == ["MatMul", "Softmax", "Log2QuantDequant", "MatMul"]

@@ -1,7 +1,7 @@
 """Benchmark onnxquant against onnxruntime's quantize_static on hybrid models (one run).
 
     for each repeat, for each model, tools in a rotated order:
-        one subprocess per quantization -> wall time (load .. saved) and peak RSS (ru_maxrss)
+        one subprocess per quantization -> wall time (load .. saved) and peak RSS (VmHWM)
     then, per model, one subprocess times every variant interleaved (onnxruntime CPU,
     batch 1, 2 threads, spinning off: DESIGN.md section 7), and top-1 agreement with float
     on 200 labelled images for the reference checkpoints.
@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -42,6 +41,8 @@ MODELS = ("mobilevit_xxs", "mobilevit_s", "mobilevitv2_050", "efficientformer_l1
 TOOLS = ("onnxquant-paper", "onnxquant-ort", "ort-quantize_static")
 NUM_CALIB = 32
 BATCH = 8  # calibration batch of both tools (onnxquant's default batch_size)
+FAILURES: dict = {}  # (model, tool) -> last line of the error
+NOTES: set = set()
 
 
 # ---- models ----------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def _quant_onnxquant(job: dict) -> dict:
     cfg = onnxquant.QuantConfig(target=job["target"], num_calib=job["num_calib"],
                                 batch_size=BATCH)
     calib = np.load(job["calib"]) if job["calib"].endswith(".npy") else job["calib"]
-    job["import_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    job["import_rss"] = peak_rss_mb()
     start = time.perf_counter()
     model = load_model(job["model"])
     loaded = time.perf_counter()
@@ -155,17 +156,21 @@ def _quant_ort(job: dict) -> dict:
             batch = next(self.batches, None)
             return None if batch is None else {name: batch}
 
-    job["import_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    job["import_rss"] = peak_rss_mb()
     start = time.perf_counter()
-    pre_path = job["out"] + ".pre.onnx"
-    quant_pre_process(job["model"], pre_path)
+    pre_path, note = job["out"] + ".pre.onnx", None
+    try:
+        quant_pre_process(job["model"], pre_path)
+    except Exception as exc:  # what a user does next: pre-process without symbolic shapes
+        note = f"quant_pre_process failed ({exc}); retried with skip_symbolic_shape=True"
+        quant_pre_process(job["model"], pre_path, skip_symbolic_shape=True)
     prepped = time.perf_counter()
     quantize_static(pre_path, job["out"], Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, calibrate_method=CalibrationMethod.MinMax)
     end = time.perf_counter()
     os.unlink(pre_path)
-    return {"seconds": end - start, "phases": {"pre_process": prepped - start,
-                                               "quantize_static": end - prepped}}
+    return {"seconds": end - start, "note": note,
+            "phases": {"pre_process": prepped - start, "quantize_static": end - prepped}}
 
 
 def _latency(job: dict) -> dict:
@@ -201,16 +206,28 @@ def _latency(job: dict) -> dict:
 WORKERS = {"onnxquant": _quant_onnxquant, "ort": _quant_ort, "latency": _latency}
 
 
+def peak_rss_mb() -> float:
+    """Peak RSS of this process image: VmHWM, not ru_maxrss.
+
+    Linux keeps ru_maxrss across fork+exec, so a worker started by a parent holding 677 MB
+    (bench_scaling after reading efficientformer_l7) reported 677 MB for mobilevit_xxs;
+    VmHWM belongs to the exec'd address space only.
+    """
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
 def worker_main(job_json: str) -> None:
     job = json.loads(job_json)
     out = WORKERS[job["kind"]](job)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out["start_rss_mb"] = job.get("import_rss", 0) / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["start_rss_mb"] = job.get("import_rss", 0)
     print("RESULT " + json.dumps(out), flush=True)
 
 
 def in_subprocess(job: dict, timeout: float = 3600, script: str = __file__) -> dict:
-    """Run one worker job in a fresh Python; its own ru_maxrss is the peak RSS of that job."""
+    """Run one worker job in a fresh Python; its VmHWM is the peak RSS of that job."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, script, "_worker", json.dumps(job)],
                           capture_output=True, text=True, timeout=timeout)
@@ -250,15 +267,50 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "isa": ",".join(isa), "ram_gib": round(mem, 1),
             "python": platform.python_version(), "onnx": version("onnx"),
             "onnxruntime": version("onnxruntime"), "numpy": version("numpy"),
-            "onnxquant": version("onnxquant"),
+            "onnxquant": version("onnxquant"), "library": "?",
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def snapshot_library(work: Path) -> str:
+    """Copy onnxquant (+ passes, models) into ``work`` and import it from there.
+
+    The working tree changes while a benchmark runs (commits landed mid-run here); every
+    worker then gets the same code through PYTHONPATH, which precedes the editable install.
+    """
+    snap = work / "library"
+    shutil.copytree(ROOT / "onnxquant", snap / "onnxquant",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for sub in ("passes", "models"):
+        shutil.copytree(ROOT / sub, snap / "onnxquant" / sub,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(snap))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(snap),
+                                                             os.environ.get("PYTHONPATH")]))
+    return library_state(snap)
+
+
+def library_state(root: Path = ROOT) -> str:
+    """git HEAD of the working tree and a digest of the library sources under ``root``."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for pattern in ("onnxquant/**/*.py", "passes/*.py")
+                       for p in root.glob(pattern)):
+        digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    return f"git {head or '?'}, sources {digest.hexdigest()[:12]}"
 
 
 def header(info: dict, command: str) -> str:
     return (f"- machine: {info['cpu']}, {info['cores']} cores ({info['isa']}), "
             f"{info['ram_gib']} GiB RAM; shared and noisy (other jobs may run)\n"
             f"- versions: python {info['python']}, onnx {info['onnx']}, onnxruntime "
-            f"{info['onnxruntime']}, numpy {info['numpy']}, onnxquant {info['onnxquant']}\n"
+            f"{info['onnxruntime']}, numpy {info['numpy']}, onnxquant {info['onnxquant']} "
+            f"({info['library']})\n"
             f"- date: {info['date']}\n- command: `{command}`\n")
 
 
@@ -286,9 +338,16 @@ def quantize_all(models, tools, repeats, work: Path) -> dict:
         for i, model in enumerate(models):
             k = (rep + i) % len(tools)
             for tool in tools[k:] + tools[:k]:
-                out = str(work / f"{model['name']}.{tool}.onnx")
-                res = in_subprocess(quant_job(tool, model, out))
+                out = str(work / f"{model['name']}.{tool}.onnx")  # last repeat's stays
+                try:
+                    res = in_subprocess(quant_job(tool, model, out))
+                except RuntimeError as exc:  # keep going: the table says what failed
+                    FAILURES.setdefault((model["name"], tool), str(exc).splitlines()[-1])
+                    print(f"  FAILED {model['name']} {tool}: {str(exc).splitlines()[-1]}")
+                    continue
                 res["size_mb"] = file_mb(out)
+                if res.get("note"):
+                    NOTES.add(f"{model['name']}, {tool}: {res['note']}")
                 results[(model["name"], tool)].append(res)
                 print(f"  [{rep + 1}/{repeats}] {model['name']:<22} {tool:<20} "
                       f"{res['seconds']:7.2f} s  peak {res['peak_rss_mb']:7.0f} MB  "
@@ -298,7 +357,8 @@ def quantize_all(models, tools, repeats, work: Path) -> dict:
 
 
 def latency_and_agreement(model, tools, work: Path, runs: int, warmup: int, threads: int):
-    paths = {"float": model["path"], **{t: str(work / f"{model['name']}.{t}.onnx") for t in tools}}
+    paths = {"float": model["path"], **{t: str(work / f"{model['name']}.{t}.onnx") for t in tools
+                                        if (model["name"], t) not in FAILURES}}
     lat = in_subprocess({"kind": "latency", "model": model["name"], "models": paths,
                          "runs": runs, "warmup": warmup, "threads": threads})["times_ms"]
     agree = {}
@@ -307,7 +367,7 @@ def latency_and_agreement(model, tools, work: Path, runs: int, warmup: int, thre
         from onnxquant.images import list_labelled
 
         items = list_labelled(EVAL)
-        for tool in tools:
+        for tool in [t for t in tools if t in paths]:
             res = compare(model["path"], paths[tool], items, preprocess(model["pre"]),
                           class_map=model["class_map"], limit=200, progress=False)
             agree[tool] = res.agreement
@@ -325,13 +385,14 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="docs/benchmarks.md", help="markdown report ('' = none)")
-    parser.add_argument("--keep", help="keep the quantized models in this folder")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (models)")
     args = parser.parse_args(argv)
     tools = [t for t in args.tools.split(",") if t]
     models = [resolve(n) for n in args.models.split(",") if n]
-    work = Path(args.keep or tempfile.mkdtemp(prefix="bench_peers."))
+    work = Path(tempfile.mkdtemp(prefix="bench_peers."))
     work.mkdir(parents=True, exist_ok=True)
     info = machine()
+    info["library"] = snapshot_library(work)
     command = "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:]))
     print(header(info, command))
     try:
@@ -341,7 +402,7 @@ def main(argv=None) -> int:
             lat, agree = latency_and_agreement(model, tools, work, args.runs, args.warmup,
                                                args.threads)
             base = median(lat["float"])
-            for variant in ["float"] + tools:
+            for variant in [v for v in ["float"] + tools if v in lat]:
                 q = quant.get((model["name"], variant), [])
                 rows.append({"model": model["name"], "variant": variant,
                              "quant_s": median([r["seconds"] for r in q]) if q else None,
@@ -350,21 +411,29 @@ def main(argv=None) -> int:
                              "size_mb": q[-1]["size_mb"] if q else file_mb(model["path"]),
                              "lat_ms": median(lat[variant]), "lat_p90": p90(lat[variant]),
                              "ratio": base / median(lat[variant]), "agree": agree.get(variant)})
-            print(table(rows[-1 - len(tools):], PEER_COLUMNS), flush=True)
+            print(table([r for r in rows if r["model"] == model["name"]], PEER_COLUMNS),
+                  flush=True)
     finally:
-        if not args.keep:
+        if args.keep:
+            print(f"kept {work}")
+        else:
             shutil.rmtree(work, ignore_errors=True)
     text = table(rows, PEER_COLUMNS)
     phases = phase_table(quant)
-    print("\n" + text + "\n\n" + phases)
+    problems = "\n".join([f"- FAILED {m}, {t}: {e}" for (m, t), e in FAILURES.items()]
+                         + [f"- {n}" for n in sorted(NOTES)]) or "- none"
+    print("\n" + text + "\n\n" + phases + "\n\nFailures and notes:\n" + problems)
     if args.out:
-        write_report(Path(args.out), info, command, models, text, phases, args)
+        write_report(Path(args.out), info, command, models, text, phases + "\n\nFailures "
+                     "and notes:\n\n" + problems, args)
     return 0
 
 
 def phase_table(quant: dict) -> str:
     rows = []
     for (model, tool), runs in quant.items():
+        if not runs:
+            continue
         keys = runs[0]["phases"]
         row = {"model": model, "tool": tool,
                "phases": ", ".join(f"{k} {median([r['phases'][k] for r in runs]):.2f}"
@@ -389,12 +458,14 @@ Models:
 Quantization: each tool in its own subprocess, tools alternated (rotated order per model
 and repeat), {args.repeats} repeats, medians. Time = load .. quantized model saved (image
 decoding of the 32 calibration images included; interpreter start-up and imports not
-included, see the second table). Peak RSS = `ru_maxrss` of that subprocess (imports
-included). All tools calibrate on the same {NUM_CALIB} images of `{CALIB}` (evenly spread,
-as the CLI), batches of {BATCH}.
+included, see the second table). Peak RSS = `VmHWM` of that subprocess (imports
+included; not `ru_maxrss`, which Linux carries over from the parent across fork+exec).
+All tools calibrate on the same {NUM_CALIB} images of `{CALIB}` (evenly
+spread, as the CLI), batches of {BATCH}.
 
 - `onnxquant-paper`: `QuantConfig(target="paper")` (uint8 weight-only convs + log2 Softmax).
-- `onnxquant-ort`: `QuantConfig(target="ort")` (int8 Q/DQ on dense kxk convs only).
+- `onnxquant-ort`: `QuantConfig(target="ort")` (int8 where onnxruntime CPU is faster; at the
+  measured commit it times conv kinds on this CPU first: the "kernel probe" phase).
 - `ort-quantize_static`: `quant_pre_process` then `quantize_static(QuantFormat.QDQ,
   per_channel=True, CalibrationMethod.MinMax)`, default S8S8 types of onnxruntime
   {info['onnxruntime']}; time includes `quant_pre_process`.

@@ -6,7 +6,7 @@
       with external data; the output is then loaded and run in onnxruntime.
 
 Each quantization runs in its own subprocess (bench_peers' worker): wall time from load to
-saved output and the subprocess's ru_maxrss. Repeats alternate the models; medians.
+saved output and the subprocess's peak RSS (VmHWM). Repeats alternate the models; medians.
 
     python tools/bench_scaling.py [--models a,b] [--repeats 3] [--no-synthetic]
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -166,7 +165,12 @@ def run_all(models, repeats, work: Path) -> dict:
                 continue  # one run: ~10 GB peak, minutes
             out = str(work / f"{model['name']}.paper.onnx")
             job = bp.quant_job("onnxquant-paper", model, out, model.get("calib", str(bp.CALIB)))
-            res = in_subprocess(job)
+            try:
+                res = in_subprocess(job)
+            except RuntimeError as exc:  # keep going; the report says what failed
+                bp.FAILURES[(model["name"], "onnxquant-paper")] = str(exc).splitlines()[-1]
+                print(f"  FAILED {model['name']}: {str(exc).splitlines()[-1]}", flush=True)
+                continue
             res["size_mb"] = bp.file_mb(out)
             results[model["name"]].append(res)
             print(f"  [{rep + 1}/{repeats}] {model['name']:<22} {res['seconds']:7.2f} s  peak "
@@ -187,6 +191,8 @@ def rows_of(models, results) -> list[dict]:
     rows = []
     for m in models:
         runs = results[m["name"]]
+        if not runs:
+            continue
         med = lambda f: bp.median([f(r) for r in runs])
         other = med(lambda r: r["seconds"] - r["phases"]["calibration"])
         d = describe(m["path"])
@@ -220,6 +226,7 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scaling."))
     work.mkdir(parents=True, exist_ok=True)
     info = bp.machine()
+    info["library"] = bp.snapshot_library(work)
     command = "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:]))
     print(bp.header(info, command))
     try:
@@ -232,7 +239,7 @@ def main(argv=None) -> int:
         results = run_all(models, args.repeats, work)
         rows = rows_of(models, results)
         check = None
-        if not args.no_synthetic:
+        if not args.no_synthetic and results["synthetic_2gb"]:
             syn = models[-1]
             check = in_subprocess({"kind": "check_output", "model": syn["path"],
                                    "out": str(work / "synthetic_2gb.paper.onnx"),
@@ -262,6 +269,7 @@ def write_report(path, info, command, args, rows, text, fits, check) -> None:
                f"finite={check['finite']}, max |quant - float| / max |float| = "
                f"{check['rel_err']:.3g}, top-1 same on {check['top1_same']:.0%} of 2 random "
                f"inputs. Output ops: {check['ops']}.\n")
+    failed = "".join(f"\nFAILED {m} ({t}): `{e}`\n" for (m, t), e in bp.FAILURES.items())
     path.write_text(f"""# onnxquant quantization time and memory vs model size
 
 {bp.header(info, command)}
@@ -270,14 +278,14 @@ zoo exports with random weights; the synthetic model calibrates on 32 random inp
 Each quantization in its own subprocess, {args.repeats} repeats alternating the models
 (synthetic once), medians. quant s = load .. saved; calib s = the calibration phase (float
 inference over 32 images + JPEG decoding, which grows with FLOPs, not with parameters);
-other s = quant s - calib s (load, passes, emit, checker, save); peak RSS = ru_maxrss of the
-subprocess, imports included (~90 MB).
+other s = quant s - calib s (load, passes, emit, checker, save); peak RSS = VmHWM of the
+subprocess (imports included).
 
 {text}
 
 Phases of the last repeat:
 {phases}
-{syn}
+{syn}{failed}
 Linear fits over the zoo models (synthetic excluded):
 
 """ + "\n".join(f"- {f}" for f in fits) + "\n")
