@@ -86,15 +86,22 @@ def test_measure_kernels_keeps_only_kinds_that_speed_the_model_up(model_path, mo
     gains = {"dense": 0.8, "pointwise": 1.2, "depthwise": 0.9, "stem": 1.0, "linear": 0.9}
     tried = []
 
+    final_gain = [1.2]
+
     def fake_compare(variants, a, b):
-        tried.append(b[-1])
-        return 1.0, gains[b[-1]]
+        if len(b) == len(a) + 1:  # greedy step: time(a) / time(b)
+            tried.append(b[-1])
+            return 1.0 / gains[b[-1]]
+        tried.append("final")
+        return final_gain[0]
 
     monkeypatch.setattr(kernel_probe, "_compare", fake_compare)
     model = onnx.load(model_path)
     kinds = kernel_probe.choose_int8_kinds(model, QuantConfig(target="ort"), stats={})
     assert kinds == ("dense", "depthwise", "linear")
-    assert tried == ["dense", "pointwise", "depthwise", "stem", "linear"]
+    assert tried == ["dense", "pointwise", "depthwise", "stem", "linear", "final"]
+    final_gain[0] = 1.01  # the whole placement not measurably faster than none: keep none
+    assert kernel_probe.choose_int8_kinds(model, QuantConfig(target="ort"), stats={}) == ()
 
 
 def test_ort_target_measures_by_default(model_path, calib):
