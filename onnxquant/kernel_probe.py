@@ -4,7 +4,7 @@
 onnxruntime with int8 added greedily on each kind: dense kxk, pointwise, grouped, depthwise
 and stem convs (QLinearConv), then linear MatMuls (dynamic int8), and keeps a kind only if
 the model gets faster by ``MIN_GAIN``. A fixed rule cannot hold across CPUs and models:
-on this AVX2 machine dense 3x3 convs pay and depthwise/stem do not (DESIGN.md §7), and
+on this AMD EPYC (AVX-512 VNNI) dense 3x3 convs pay and depthwise/stem do not, and
 dynamic int8 MatMuls paid on mobilevit_xxs but not on efficientformer_l1
 (docs/benchmarks.md); VNNI or ARM dot-product kernels shift the balance again. Whole-model timing, not per layer: a one-conv model favours
 int8 because its float conv pays the NCHWc layout reorder that a chain of float convs

@@ -6,7 +6,8 @@
     batch 1, 2 threads, spinning off: DESIGN.md section 7), and top-1 agreement with float
     on 200 labelled images for the reference checkpoints.
 
-Tools: onnxquant paper recipe, onnxquant --target ort, and onnxruntime
+Tools: onnxquant variants (VARIANTS: paper recipe in DQ and folded form, --target ort,
+softmax-only), and onnxruntime
 (quant_pre_process, then quantize_static QDQ per-channel MinMax, ORT 1.32 defaults S8S8).
 All calibrate on the same 32 images (take_evenly over the calibration folder, as the CLI).
 
@@ -18,19 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+
+from benchlib import (file_mb, header, kept_notes, machine, median, p90,  # noqa: F401
+                      peak_rss_mb, snapshot_library, table)
 
 ASSETS = Path("/work/shared/assets")
 REFERENCE = ASSETS / "reference"
@@ -38,7 +39,19 @@ CALIB = ASSETS / "imagenette" / "train"
 EVAL = ASSETS / "imagenet-val" / "nette"
 MODELS = ("mobilevit_xxs", "mobilevit_s", "mobilevitv2_050", "efficientformer_l1",
           "efficientformerv2_s0", "fastvit_t8")
-TOOLS = ("onnxquant-paper", "onnxquant-ort", "ort-quantize_static")
+# onnxquant variants: tool name -> QuantConfig keyword arguments (besides num_calib, batch).
+PAPER_PARTS = ["conv_block", "transformer", "bridge", "softmax"]
+VARIANTS = {
+    "onnxquant-paper": {"target": "paper"},
+    "onnxquant-ort": {"target": "ort"},
+    # the paper recipe with weights stored Cast -> Sub -> Mul, which onnxruntime folds at load
+    "onnxquant-paper-folded": {"weight_format": "folded"},
+    "onnxquant-paper-folded+linear": {"weight_format": "folded",
+                                      "parts": PAPER_PARTS + ["linear"]},
+    # what the log2 post-Softmax fake-quant alone costs (weights stay float)
+    "onnxquant-softmax-only": {"parts": ["softmax"]},
+}
+TOOLS = tuple(VARIANTS) + ("ort-quantize_static",)
 NUM_CALIB = 32
 BATCH = 8  # calibration batch of both tools (onnxquant's default batch_size)
 FAILURES: dict = {}  # (model, tool) -> last line of the error
@@ -103,12 +116,6 @@ def preprocess(spec: dict):
     return Preprocess.from_dict(spec)
 
 
-def file_mb(path) -> float:
-    path = Path(path)
-    extra = Path(f"{path}.data")
-    return (path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)) / 2**20
-
-
 # ---- workers (run in their own process) ------------------------------------------------
 
 def calib_paths(folder=CALIB, n=NUM_CALIB):
@@ -121,8 +128,7 @@ def _quant_onnxquant(job: dict) -> dict:
     import onnxquant
     from onnxquant.model_io import load_model, save_model
 
-    cfg = onnxquant.QuantConfig(target=job["target"], num_calib=job["num_calib"],
-                                batch_size=BATCH)
+    cfg = onnxquant.QuantConfig(**job["config"], num_calib=job["num_calib"], batch_size=BATCH)
     calib = np.load(job["calib"]) if job["calib"].endswith(".npy") else job["calib"]
     job["import_rss"] = peak_rss_mb()
     start = time.perf_counter()
@@ -206,18 +212,6 @@ def _latency(job: dict) -> dict:
 WORKERS = {"onnxquant": _quant_onnxquant, "ort": _quant_ort, "latency": _latency}
 
 
-def peak_rss_mb() -> float:
-    """Peak RSS of this process image: VmHWM, not ru_maxrss.
-
-    Linux keeps ru_maxrss across fork+exec, so a worker started by a parent holding 677 MB
-    (bench_scaling after reading efficientformer_l7) reported 677 MB for mobilevit_xxs;
-    VmHWM belongs to the exec'd address space only.
-    """
-    with open("/proc/self/status") as f:
-        line = next(ln for ln in f if ln.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
-
-
 def worker_main(job_json: str) -> None:
     job = json.loads(job_json)
     out = WORKERS[job["kind"]](job)
@@ -245,83 +239,10 @@ def quant_job(tool: str, model: dict, out: str, calib: str = str(CALIB)) -> dict
            "num_calib": NUM_CALIB}
     if tool == "ort-quantize_static":
         return {"kind": "ort", **job}
-    return {"kind": "onnxquant", "target": tool.split("-")[1], **job}
+    return {"kind": "onnxquant", "config": VARIANTS[tool], **job}
 
 
 # ---- report ----------------------------------------------------------------------------
-
-def median(values):
-    return statistics.median(values) if values else float("nan")
-
-
-def p90(values):
-    return float(np.percentile(values, 90)) if values else float("nan")
-
-
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), platform.processor())
-    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f" {f}" in flags]
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "isa": ",".join(isa), "ram_gib": round(mem, 1),
-            "python": platform.python_version(), "onnx": version("onnx"),
-            "onnxruntime": version("onnxruntime"), "numpy": version("numpy"),
-            "onnxquant": version("onnxquant"), "library": "?",
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def snapshot_library(work: Path) -> str:
-    """Copy onnxquant (+ passes, models) into ``work`` and import it from there.
-
-    The working tree changes while a benchmark runs (commits landed mid-run here); every
-    worker then gets the same code through PYTHONPATH, which precedes the editable install.
-    """
-    snap = work / "library"
-    shutil.copytree(ROOT / "onnxquant", snap / "onnxquant",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    for sub in ("passes", "models"):
-        shutil.copytree(ROOT / sub, snap / "onnxquant" / sub,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    sys.path.insert(0, str(snap))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(snap),
-                                                             os.environ.get("PYTHONPATH")]))
-    return library_state(snap)
-
-
-def library_state(root: Path = ROOT) -> str:
-    """git HEAD of the working tree and a digest of the library sources under ``root``."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted(p for pattern in ("onnxquant/**/*.py", "passes/*.py")
-                       for p in root.glob(pattern)):
-        digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True).stdout.strip()
-    return f"git {head or '?'}, sources {digest.hexdigest()[:12]}"
-
-
-def header(info: dict, command: str) -> str:
-    return (f"- machine: {info['cpu']}, {info['cores']} cores ({info['isa']}), "
-            f"{info['ram_gib']} GiB RAM; shared and noisy (other jobs may run)\n"
-            f"- versions: python {info['python']}, onnx {info['onnx']}, onnxruntime "
-            f"{info['onnxruntime']}, numpy {info['numpy']}, onnxquant {info['onnxquant']} "
-            f"({info['library']})\n"
-            f"- date: {info['date']}\n- command: `{command}`\n")
-
-
-def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """Markdown table; columns are (title, key, format)."""
-    cells = [[("-" if r.get(k) is None else format(r[k], f)) for _, k, f in columns] for r in rows]
-    widths = [max(len(t), *(len(c[i]) for c in cells)) for i, (t, _, _) in enumerate(columns)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
-    out = [line([t for t, _, _ in columns]), line(["-" * w for w in widths])]
-    return "\n".join(out + [line(c) for c in cells])
-
 
 PEER_COLUMNS = [("model", "model", ""), ("variant", "variant", ""),
                 ("quant s (median)", "quant_s", ".2f"), ("min s", "quant_min_s", ".2f"),
@@ -449,6 +370,7 @@ def phase_table(quant: dict) -> str:
 
 def write_report(path: Path, info, command, models, text, phases, args) -> None:
     sources = "\n".join(f"- {m['name']}: {m['source']}" for m in models)
+    notes = kept_notes(path)
     path.write_text(f"""# onnxquant vs onnxruntime quantize_static
 
 {header(info, command)}
@@ -464,8 +386,15 @@ All tools calibrate on the same {NUM_CALIB} images of `{CALIB}` (evenly
 spread, as the CLI), batches of {BATCH}.
 
 - `onnxquant-paper`: `QuantConfig(target="paper")` (uint8 weight-only convs + log2 Softmax).
-- `onnxquant-ort`: `QuantConfig(target="ort")` (int8 where onnxruntime CPU is faster; at the
-  measured commit it times conv kinds on this CPU first: the "kernel probe" phase).
+- `onnxquant-ort`: `QuantConfig(target="ort")` (int8 where onnxruntime CPU is faster: it
+  first times conv kinds and linear layers on this CPU with the run's own calibration, the
+  "kernel probe" phase).
+- `onnxquant-paper-folded`: `QuantConfig(weight_format="folded")`: the paper recipe with
+  weights stored Cast -> Sub -> Mul, which onnxruntime constant-folds at load.
+- `onnxquant-paper-folded+linear`: the same plus linear-layer weights,
+  `parts={{"conv_block","transformer","bridge","softmax","linear"}}`.
+- `onnxquant-softmax-only`: `QuantConfig(parts={{"softmax"}})`: the log2 post-Softmax
+  quantize/dequantize alone (float weights), i.e. what that op costs on onnxruntime CPU.
 - `ort-quantize_static`: `quant_pre_process` then `quantize_static(QuantFormat.QDQ,
   per_channel=True, CalibrationMethod.MinMax)`, default S8S8 types of onnxruntime
   {info['onnxruntime']}; time includes `quant_pre_process`.
@@ -482,7 +411,7 @@ faster than float). Top-1 agreement with the float model on 200 images of
 Phases (median seconds) and process overhead:
 
 {phases}
-""")
+{notes}""")
     print(f"wrote {path}")
 
 

@@ -270,6 +270,7 @@ def write_report(path, info, command, args, rows, text, fits, check) -> None:
                f"{check['rel_err']:.3g}, top-1 same on {check['top1_same']:.0%} of 2 random "
                f"inputs. Output ops: {check['ops']}.\n")
     failed = "".join(f"\nFAILED {m} ({t}): `{e}`\n" for (m, t), e in bp.FAILURES.items())
+    notes = bp.kept_notes(path)
     path.write_text(f"""# onnxquant quantization time and memory vs model size
 
 {bp.header(info, command)}
@@ -288,7 +289,7 @@ Phases of the last repeat:
 {syn}{failed}
 Linear fits over the zoo models (synthetic excluded):
 
-""" + "\n".join(f"- {f}" for f in fits) + "\n")
+""" + "\n".join(f"- {f}" for f in fits) + "\n" + notes)
     print(f"wrote {path}")
 
 

@@ -3,7 +3,7 @@
     for each model (reference checkpoint at 128 px, or a timm zoo export at 224 px):
         float ONNX; quantized with onnxquant.quantize on 8 bundled images: the paper recipe,
         the paper recipe with symmetric per-channel weights, --target tensorrt (and, where
-        the config has the "linear" part, tensorrt + linear)
+        the target leaves the "linear" part out, tensorrt + linear)
         -> each built ahead of time (no GPU; default SM89) in a fresh process, with the log2
            plugin registered and (quantized ones) without it
     -> one markdown row per build: ok / parse error, times, network layers, Q/DQ layers,
@@ -58,16 +58,26 @@ def variants():
          "paper recipe with `weight_symmetric=True, per_channel=True`: int8 symmetric "
          "per-channel conv weights (weight-only), log2 post-Softmax"),
         ("tensorrt", QuantConfig(target="tensorrt", num_calib=NUM_CALIB),
-         '`QuantConfig(target="tensorrt")`: int8 per-channel conv weights + int8 Q/DQ on '
-         "every Conv input, log2 post-Softmax"),
+         '`QuantConfig(target="tensorrt")`: ' + tensorrt_target_text(config)),
     ]
-    if "linear" in getattr(config, "PARTS", ()):  # linear layers: weight-only int8 DQ
+    # linear layers, where the target does not quantize them already: weight-only int8 DQ
+    if ("linear" in getattr(config, "PARTS", ())
+            and "linear" not in config.TARGET_PARTS["tensorrt"]):
         parts = config.TARGET_PARTS["tensorrt"] | {"linear"}
         out.append(("tensorrt+linear",
                     QuantConfig(target="tensorrt", parts=parts, num_calib=NUM_CALIB),
                     "the tensorrt target with the `linear` part added: MatMul/Gemm weights "
                     "int8 per channel, weight-only"))
     return tuple(out)
+
+
+def tensorrt_target_text(config) -> str:
+    parts = config.TARGET_PARTS["tensorrt"]
+    if "linear" in parts:
+        return ("int8 per-channel weights + int8 Q/DQ on the inputs of every Conv and every "
+                "linear layer (MatMul/Gemm with a weight), log2 post-Softmax (a Conv fed by "
+                "the log2 output gets no second quantizer on that input)")
+    return "int8 per-channel conv weights + int8 Q/DQ on every Conv input, log2 post-Softmax"
 
 
 # ---- models ----------------------------------------------------------------------------
