@@ -278,8 +278,13 @@ def quantize_all(models, tools, repeats, work: Path) -> dict:
 
 
 def latency_and_agreement(model, tools, work: Path, runs: int, warmup: int, threads: int):
-    paths = {"float": model["path"], **{t: str(work / f"{model['name']}.{t}.onnx") for t in tools
-                                        if (model["name"], t) not in FAILURES}}
+    # control: a byte-identical copy of the float model, timed like the others; its ratio
+    # is the measurement's own bias (a second session of the same graph)
+    copy = work / f"{model['name']}.float-copy.onnx"
+    shutil.copyfile(model["path"], copy)
+    paths = {"float": model["path"], "float-copy": str(copy),
+             **{t: str(work / f"{model['name']}.{t}.onnx") for t in tools
+                if (model["name"], t) not in FAILURES}}
     lat = in_subprocess({"kind": "latency", "model": model["name"], "models": paths,
                          "runs": runs, "warmup": warmup, "threads": threads})["times_ms"]
     agree = {}
@@ -323,7 +328,7 @@ def main(argv=None) -> int:
             lat, agree = latency_and_agreement(model, tools, work, args.runs, args.warmup,
                                                args.threads)
             base = median(lat["float"])
-            for variant in [v for v in ["float"] + tools if v in lat]:
+            for variant in [v for v in ["float", "float-copy"] + tools if v in lat]:
                 q = quant.get((model["name"], variant), [])
                 rows.append({"model": model["name"], "variant": variant,
                              "quant_s": median([r["seconds"] for r in q]) if q else None,
@@ -403,7 +408,8 @@ Latency: onnxruntime CPU EP, batch 1, {args.threads} intra-op threads, spinning 
 (`session.intra_op.allow_spinning=0`, DESIGN.md section 7), all variants of a model in one
 process, {args.warmup} warm-up runs each, then {args.runs} rounds running every variant once
 in a shuffled order; median and p90. float/model = float median / variant median (>1 is
-faster than float). Top-1 agreement with the float model on 200 images of
+faster than float). `float-copy` is a byte-identical copy of the float model timed as one
+more variant: its ratio is the bias of the measurement itself. Top-1 agreement with the float model on 200 images of
 `{EVAL}` (reference checkpoints only; random-weight exports have no meaningful top-1).
 
 {text}
