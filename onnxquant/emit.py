@@ -53,15 +53,20 @@ def _activation(stats, name: str, symmetric: bool) -> quantizers.UniformParams:
     return quantizers.uniform_params(np.array([lo, hi]), 8, symmetric=symmetric)
 
 
+def _quantize_input(graph, node: gs.Node, name: str, stats, inputs: dict, symmetric: bool):
+    """Q/DQ on the node's data input; one pair per tensor, shared by all its consumers."""
+    if name not in inputs:
+        inputs[name] = quant_dequant(graph, node.inputs[0], _activation(stats, name, symmetric))
+    node.inputs[0] = inputs[name]
+
+
 def _fused_conv(graph, node: gs.Node, site: ConvSite, plan: Plan, inputs: dict) -> None:
     """ort: DQ(x) + DQ(W int8) + DQ(int32 bias) -> Conv -> Q/DQ: onnxruntime's QLinearConv."""
     w = constant_value(node.inputs[1])
     p = quantizers.uniform_params(w, ORT_CONV_WEIGHT_BITS, symmetric=True, axis=0)
     node.inputs[1] = store_weight(graph, site.weight + "_" + node.name, w, p, "qdq")
     act = _activation(plan.stats, site.input, symmetric=False)
-    if site.input not in inputs:
-        inputs[site.input] = quant_dequant(graph, node.inputs[0], act)
-    node.inputs[0] = inputs[site.input]
+    _quantize_input(graph, node, site.input, plan.stats, inputs, symmetric=False)
     if len(node.inputs) > 2:
         bias = constant_value(node.inputs[2])
         node.inputs[2] = int32_bias(graph, tensor_name(node.name, "bias"), bias,
@@ -89,10 +94,8 @@ def emit_convs(graph: gs.Graph, plan: Plan, cfg: QuantConfig, inputs: dict) -> i
             weights[site.weight] = store_weight(graph, site.weight, w, p, fmt)
         node.inputs[1] = weights[site.weight]
         if site.int8_input:
-            if site.input not in inputs:
-                p = _activation(plan.stats, site.input, symmetric=cfg.target == "tensorrt")
-                inputs[site.input] = quant_dequant(graph, node.inputs[0], p)
-            node.inputs[0] = inputs[site.input]
+            _quantize_input(graph, node, site.input, plan.stats, inputs,
+                            symmetric=cfg.target == "tensorrt")
     return count
 
 
@@ -116,10 +119,7 @@ def emit_linears(graph: gs.Graph, plan: Plan, cfg: QuantConfig, inputs: dict) ->
             weights[site.weight] = store_weight(graph, site.weight, w, p, fmt)
         node.inputs[1] = weights[site.weight]
         if site.int8_input:
-            if site.input not in inputs:
-                p = _activation(plan.stats, site.input, symmetric=True)
-                inputs[site.input] = quant_dequant(graph, node.inputs[0], p)
-            node.inputs[0] = inputs[site.input]
+            _quantize_input(graph, node, site.input, plan.stats, inputs, symmetric=True)
     return count
 
 
