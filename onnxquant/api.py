@@ -35,18 +35,26 @@ class Result:
 
 
 def _as_model(model) -> onnx.ModelProto:
-    """A ModelProto the caller does not own (graphsurgeon shares lists with its source)."""
-    if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
-    return load_model(model)
+    """The ModelProto itself (never modified, so no copy: models can be > 2 GB), or loaded."""
+    return model if isinstance(model, onnx.ModelProto) else load_model(model)
+
+
+def _import(model: onnx.ModelProto) -> gs.Graph:
+    """graphsurgeon graph that shares nothing mutable with ``model``.
+
+    gs keeps the model's ``opset_import`` list as ``graph.import_domains``; exporting would
+    then append our domain to the caller's model.
+    """
+    graph = gs.import_onnx(model)
+    graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version)
+                            for d in graph.import_domains]
+    return graph
 
 
 def analyze(model, config: QuantConfig | None = None) -> tuple[gs.Graph, Plan]:
     """Run the passes only: the block map and what would be quantized (no calibration)."""
     ctx = PassContext(config or QuantConfig())
-    graph = gs.import_onnx(_as_model(model))
+    graph = _import(_as_model(model))
     for run_pass in PIPELINE:
         run_pass(graph, ctx)
     if not ctx.plan.attention:
@@ -131,7 +139,8 @@ def quantize(model, config: QuantConfig | None = None, calibration=None, preproc
 
     ``calibration``: a folder of images (with ``preprocess``, an ``images.Preprocess``), a
     ``.npy`` path, an N x C x H x W float32 array, or a ``CalibrationDataReader``. The input
-    model is not modified.
+    model is not modified (calibration swaps its graph outputs for a moment: do not share
+    one ModelProto between threads while it runs).
     """
     return run(model, config, calibration, preprocess, progress).model
 
