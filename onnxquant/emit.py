@@ -3,6 +3,7 @@
     conv weight   W_q -> DequantizeLinear (or folded Cast/Sub/Mul) -> Conv     (all targets)
     conv input    x -> QuantizeLinear -> DequantizeLinear -> Conv            (ort, tensorrt)
     conv output   Conv(int32 bias) -> QuantizeLinear -> DequantizeLinear    (ort: QLinearConv)
+    residual      skip -> QuantizeLinear -> DequantizeLinear -> Add(Conv, .)  (tensorrt)
     linear        W_q -> DQ -> MatMul/Gemm (weight-only) | dynamic int8 MatMul (ort)
     attention     Softmax -> onnxquant.Log2QuantDequant -> consumers         (paper, tensorrt)
 
@@ -123,6 +124,23 @@ def emit_linears(graph: gs.Graph, plan: Plan, cfg: QuantConfig, inputs: dict) ->
     return count
 
 
+def emit_residuals(graph: gs.Graph, plan: Plan, inputs: dict) -> int:
+    """tensorrt: Q/DQ on the skip input of Conv + skip residual Adds (only that Add reads it)."""
+    nodes = {n.name: n for n in graph.nodes if n.op == "Add"}
+    count = 0
+    for site in plan.residuals:
+        if not site.quantize:
+            continue
+        node = nodes[site.node]
+        index = next(i for i, t in enumerate(node.inputs) if t.name == site.skip)
+        if site.skip not in inputs:
+            p = _activation(plan.stats, site.skip, symmetric=True)
+            inputs[site.skip] = quant_dequant(graph, node.inputs[index], p)
+        node.inputs[index] = inputs[site.skip]
+        count += 1
+    return count
+
+
 def emit_log2(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> int:
     tensors = graph.tensors()
     count = 0
@@ -147,5 +165,8 @@ def emit(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> dict:
     counts = {"convs": emit_convs(graph, plan, cfg, inputs),
               "linears": emit_linears(graph, plan, cfg, inputs),
               "softmax": emit_log2(graph, plan, cfg)}
+    residuals = emit_residuals(graph, plan, inputs)
+    if residuals:
+        counts["residuals"] = residuals
     graph.cleanup().toposort()
     return counts

@@ -73,10 +73,20 @@ class LinearSite:
 
 
 @dataclass
+class ResidualSite:
+    """An Add joining a Conv output with a skip connection (``skip``: the other input)."""
+
+    node: str
+    skip: str
+    quantize: bool = False  # target tensorrt: Q/DQ on the skip input
+
+
+@dataclass
 class Plan:
     attention: list = field(default_factory=list)  # AttentionSite
     convs: list = field(default_factory=list)  # ConvSite
     linears: list = field(default_factory=list)  # LinearSite
+    residuals: list = field(default_factory=list)  # ResidualSite
     unmatched_softmax: list = field(default_factory=list)  # (node name, reason)
     notes: list = field(default_factory=list)  # lines for the summary
     stats: dict = field(default_factory=dict)  # tensor name -> (min, max)
@@ -87,6 +97,7 @@ class Plan:
         names += [c.input for c in self.convs if c.quantize and c.int8_input]
         names += [c.output for c in self.convs if c.quantize and c.int8_output]
         names += [s.input for s in self.linears if s.quantize and s.int8_input]
+        names += [r.skip for r in self.residuals if r.quantize]
         return list(dict.fromkeys(names))
 
     def role_counts(self) -> dict:

@@ -10,7 +10,8 @@
     tensorrt  int8 activations+weights on every Conv and linear MatMul/Gemm (TensorRT
               quantizes both together; weight-only INT8 gives no INT8 conv, DESIGN.md §4),
               log2 Softmax kept; a conv that reads a log2-quantized Softmax (EfficientFormer
-              v2 talking heads) gets no second, uniform int8 quantizer on that input
+              v2 talking heads) gets no second, uniform int8 quantizer on that input; the
+              skip input of a Conv + skip residual Add gets Q/DQ (TensorRT placement rules)
 
 ``parts`` (ablation) switches whole roles on or off: conv_block, transformer, bridge,
 softmax, linear.
@@ -38,6 +39,9 @@ def run(graph: gs.Graph, ctx) -> int:
         site.dynamic = (site.quantize and cfg.target == "ort" and site.op == "MatMul"
                         and "linear" in (cfg.ort_int8_kinds or ()))
         site.int8_input = site.quantize and cfg.target == "tensorrt"
+    quantized_convs = {c.node for c in ctx.plan.convs if c.int8_input}
+    for site in ctx.plan.residuals:
+        site.quantize = cfg.target == "tensorrt" and bool(quantized_convs)
     sites = ctx.plan.attention + ctx.plan.convs + ctx.plan.linears
     chosen = sum(s.quantize for s in sites)
     ctx.log.info("select_sites: %d sites to quantize (target %s)", chosen, cfg.target)

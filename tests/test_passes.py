@@ -214,3 +214,31 @@ def test_run_leaves_the_callers_model_unchanged():
     onnxquant.run(model, calibration=g.calibration(), progress=False)
     assert [o.domain for o in model.opset_import] == [""]
     assert model.SerializeToString() == before
+
+
+def test_tensorrt_target_quantizes_the_skip_input_of_conv_residuals():
+    """x -> relu -> conv -> Add(conv, relu-out): the skip (relu side) gets int8 Q/DQ; an Add
+    of two non-conv tensors and the paper recipe get none."""
+    b = g.Builder(3)
+    h = b.relu("act", b.conv("stem", "x", 4, 4, k=3))
+    c = b.conv("body", h, 4, 4, k=3)
+    b.node(f"[res] res_out = Add({c}, {h})")
+    b.node(f"[plain] plain_out = Add({h}, {h})")
+    model = b.build({"res_out": "float[N,4,4,4]", "plain_out": "float[N,4,4,4]"})
+    res = g.quantize(model, g.calibration(), target="tensorrt")
+    assert [(r.node, r.skip) for r in res.plan.residuals] == [("res", h)]
+    assert res.counts["residuals"] == 1
+    q = res.model
+    producers = {o: n for n in q.graph.node for o in n.output}
+    add = next(n for n in q.graph.node if n.name == "res")
+    skip_dq = producers[add.input[1]]
+    assert skip_dq.op_type == "DequantizeLinear"
+    zero = next(numpy_helper.to_array(t) for t in q.graph.initializer if t.name == skip_dq.input[2])
+    assert zero.dtype == np.int8 and zero == 0
+    plain = next(n for n in q.graph.node if n.name == "plain")
+    assert all(producers[i].op_type == "Relu" for i in plain.input)
+    onnx.checker.check_model(q, full_check=True)
+    got, flt = g.run_ort(q, {"x": X})[0], g.run_ort(model, {"x": X})[0]
+    assert np.abs(got - flt).max() / np.abs(flt).max() < 0.05  # measured ~1 %
+    paper = g.quantize(model, g.calibration())
+    assert not any(r.quantize for r in paper.plan.residuals) and "residuals" not in paper.counts

@@ -71,6 +71,8 @@ def _counts(model: onnx.ModelProto) -> dict:
     return {"conv": sum(n.op_type == "Conv" for n in nodes),
             "int8_conv": sum(n.op_type == "Conv" and int8(n) for n in nodes),
             "int8_linear": sum(n.op_type in ("MatMul", "Gemm") and int8(n) for n in nodes),
+            "qdq_skip": sum(n.op_type == "Add" and any(producers.get(t) == "DequantizeLinear"
+                                                       for t in n.input) for n in nodes),
             "log2": sum(n.op_type == functions.OP_TYPE and n.domain == functions.DOMAIN
                         for n in nodes)}
 
@@ -156,8 +158,9 @@ def test_tensorrt_target_every_conv_is_int8_eligible(built):
         built["name"], 0)
     weight_only = [n for n in report.weight_only if n in conv_names]
     assert len(weight_only) == TALKING_HEADS.get(built["name"], 0)
-    # one Q per distinct quantized input
-    assert 0 < report.quantize_layers <= counts["int8_conv"] + counts["int8_linear"]
+    # one Q per distinct quantized input (conv and linear inputs, residual skip inputs)
+    assert 0 < report.quantize_layers <= (counts["int8_conv"] + counts["int8_linear"]
+                                          + counts["qdq_skip"])
 
 
 def test_onnxruntime_runs_the_tensorrt_output(built):
