@@ -81,8 +81,11 @@ def batches(source, name: str, shape: list, cfg, preprocess=None):
     if path.suffix == ".npy":
         try:
             array = np.load(path, mmap_mode="r")
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:
             raise UserError(f"{path}: not a readable .npy file ({exc})") from None
+        if array.ndim != len(shape):
+            raise UserError(f"{path}: calibration array has shape {list(array.shape)}, the "
+                            f"model input has {len(shape)} dimensions (N x C x H x W)")
         yield from ((str(path), np.ascontiguousarray(b))
                     for b in _array_batches(array, size, cfg.num_calib))
         return

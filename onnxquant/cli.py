@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ def preprocess_from_args(args, input_size: int | None):
         return Preprocess(input_size=args.input_size or input_size or 224,
                           crop_pct=args.crop_pct, interpolation=args.interpolation,
                           mean=tuple(args.mean), std=tuple(args.std))
-    except (ValueError, ImportError, OSError) as exc:
+    except (ValueError, ImportError, OSError, RuntimeError) as exc:  # timm: unknown model
         raise UserError(f"preprocessing: {exc}") from None
 
 

@@ -71,6 +71,8 @@ class QuantConfig:
         if not 2.0**-120 <= self.log2_eps < 1:  # quantizers.MIN_EPS: float32 tables
             raise ValueError(f"log2_eps must be in [2^-120, 1), got {self.log2_eps}")
         if self.parts is not None:
+            if not self.parts:
+                raise ValueError(f"parts is empty: nothing would be quantized; choose from {PARTS}")
             unknown = set(self.parts) - set(PARTS)
             if unknown:
                 raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")

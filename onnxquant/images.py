@@ -88,6 +88,8 @@ class Preprocess:
         """From a reference JSON (key ``eval_preprocessing``) or a bare data-config JSON."""
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object with the preprocessing")
         try:
             return cls.from_dict(data.get("eval_preprocessing", data))
         except KeyError as exc:

@@ -4,16 +4,17 @@
 onnxruntime with int8 added greedily on each kind: dense kxk, pointwise, grouped, depthwise
 and stem convs (QLinearConv), then linear MatMuls (dynamic int8), and keeps a kind only if
 the model gets faster by ``MIN_GAIN``. A fixed rule cannot hold across CPUs and models:
-on this AMD EPYC (AVX-512 VNNI) dense 3x3 convs pay and depthwise/stem do not, and
-dynamic int8 MatMuls paid on mobilevit_xxs but not on efficientformer_l1
-(docs/benchmarks.md); VNNI or ARM dot-product kernels shift the balance again. Whole-model timing, not per layer: a one-conv model favours
-int8 because its float conv pays the NCHWc layout reorder that a chain of float convs
-shares (measured on mobilevit_xxs: 1x1 convs 1.0-1.6x faster alone, slower in the model).
+on this AMD EPYC (AVX-512 VNNI) dense 3x3 convs pay and depthwise/stem convs do not, and
+1x1 convs paid on efficientformer_l1 but not on mobilevit_xxs (docs/benchmarks.md); CPUs
+with other int8 kernels (AVX2 only, ARM dot-product) shift the balance again.
+Whole-model timing, not per layer: a one-conv model favours int8 because its float conv
+pays the NCHWc layout reorder that a chain of float convs shares (measured on
+mobilevit_xxs: 1x1 convs 1.0-1.6x faster alone, slower in the model).
 
 Timing is wall clock with onnxruntime's default threads (spinning off, DESIGN.md §7): the
 conditions the model is deployed in; the median of back-to-back run pairs cancels most of
-the load other processes put on the machine. (Timing one thread's
-CPU time instead chose int8 1x1 convs for fastvit_t8 that ran 0.94x float on two threads.)
+the load other processes put on the machine. (Timing one thread's CPU time instead chose
+int8 1x1 convs for fastvit_t8 that ran 0.94x float on two threads.)
 A last comparison of the chosen placement against none guards the "never slower" promise.
 All variants share the one calibration of the quantization run (its statistics cover
 every candidate), and are timed on a random input (values do not change kernel speed).

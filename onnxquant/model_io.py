@@ -90,7 +90,7 @@ def check_output_path(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         raise UserError(f"{dst}: output path is the input model; choose another output file")
     if dst.is_dir():
         raise UserError(f"{dst}: is a folder; give an output file name such as model.int8.onnx")
-    folder = dst.parent if str(dst.parent) else Path(".")
+    folder = dst.parent
     if not folder.is_dir():
         raise UserError(f"{dst}: folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
@@ -99,27 +99,35 @@ def check_output_path(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 
 def save_model(model: onnx.ModelProto, dst: str | os.PathLike) -> Path:
-    """Write ``model`` atomically: a temporary file in the same folder, then a rename.
+    """Write ``model`` atomically: into a temporary folder beside ``dst``, then renames.
 
-    Models over ~2 GB get their initializers in ``<name>.data`` beside the output.
+    Models over ~2 GB get their initializers in ``<name>.data`` beside the output (renamed
+    into place before the model file, so a reader never sees a model without its data).
+    ``model`` is left as it was (saving external data moves tensors out; they are reloaded).
     """
     dst = Path(dst)
-    external = is_large(model)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent or ".")
-    os.close(fd)
-    data_name = f"{dst.name}.data"
+    data = dst.with_name(f"{dst.name}.data")
     try:
-        if external:
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(model, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as tmp:
+            staged = Path(tmp) / dst.name
+            if is_large(model):
+                onnx.save_model(model, staged, save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=data.name,
+                                size_threshold=1024)
+                onnx.load_external_data_for_model(model, tmp)
+                _publish(Path(tmp) / data.name, data)
+            else:
+                onnx.save_model(model, staged)
+            _publish(staged, dst)
+    except OSError as exc:
+        raise UserError(f"{dst}: cannot write the output ({exc.strerror or exc}); "
+                        "choose another output path") from None
     return dst
+
+
+def _publish(staged: Path, final: Path) -> None:
+    """Rename into place with the permissions of a normally created file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staged, 0o666 & ~umask)  # temporary files are owner-only
+    os.replace(staged, final)

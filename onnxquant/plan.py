@@ -78,7 +78,8 @@ class ResidualSite:
 
     node: str
     skip: str
-    quantize: bool = False  # target tensorrt: Q/DQ on the skip input
+    conv: str  # the Conv producing the other input
+    quantize: bool = False  # target tensorrt: Q/DQ on the skip input (when the conv is int8)
 
 
 @dataclass

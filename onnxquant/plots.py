@@ -57,7 +57,10 @@ def softmax_values(model, plan: Plan, source, preprocess, cfg) -> np.ndarray:
 def write_plots(model, plan: Plan, source, preprocess, cfg, folder: Path) -> list[Path]:
     """Write the two Figure-3 panels as PNG into ``folder``; returns the paths."""
     plt = _pyplot()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot create the plots folder ({exc.strerror})") from None
     rng = np.random.default_rng(0)
     w = _subsample(conv_weights(model, plan), rng)
     x = softmax_values(model, plan, source, preprocess, cfg)

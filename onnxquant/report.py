@@ -1,8 +1,6 @@
-"""Human-readable block map (``onnxquant inspect``) and the Figure-3 histograms."""
+"""Human-readable block map (``onnxquant inspect``); the Figure-3 histograms are in plots.py."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from .plan import Plan
 

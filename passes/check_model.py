@@ -15,7 +15,7 @@ from onnxquant.functions import OP_TYPE
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
              "ConvInteger", OP_TYPE}
 FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention",
-                   "PackedMultiHeadAttention", "ScaledDotProductAttention", "MultiHeadAttention"}
+                   "PackedMultiHeadAttention", "ScaledDotProductAttention"}
 REEXPORT = ("re-export with fused attention off: timm.create_model(..., exportable=True) or "
             "timm.layers.set_fused_attn(False), then torch.onnx.export(..., opset_version=17, "
             "dynamo=False)")

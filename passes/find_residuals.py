@@ -31,7 +31,8 @@ def run(graph: gs.Graph, ctx) -> int:
         if sum(from_conv) != 1:
             continue
         skip = node.inputs[from_conv.index(False)]
-        ctx.plan.residuals.append(ResidualSite(node.name, skip.name))
+        conv = makers[from_conv.index(True)]
+        ctx.plan.residuals.append(ResidualSite(node.name, skip.name, conv.name))
         found += 1
     ctx.log.info("find_residuals: %d conv residual joins", found)
     return found

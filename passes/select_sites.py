@@ -41,7 +41,7 @@ def run(graph: gs.Graph, ctx) -> int:
         site.int8_input = site.quantize and cfg.target == "tensorrt"
     quantized_convs = {c.node for c in ctx.plan.convs if c.int8_input}
     for site in ctx.plan.residuals:
-        site.quantize = cfg.target == "tensorrt" and bool(quantized_convs)
+        site.quantize = cfg.target == "tensorrt" and site.conv in quantized_convs
     sites = ctx.plan.attention + ctx.plan.convs + ctx.plan.linears
     chosen = sum(s.quantize for s in sites)
     ctx.log.info("select_sites: %d sites to quantize (target %s)", chosen, cfg.target)

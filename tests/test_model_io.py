@@ -64,7 +64,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch, rng):
         raise OSError("disk full")
 
     monkeypatch.setattr(onnx, "save_model", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="out.onnx: cannot write the output"):
         save_model(_conv_model(rng), tmp_path / "out.onnx")
     assert list(tmp_path.iterdir()) == []
 
@@ -91,5 +91,8 @@ def test_large_model_path_uses_external_data_end_to_end(tmp_path, rng, monkeypat
     assert model_io.is_large(q)
     dst = save_model(q, tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx.data").exists()
+    assert all(t.raw_data or t.float_data for t in q.graph.initializer)  # q left intact
+    save_model(q, tmp_path / "out.onnx")  # overwriting an existing output + data works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx", "out.onnx.data"]
     ops = [n.op_type for n in onnx.load(dst).graph.node]
     assert ops == ["MatMul", "Softmax", "Log2QuantDequant", "MatMul"]
