@@ -222,6 +222,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _input_side(path) -> int | None:
+    """Static H of the model's image input, or None (missing/odd file: checked later)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        return int(dims[-1].dim_value) or None if len(dims) == 4 else None
+    except Exception:  # noqa: BLE001 - the evaluation itself reports a bad model in one line
+        return None
+
+
 def _preprocess_from_args(args) -> tuple[Preprocess, list[int] | None]:
     """Base config (JSON, timm or defaults), then explicit flags override single fields."""
     class_map = None
@@ -239,8 +249,8 @@ def _preprocess_from_args(args) -> tuple[Preprocess, list[int] | None]:
             pre = Preprocess.from_timm(args.timm_model)
         except (ImportError, RuntimeError, ValueError) as exc:  # timm: RuntimeError if unknown
             raise UserError(f"--timm-model {args.timm_model}: {exc}") from None
-    else:
-        pre = Preprocess(input_size=224)
+    else:  # like quantize's CLI: crop to the model's own input size when it is static
+        pre = Preprocess(input_size=_input_side(args.model) or 224)
     flags = {"input_size": args.input_size, "crop_pct": args.crop_pct,
              "interpolation": args.interpolation, "mean": args.mean, "std": args.std}
     try:
