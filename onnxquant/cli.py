@@ -19,6 +19,7 @@ from .config import (INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, TARGET_PARTS, TARGETS,
                      WEIGHT_FORMATS, QuantConfig)
 from .errors import UserError
 from .model_io import check_output_path, load_model, save_model
+from .preprocess_args import add_preprocess_arguments, preprocess_from_args
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "reference"
 if not BUNDLED.is_dir():  # installed (not editable): the models package carries it
@@ -26,32 +27,6 @@ if not BUNDLED.is_dir():  # installed (not editable): the models package carries
 
     BUNDLED = Path(_models.__file__).resolve().parent / "reference"
 BUNDLED_CALIB = BUNDLED / "calib"
-
-
-def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("image preprocessing (for --calib DIR)")
-    g.add_argument("--preprocess-json", help="JSON with eval_preprocessing (reference checkpoints)")
-    g.add_argument("--timm-model", help="take preprocessing from this timm model's config")
-    g.add_argument("--input-size", type=int, help="crop size (default: the model input's H)")
-    g.add_argument("--crop-pct", type=float, default=0.875)
-    g.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear", "nearest"))
-    g.add_argument("--mean", type=float, nargs=3, default=(0.485, 0.456, 0.406))
-    g.add_argument("--std", type=float, nargs=3, default=(0.229, 0.224, 0.225))
-
-
-def preprocess_from_args(args, input_size: int | None):
-    from .images import Preprocess
-
-    try:
-        if args.preprocess_json:
-            return Preprocess.from_json(args.preprocess_json)
-        if args.timm_model:
-            return Preprocess.from_timm(args.timm_model)
-        return Preprocess(input_size=args.input_size or input_size or 224,
-                          crop_pct=args.crop_pct, interpolation=args.interpolation,
-                          mean=tuple(args.mean), std=tuple(args.std))
-    except (ValueError, ImportError, OSError, RuntimeError) as exc:  # timm: unknown model
-        raise UserError(f"preprocessing: {exc}") from None
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,7 +73,7 @@ def _calibration(args, model):
     source = args.calib
     if source is None:
         source = BUNDLED_CALIB
-    return source, preprocess_from_args(args, shape[-1])
+    return source, preprocess_from_args(args, shape[-1])[0]
 
 
 def _mb(n: int) -> str:

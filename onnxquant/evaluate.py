@@ -9,10 +9,9 @@ predict are skipped and counted, not scored as errors.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .images import Preprocess, iter_batches, list_labelled, take_evenly
+from .preprocess_args import add_preprocess_arguments, preprocess_from_args
 
 Model = Union[str, os.PathLike, onnx.ModelProto]
 
@@ -208,14 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="folder of labelled images")
     parser.add_argument("--labels", help="labels TSV (columns path, class_index)")
     parser.add_argument("--compare", metavar="QUANT.onnx", help="second model, judged against MODEL")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--reference-json", help="preprocessing and class map (imagenet_index)")
-    source.add_argument("--timm-model", help="preprocessing of this timm model")
-    parser.add_argument("--input-size", type=int, help="crop size (default 224)")
-    parser.add_argument("--crop-pct", type=float, help="crop fraction (default 0.875)")
-    parser.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest"])
-    parser.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
-    parser.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
+    add_preprocess_arguments(parser)
     parser.add_argument("--class-map", help="ImageNet index of each output, e.g. '0,217,482'")
     parser.add_argument("--limit", type=int, help="evaluate N images spread over the classes")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -233,30 +226,8 @@ def _input_side(path) -> int | None:
 
 
 def _preprocess_from_args(args) -> tuple[Preprocess, list[int] | None]:
-    """Base config (JSON, timm or defaults), then explicit flags override single fields."""
-    class_map = None
-    if args.reference_json:
-        path = Path(args.reference_json)
-        if not path.is_file():
-            raise UserError(f"{path}: no such reference JSON")
-        try:
-            pre = Preprocess.from_json(path)
-        except (ValueError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: {exc}") from None
-        class_map = json.loads(path.read_text(encoding="utf-8")).get("imagenet_index")
-    elif args.timm_model:
-        try:
-            pre = Preprocess.from_timm(args.timm_model)
-        except (ImportError, RuntimeError, ValueError) as exc:  # timm: RuntimeError if unknown
-            raise UserError(f"--timm-model {args.timm_model}: {exc}") from None
-    else:  # like quantize's CLI: crop to the model's own input size when it is static
-        pre = Preprocess(input_size=_input_side(args.model) or 224)
-    flags = {"input_size": args.input_size, "crop_pct": args.crop_pct,
-             "interpolation": args.interpolation, "mean": args.mean, "std": args.std}
-    try:
-        pre = replace(pre, **{k: v for k, v in flags.items() if v is not None})
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    """Shared preprocessing options, plus ``--class-map`` overriding a reference JSON's."""
+    pre, class_map = preprocess_from_args(args, _input_side(args.model))
     if args.class_map:
         try:
             class_map = [int(c) for c in args.class_map.split(",")]
