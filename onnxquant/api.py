@@ -120,7 +120,8 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
     if probing:
         from .kernel_probe import choose_int8_kinds
 
-        config = replace(config, ort_int8_kinds=choose_int8_kinds(source, config, stats, log))
+        kinds = choose_int8_kinds(source, config, stats, log, plan)
+        config = replace(config, ort_int8_kinds=kinds)
         graph, plan = analyze(source, config)
         seconds["kernel probe"] = time.perf_counter() - t2
         t2 = time.perf_counter()

@@ -78,6 +78,13 @@ def _fused_conv(graph, node: gs.Node, site: ConvSite, plan: Plan, inputs: dict) 
     _rewire(out, q_out, consumers)
 
 
+def _stored_weight(graph, cache: dict, name: str, w: np.ndarray, scheme: dict, fmt: str):
+    """The float tensor replacing weight ``name``; a weight shared by layers is stored once."""
+    if name not in cache:
+        cache[name] = store_weight(graph, name, w, quantizers.uniform_params(w, **scheme), fmt)
+    return cache[name]
+
+
 def emit_convs(graph: gs.Graph, plan: Plan, cfg: QuantConfig, inputs: dict) -> int:
     nodes = {n.name: n for n in graph.nodes if n.op == "Conv"}
     scheme, fmt = _weight_only_scheme(cfg), _weight_format(cfg)
@@ -89,11 +96,8 @@ def emit_convs(graph: gs.Graph, plan: Plan, cfg: QuantConfig, inputs: dict) -> i
         if site.int8_output:
             _fused_conv(graph, node, site, plan, inputs)
             continue
-        if site.weight not in weights:  # a shared weight is stored once
-            w = constant_value(node.inputs[1])
-            p = quantizers.uniform_params(w, **scheme)
-            weights[site.weight] = store_weight(graph, site.weight, w, p, fmt)
-        node.inputs[1] = weights[site.weight]
+        node.inputs[1] = _stored_weight(graph, weights, site.weight,
+                                        constant_value(node.inputs[1]), scheme, fmt)
         if site.int8_input:
             _quantize_input(graph, node, site.input, plan.stats, inputs,
                             symmetric=cfg.target == "tensorrt")
@@ -112,13 +116,10 @@ def emit_linears(graph: gs.Graph, plan: Plan, cfg: QuantConfig, inputs: dict) ->
         if site.dynamic:
             dynamic_matmul(graph, node, w)
             continue
-        if site.weight not in weights:
-            # output channels: MatMul W is [K, N] (axis 1); Gemm B is [N, K] unless transB=0
-            axis = 1 if site.op == "MatMul" or not node.attrs.get("transB", 0) else 0
-            p = quantizers.uniform_params(
-                w, **{**scheme, "axis": None if scheme["axis"] is None else axis})
-            weights[site.weight] = store_weight(graph, site.weight, w, p, fmt)
-        node.inputs[1] = weights[site.weight]
+        # output channels: MatMul W is [K, N] (axis 1); Gemm B is [N, K] unless transB=0
+        axis = 1 if site.op == "MatMul" or not node.attrs.get("transB", 0) else 0
+        per_layer = {**scheme, "axis": None if scheme["axis"] is None else axis}
+        node.inputs[1] = _stored_weight(graph, weights, site.weight, w, per_layer, fmt)
         if site.int8_input:
             _quantize_input(graph, node, site.input, plan.stats, inputs, symmetric=True)
     return count

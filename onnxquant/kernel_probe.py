@@ -85,22 +85,24 @@ def _compare(variants: _Variants, kinds_a: tuple, kinds_b: tuple) -> float:
     return float(np.median(ratios))
 
 
-def _present_kinds(model: onnx.ModelProto, cfg) -> list:
-    from .api import analyze
+def _present_kinds(model: onnx.ModelProto, cfg, plan=None) -> list:
+    """Candidate kinds present in the model (``plan``: the run's analysis, if at hand)."""
+    if plan is None:
+        from .api import analyze
 
-    _, plan = analyze(model, replace(cfg, ort_int8_kinds=()))
+        _, plan = analyze(model, replace(cfg, ort_int8_kinds=()))
     present = {c.kind for c in plan.convs if c.quantize}
     present |= {"linear" for s in plan.linears if s.quantize and s.op == "MatMul"}
     return [k for k in INT8_KINDS if k in present]
 
 
-def choose_int8_kinds(model: onnx.ModelProto, cfg, stats: dict, log=None) -> tuple:
+def choose_int8_kinds(model: onnx.ModelProto, cfg, stats: dict, log=None, plan=None) -> tuple:
     """What is worth int8 on this CPU (subset of INT8_KINDS), by timing whole-model variants.
 
     ``stats`` must cover every candidate (calibrated with ``ort_int8_kinds=INT8_KINDS``).
     """
     variants, chosen = _Variants(model, cfg, stats), ()
-    for kind in _present_kinds(model, cfg):
+    for kind in _present_kinds(model, cfg, plan):
         gain = _compare(variants, chosen, chosen + (kind,))
         if log:
             log.info("kernel probe: int8 %s: %.3fx", kind, gain)

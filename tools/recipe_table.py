@@ -36,6 +36,8 @@ from onnxquant import config as qconfig
 from onnxquant.evaluate import compare_results, evaluate_many
 from onnxquant.images import Preprocess, iter_batches, list_images, take_evenly
 
+import benchlib  # noqa: E402  (tools/ is on sys.path when a tool runs)
+
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 REFERENCE = ASSETS / "reference"
 CALIB = ASSETS / "imagenette" / "train"
@@ -209,15 +211,10 @@ def evaluate_set(fp32: Path, entries: list, images: Path, ref: dict, limit) -> l
     return rows
 
 
-NOTES_BEGIN, NOTES_END = "<!-- notes: kept when the tool rewrites this file -->", "<!-- /notes -->"
-
-
 def kept_notes(path: Path, default: str) -> list[str]:
     """The hand-written notes block of ``path`` (a re-run keeps it), or ``default``."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    start, end = old.find(NOTES_BEGIN), old.find(NOTES_END)
-    body = old[start + len(NOTES_BEGIN):end].strip("\n") if 0 <= start < end else default
-    return [NOTES_BEGIN, body, NOTES_END]
+    block = benchlib.kept_notes(path).strip("\n")
+    return [block] if block else [benchlib.NOTES_BEGIN, default, benchlib.NOTES_END]
 
 
 def _fmt(value, spec: str) -> str:
