@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, replace
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import emit, functions
-from .calibrate import collect_stats
+from . import emit, functions, opset
+from .calibrate import collect_stats, sample_feed
 from .config import INT8_KINDS, QuantConfig
 from .errors import UserError
 from .model_io import PROTOBUF_LIMIT, is_large, load_model
@@ -32,6 +32,10 @@ class Result:
     counts: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     config: QuantConfig | None = None  # as applied (ort: with the measured int8 kinds)
+
+
+def _model_name(model) -> str:
+    return "model" if isinstance(model, onnx.ModelProto) else str(model)
 
 
 def _as_model(model) -> onnx.ModelProto:
@@ -108,10 +112,15 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
     time the candidates (kernel_probe.py), then emit the chosen one.
     """
     config = config or QuantConfig()
-    source = _as_model(model)
     t0 = time.perf_counter()
+    original = _as_model(model)
+    source, upgrade_note = opset.upgrade(original, _model_name(model))
     probing = _probing(config)
     graph, plan = analyze(source, replace(config, ort_int8_kinds=INT8_KINDS) if probing else config)
+    if upgrade_note:
+        feed = sample_feed(original, calibration, config, preprocess)
+        worst = opset.verify_same(original, source, feed, _model_name(model))
+        plan.notes.insert(0, f"{upgrade_note}; float outputs unchanged (max diff {worst:.1e})")
     t1 = time.perf_counter()
     stats = collect_stats(source, plan.calibration_tensors(), calibration, config,
                           preprocess, progress)

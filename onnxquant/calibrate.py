@@ -33,12 +33,27 @@ def model_input(model: onnx.ModelProto):
     return inputs[0].name, [d.dim_value if d.HasField("dim_value") else None for d in dims]
 
 
-def _check_batch(batch: np.ndarray, shape: list, origin: str) -> np.ndarray:
-    """Refuse a batch that is not float32 of the model input's shape, naming both."""
+def input_dtype(model: onnx.ModelProto) -> np.dtype:
+    """NumPy dtype of the single image input (float32, or uint8/int8 for raw-pixel inputs)."""
+    name, _ = model_input(model)
+    elem = next(i for i in model.graph.input if i.name == name).type.tensor_type.elem_type
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"graph input {name!r} has element type {elem}, not a numeric image "
+                        "tensor; calibration needs a float32 or uint8 image input") from None
+
+
+def _check_batch(batch: np.ndarray, shape: list, origin: str,
+                 dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
+    """Refuse a batch not of the model input's dtype and shape, or with NaN/Inf, naming both."""
     expected = "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
-    if batch.dtype != np.float32:
-        raise UserError(f"{origin}: calibration data is {batch.dtype}, the model wants float32 "
+    if batch.dtype != dtype:
+        raise UserError(f"{origin}: calibration data is {batch.dtype}, the model wants {dtype} "
                         f"{expected} (already preprocessed)")
+    if batch.dtype.kind == "f" and not np.isfinite(batch).all():
+        raise UserError(f"{origin}: calibration data contains NaN or Inf; pass finite, "
+                        "preprocessed samples")
     ok = batch.ndim == len(shape) and all(d is None or d == b
                                           for d, b in zip(shape[1:], batch.shape[1:]))
     if not ok:
@@ -65,7 +80,7 @@ def _reader_batches(reader, name: str, limit: int):
         yield batch
 
 
-def batches(source, name: str, shape: list, cfg, preprocess=None):
+def batches(source, name: str, shape: list, cfg, preprocess=None, dtype=np.float32):
     """Yield (origin, float32 batch) from any supported calibration source."""
     size = cfg.batch_size if shape[0] is None else shape[0]
     if hasattr(source, "get_next"):
@@ -75,7 +90,11 @@ def batches(source, name: str, shape: list, cfg, preprocess=None):
     if isinstance(source, np.ndarray):
         yield from (("calibration array", b) for b in _array_batches(source, size, cfg.num_calib))
         return
-    path = Path(source)
+    try:
+        path = Path(source)
+    except TypeError:
+        raise UserError(f"calibration must be a folder, a .npy path, an array or a "
+                        f"CalibrationDataReader, got {type(source).__name__}") from None
     if not path.exists():
         raise UserError(f"{path}: calibration path does not exist; pass a folder of images or a .npy")
     if path.suffix == ".npy":
@@ -89,12 +108,16 @@ def batches(source, name: str, shape: list, cfg, preprocess=None):
         yield from ((str(path), np.ascontiguousarray(b))
                     for b in _array_batches(array, size, cfg.num_calib))
         return
-    yield from _image_batches(path, shape, cfg, preprocess, size)
+    yield from _image_batches(path, shape, cfg, preprocess, size, dtype)
 
 
-def _image_batches(folder: Path, shape: list, cfg, preprocess, size: int):
+def _image_batches(folder: Path, shape: list, cfg, preprocess, size: int, dtype=np.float32):
     from . import images
 
+    if np.dtype(dtype) != np.float32:
+        raise UserError(f"{folder}: the model takes {np.dtype(dtype)} input, images are "
+                        f"preprocessed to float32; pass --calib FILE.npy with {np.dtype(dtype)} "
+                        "samples of the model's input shape")
     if not folder.is_dir():
         raise UserError(f"{folder}: calibration source must be a folder of images or a .npy file")
     paths = images.take_evenly(images.list_images(folder), cfg.num_calib)
@@ -103,6 +126,20 @@ def _image_batches(folder: Path, shape: list, cfg, preprocess, size: int):
     pre = preprocess or images.Preprocess(input_size=shape[-1] or 224)
     for batch in images.iter_batches(paths, pre, size):
         yield str(folder), batch
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _ort_session(data, opts) -> ort.InferenceSession:
+    """onnxruntime session; a model it cannot load is the user's to fix (custom op, opset)."""
+    try:
+        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise UserError(f"onnxruntime cannot load the float model for calibration "
+                        f"({_first_line(exc)}); calibration needs a model onnxruntime runs "
+                        "(register custom ops, or use a recipe without calibration)") from None
 
 
 def probe_session(model: onnx.ModelProto, outputs: list):
@@ -117,12 +154,11 @@ def probe_session(model: onnx.ModelProto, outputs: list):
     opts.log_severity_level = 3
     try:
         if not is_large(model):
-            return ort.InferenceSession(model.SerializeToString(), opts,
-                                        providers=["CPUExecutionProvider"])
+            return _ort_session(model.SerializeToString(), opts)
         with tempfile.TemporaryDirectory() as tmp:  # > 2 GB: onnxruntime needs a file
             path = os.path.join(tmp, "calib.onnx")
             onnx.save_model(model, path, save_as_external_data=True, location="calib.data")
-            session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            session = _ort_session(path, opts)
             onnx.load_external_data_for_model(model, tmp)  # saving moved the tensors out
             return session
     finally:
@@ -138,20 +174,62 @@ def collect_stats(model: onnx.ModelProto, tensors: list, source, cfg, preprocess
     if source is None:
         raise UserError("this recipe needs calibration data: pass --calib DIR (images) or a .npy")
     name, shape = model_input(model)
-    source_batches = batches(source, name, shape, cfg, preprocess)
-    first = next(source_batches, None)  # surface source errors before the progress bar
-    if first is None:
-        raise UserError("calibration source gave no samples; pass a folder with images or a "
-                        "non-empty .npy")
-    _check_batch(np.asarray(first[1]), shape, first[0])
+    dtype = input_dtype(model)
+    source_batches = batches(source, name, shape, cfg, preprocess, dtype)
+    first = _first_batch(source_batches, shape, dtype)
     session = probe_session(model, tensors)
     lo = {t: np.inf for t in tensors}
     hi = {t: -np.inf for t in tensors}
     with tqdm(total=cfg.num_calib, desc="calibrating", unit="img", disable=not progress) as bar:
         for origin, batch in itertools.chain([first], source_batches):
-            batch = _check_batch(np.asarray(batch), shape, origin)
-            for t, value in zip(tensors, session.run(tensors, {name: batch})):
-                lo[t] = min(lo[t], float(value.min()))
-                hi[t] = max(hi[t], float(value.max()))
+            batch = _check_batch(np.asarray(batch), shape, origin, dtype)
+            for t, value in zip(tensors, _run(session, tensors, {name: batch}, origin)):
+                lo[t] = min(lo[t], float(np.nanmin(value, initial=np.inf)))
+                hi[t] = max(hi[t], float(np.nanmax(value, initial=-np.inf)))
             bar.update(len(batch))
-    return {t: (lo[t], hi[t]) for t in tensors}
+    return _finite_ranges(lo, hi)
+
+
+def _first_batch(source_batches, shape, dtype):
+    """The first (origin, batch), checked: source errors surface before the progress bar."""
+    first = next(source_batches, None)
+    if first is None:
+        raise UserError("calibration source gave no samples; pass a folder with images or a "
+                        "non-empty .npy")
+    _check_batch(np.asarray(first[1]), shape, first[0], dtype)
+    return first
+
+
+def _run(session, tensors, feed, origin):
+    try:
+        return session.run(tensors, feed)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise UserError(f"{origin}: the float model fails on this calibration batch "
+                        f"({_first_line(exc)}); check the input shape and preprocessing") from None
+
+
+def _finite_ranges(lo: dict, hi: dict) -> dict:
+    """{tensor: (min, max)}; a tensor with no finite value names itself (NaN/Inf upstream)."""
+    for t in lo:
+        if not (np.isfinite(lo[t]) and np.isfinite(hi[t])):
+            raise UserError(f"tensor {t!r}: calibration saw no finite range ({lo[t]}, {hi[t]}); "
+                            "the float model produces NaN/Inf there: check its weights and inputs")
+    return {t: (lo[t], hi[t]) for t in lo}
+
+
+def sample_feed(model: onnx.ModelProto, source, cfg, preprocess=None) -> dict:
+    """One input batch: the first calibration batch, or seeded noise without calibration data."""
+    name, shape = model_input(model)
+    dtype = input_dtype(model)
+    if source is not None and not hasattr(source, "get_next"):  # a reader cannot be rewound
+        try:
+            batch = _first_batch(batches(source, name, shape, cfg, preprocess, dtype), shape, dtype)
+            return {name: np.asarray(batch[1])}
+        except UserError:  # reported by the calibration itself where it is needed
+            pass
+    dims = [1 if d is None and i == 0 else d or 64 for i, d in enumerate(shape)]
+    rng = np.random.default_rng(0)
+    if dtype.kind == "f":
+        return {name: rng.standard_normal(dims).astype(dtype)}
+    info = np.iinfo(dtype)
+    return {name: rng.integers(info.min, info.max, dims, endpoint=True).astype(dtype)}

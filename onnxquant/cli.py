@@ -54,6 +54,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: measured on this CPU by timing the model)")
     g.add_argument("--num-calib", type=int, default=d.num_calib, help="calibration samples (32)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--no-fold-batchnorm", dest="fold_batchnorm", action="store_false",
+                   help="keep BatchNormalization separate (default: folded into the Conv "
+                        "before quantizing, as onnxruntime runs it)")
 
 
 def config_from_args(args) -> QuantConfig:

@@ -44,6 +44,8 @@ class QuantConfig:
         grouped, depthwise, stem) and "linear" (dynamic int8 MatMul). None (default):
         chosen by timing the model on this CPU (kernel_probe.py); the rest is stored
         folded (8-bit file, float speed).
+    fold_batchnorm: fold inference BatchNormalization into the Conv before it, so the
+        quantized weights are the ones that run (passes/fold_batchnorm.py).
     """
 
     target: str = "paper"
@@ -57,6 +59,7 @@ class QuantConfig:
     ort_int8_kinds: tuple | None = None
     num_calib: int = 32
     batch_size: int = 8
+    fold_batchnorm: bool = True
 
     def __post_init__(self):
         if self.target not in TARGETS:

@@ -70,7 +70,7 @@ def _fused_conv(graph, node: gs.Node, site: ConvSite, plan: Plan, inputs: dict) 
     _quantize_input(graph, node, site.input, plan.stats, inputs, symmetric=False)
     if len(node.inputs) > 2:
         bias = constant_value(node.inputs[2])
-        node.inputs[2] = int32_bias(graph, tensor_name(node.name, "bias"), bias,
+        node.inputs[2] = int32_bias(graph, tensor_name(graph, node.name, "bias"), bias,
                                     act.scale[0], p.scale)
     out = node.outputs[0]
     consumers = list(out.outputs)
@@ -151,9 +151,9 @@ def emit_log2(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> int:
         x = tensors[site.output]
         lo, hi = plan.stats[site.output]
         p = quantizers.log2_params(lo, hi, cfg.softmax_bits, cfg.log2_eps)
-        y = gs.Variable(tensor_name(site.output, "log2qdq"), dtype=np.float32, shape=x.shape)
+        y = gs.Variable(tensor_name(graph, site.output, "log2qdq"), dtype=np.float32, shape=x.shape)
         _rewire(x, y, list(x.outputs))
-        graph.nodes.append(gs.Node(op=functions.OP_TYPE, name=tensor_name(site.softmax, "log2qdq"),
+        graph.nodes.append(gs.Node(op=functions.OP_TYPE, name=tensor_name(graph, site.softmax, "log2qdq"),
                                    domain=functions.DOMAIN, attrs=functions.log2_node_attrs(p),
                                    inputs=[x], outputs=[y]))
         count += 1

@@ -21,9 +21,32 @@ import onnx_graphsurgeon as gs
 from . import quantizers
 
 
-def tensor_name(base: str, suffix: str) -> str:
-    """Deterministic name of an inserted tensor or node; never parsed back."""
-    return f"{base}_{suffix}"
+class _Names:
+    """Names already used in one graph; hands out ``base_suffix`` (``_1``, ``_2`` ... on a
+    collision), so an inserted tensor never shadows one the exporter already named so."""
+
+    def __init__(self, graph: gs.Graph):
+        self.taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+
+    def new(self, base: str, suffix: str) -> str:
+        name, i = f"{base}_{suffix}", 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{suffix}_{i}"
+        self.taken.add(name)
+        return name
+
+
+def tensor_name(graph: gs.Graph, base: str, suffix: str) -> str:
+    """Deterministic, unused name for an inserted tensor or node; never parsed back.
+
+    The set of used names is taken from ``graph`` on the first call (before anything is
+    inserted) and kept on the graph object for the rest of the emission.
+    """
+    names = graph.__dict__.get("_onnxquant_names")
+    if names is None:
+        names = graph.__dict__["_onnxquant_names"] = _Names(graph)
+    return names.new(base, suffix)
 
 
 def add_node(graph: gs.Graph, op: str, name: str, inputs: list, outputs: list,
@@ -39,8 +62,8 @@ def add_node(graph: gs.Graph, op: str, name: str, inputs: list, outputs: list,
     return outs
 
 
-def _const(base: str, suffix: str, value) -> gs.Constant:
-    return gs.Constant(tensor_name(base, suffix), np.asarray(value))
+def _const(graph: gs.Graph, base: str, suffix: str, value) -> gs.Constant:
+    return gs.Constant(tensor_name(graph, base, suffix), np.asarray(value))
 
 
 def _params_arrays(p: quantizers.UniformParams, ndim: int, broadcast: bool):
@@ -57,35 +80,35 @@ def _params_arrays(p: quantizers.UniformParams, ndim: int, broadcast: bool):
 def store_weight(graph: gs.Graph, base: str, w: np.ndarray, p: quantizers.UniformParams,
                  fmt: str = "qdq") -> gs.Variable:
     """Quantize constant ``w`` with ``p``; returns the float tensor that replaces it."""
-    codes = gs.Constant(tensor_name(base, "quantized"), quantizers.uniform_quantize(w, p))
-    out = gs.Variable(tensor_name(base, "dequantized"), dtype=np.float32)
+    codes = gs.Constant(tensor_name(graph, base, "quantized"), quantizers.uniform_quantize(w, p))
+    out = gs.Variable(tensor_name(graph, base, "dequantized"), dtype=np.float32)
     if fmt == "qdq":
         scale, zero = _params_arrays(p, w.ndim, broadcast=False)
         attrs = {} if p.axis is None else {"axis": int(p.axis)}
-        add_node(graph, "DequantizeLinear", tensor_name(base, "DequantizeLinear"),
-                 [codes, _const(base, "scale", scale.astype(np.float32)),
-                  _const(base, "zero_point", zero)], [out], attrs)
+        add_node(graph, "DequantizeLinear", tensor_name(graph, base, "DequantizeLinear"),
+                 [codes, _const(graph, base, "scale", scale.astype(np.float32)),
+                  _const(graph, base, "zero_point", zero)], [out], attrs)
         return out
     scale, zero = _params_arrays(p, w.ndim, broadcast=True)
-    cast = add_node(graph, "Cast", tensor_name(base, "Cast"), [codes],
-                    [tensor_name(base, "codes_float")], {"to": 1})[0]
-    zero_f = _const(base, "zero_point_float", np.asarray(zero, np.float32))
-    centered = add_node(graph, "Sub", tensor_name(base, "Sub"), [cast, zero_f],
-                        [tensor_name(base, "centered")])[0]
-    add_node(graph, "Mul", tensor_name(base, "Mul"),
-             [centered, _const(base, "scale", np.asarray(scale, np.float32))], [out])
+    cast = add_node(graph, "Cast", tensor_name(graph, base, "Cast"), [codes],
+                    [tensor_name(graph, base, "codes_float")], {"to": 1})[0]
+    zero_f = _const(graph, base, "zero_point_float", np.asarray(zero, np.float32))
+    centered = add_node(graph, "Sub", tensor_name(graph, base, "Sub"), [cast, zero_f],
+                        [tensor_name(graph, base, "centered")])[0]
+    add_node(graph, "Mul", tensor_name(graph, base, "Mul"),
+             [centered, _const(graph, base, "scale", np.asarray(scale, np.float32))], [out])
     return out
 
 
 def quant_dequant(graph: gs.Graph, tensor: gs.Tensor, p: quantizers.UniformParams) -> gs.Variable:
     """Activation fake-quant pair on ``tensor`` (per tensor)."""
-    scale = _const(tensor.name, "act_scale", p.scale[0])
-    zero = _const(tensor.name, "act_zero_point", p.zero_point[0])
-    q = gs.Variable(tensor_name(tensor.name, "quantized"), dtype=p.zero_point.dtype)
-    out = gs.Variable(tensor_name(tensor.name, "qdq"), dtype=np.float32)
-    add_node(graph, "QuantizeLinear", tensor_name(tensor.name, "QuantizeLinear"),
+    scale = _const(graph, tensor.name, "act_scale", p.scale[0])
+    zero = _const(graph, tensor.name, "act_zero_point", p.zero_point[0])
+    q = gs.Variable(tensor_name(graph, tensor.name, "quantized"), dtype=p.zero_point.dtype)
+    out = gs.Variable(tensor_name(graph, tensor.name, "qdq"), dtype=np.float32)
+    add_node(graph, "QuantizeLinear", tensor_name(graph, tensor.name, "QuantizeLinear"),
              [tensor, scale, zero], [q])
-    add_node(graph, "DequantizeLinear", tensor_name(tensor.name, "DequantizeLinear"),
+    add_node(graph, "DequantizeLinear", tensor_name(graph, tensor.name, "DequantizeLinear"),
              [q, scale, zero], [out])
     return out
 
@@ -95,10 +118,10 @@ def int32_bias(graph: gs.Graph, base: str, b: np.ndarray, act_scale: float,
     """Bias as int32 with scale s_x * s_w[c]: the form onnxruntime fuses into QLinearConv."""
     scale = (np.float32(act_scale) * weight_scale.astype(np.float32)).astype(np.float32)
     codes = np.round(b.astype(np.float64) / scale).clip(-(2**31), 2**31 - 1).astype(np.int32)
-    out = gs.Variable(tensor_name(base, "dequantized"), dtype=np.float32)
-    add_node(graph, "DequantizeLinear", tensor_name(base, "DequantizeLinear"),
-             [_const(base, "quantized", codes), _const(base, "scale", scale),
-              _const(base, "zero_point", np.zeros_like(codes))], [out], {"axis": 0})
+    out = gs.Variable(tensor_name(graph, base, "dequantized"), dtype=np.float32)
+    add_node(graph, "DequantizeLinear", tensor_name(graph, base, "DequantizeLinear"),
+             [_const(graph, base, "quantized", codes), _const(graph, base, "scale", scale),
+              _const(graph, base, "zero_point", np.zeros_like(codes))], [out], {"axis": 0})
     return out
 
 
@@ -106,16 +129,16 @@ def dynamic_matmul(graph: gs.Graph, node: gs.Node, w: np.ndarray) -> None:
     """Replace float MatMul(x, W) by dynamic int8 (onnxruntime: DynamicQuantizeMatMul)."""
     p = quantizers.uniform_params(w, 8, symmetric=True)
     base, x, y = node.name, node.inputs[0], node.outputs[0]
-    xq, xs, xz = add_node(graph, "DynamicQuantizeLinear", tensor_name(base, "DynQuant"), [x],
-                          [tensor_name(base, n) for n in ("x_quantized", "x_scale", "x_zero")])
-    w_q = _const(base, "w_quantized", quantizers.uniform_quantize(w, p))
-    acc = add_node(graph, "MatMulInteger", tensor_name(base, "MatMulInteger"),
-                   [xq, w_q, xz, _const(base, "w_zero_point", np.int8(0))],
-                   [tensor_name(base, "acc")])[0]
-    acc_f = add_node(graph, "Cast", tensor_name(base, "Cast"), [acc],
-                     [tensor_name(base, "acc_float")], {"to": 1})[0]
-    scale = add_node(graph, "Mul", tensor_name(base, "scale_Mul"),
-                     [xs, _const(base, "w_scale", p.scale[0])], [tensor_name(base, "out_scale")])[0]
+    xq, xs, xz = add_node(graph, "DynamicQuantizeLinear", tensor_name(graph, base, "DynQuant"), [x],
+                          [tensor_name(graph, base, n) for n in ("x_quantized", "x_scale", "x_zero")])
+    w_q = _const(graph, base, "w_quantized", quantizers.uniform_quantize(w, p))
+    acc = add_node(graph, "MatMulInteger", tensor_name(graph, base, "MatMulInteger"),
+                   [xq, w_q, xz, _const(graph, base, "w_zero_point", np.int8(0))],
+                   [tensor_name(graph, base, "acc")])[0]
+    acc_f = add_node(graph, "Cast", tensor_name(graph, base, "Cast"), [acc],
+                     [tensor_name(graph, base, "acc_float")], {"to": 1})[0]
+    scale = add_node(graph, "Mul", tensor_name(graph, base, "scale_Mul"),
+                     [xs, _const(graph, base, "w_scale", p.scale[0])], [tensor_name(graph, base, "out_scale")])[0]
     node.outputs.clear()
     node.inputs.clear()
-    add_node(graph, "Mul", tensor_name(base, "Mul"), [acc_f, scale], [y])
+    add_node(graph, "Mul", tensor_name(graph, base, "Mul"), [acc_f, scale], [y])

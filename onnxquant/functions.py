@@ -39,7 +39,7 @@ DOMAIN_VERSION = 1
 OP_TYPE = "Log2QuantDequant"
 PLUGIN_VERSION = "1"
 ATTRIBUTES = ("bits", "scale", "zero_point", "eps", "plugin_namespace", "plugin_version")
-BODY_OPSET = 17
+MIN_BODY_OPSET = 13  # Constant(value_float), GreaterOrEqual: 12; models below 13 are converted
 
 
 def _const_ref(out: str, attr: str, kind: str) -> NodeProto:
@@ -88,8 +88,14 @@ def _table_nodes() -> list:
     ]
 
 
-def log2_function() -> FunctionProto:
-    """The FunctionProto to append to ``ModelProto.functions`` (once per model)."""
+def log2_function(opset: int = 17) -> FunctionProto:
+    """The FunctionProto to append to ``ModelProto.functions`` (once per model).
+
+    The body imports the model's own default-domain opset (onnxruntime refuses a function
+    whose imports differ from the model's); its ops keep their meaning from 13 to 23.
+    """
+    if opset < MIN_BODY_OPSET:
+        raise ValueError(f"the log2 function needs opset >= {MIN_BODY_OPSET}, got {opset}")
     mk = helper.make_node
     nodes = _table_nodes() + [
         # flat view: GatherElements on 1-D indices is 6x faster than Gather in onnxruntime
@@ -112,7 +118,7 @@ def log2_function() -> FunctionProto:
     ]
     return helper.make_function(
         DOMAIN, OP_TYPE, ["X"], ["Y"], nodes,
-        opset_imports=[helper.make_opsetid("", BODY_OPSET)],
+        opset_imports=[helper.make_opsetid("", opset)],
         attributes=list(ATTRIBUTES),
     )
 
@@ -133,6 +139,8 @@ def params_from_attrs(attrs: dict) -> Log2Params:
 def install(model: onnx.ModelProto) -> None:
     """Declare the function and its domain in ``model`` (idempotent)."""
     if not any(f.domain == DOMAIN and f.name == OP_TYPE for f in model.functions):
-        model.functions.append(log2_function())
+        from .opset import model_opset
+
+        model.functions.append(log2_function(model_opset(model)))
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))

@@ -119,8 +119,12 @@ def load_image(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read image ({exc}); remove it or fix the file") from None
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: image header claims more than {Image.MAX_IMAGE_PIXELS * 2} "
+                        "pixels (decompression bomb?); remove it or resize it") from None
+    except (OSError, ValueError, SyntaxError, MemoryError) as exc:  # PIL raises all of these
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: cannot read image ({first}); remove it or fix the file") from None
     size = _resized_size(img.width, img.height, pre.resize_size)
     if size != img.size:  # torchvision returns the image untouched when sizes match
         img = img.resize(size, _FILTERS[pre.interpolation])

@@ -90,6 +90,7 @@ class Plan:
     residuals: list = field(default_factory=list)  # ResidualSite
     unmatched_softmax: list = field(default_factory=list)  # (node name, reason)
     notes: list = field(default_factory=list)  # lines for the summary
+    canonical: dict = field(default_factory=dict)  # what canonicalization changed, by kind
     stats: dict = field(default_factory=dict)  # tensor name -> (min, max)
 
     def calibration_tensors(self) -> list:

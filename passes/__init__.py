@@ -4,8 +4,8 @@ The pipeline is the explicit ordered list ``PIPELINE``; passes only mark the pla
 ``onnxquant.emit`` creates every Q/DQ node afterwards.
 """
 
-from . import (check_model, find_attention, find_blocks, find_linear, find_residuals,
-               select_sites)
+from . import (canonicalize, check_model, find_attention, find_blocks, find_linear,
+               find_residuals, fold_batchnorm, select_sites)
 
-PIPELINE = (check_model.run, find_attention.run, find_blocks.run, find_linear.run,
-            find_residuals.run, select_sites.run)
+PIPELINE = (check_model.run, canonicalize.run, fold_batchnorm.run, find_attention.run,
+            find_blocks.run, find_linear.run, find_residuals.run, select_sites.run)

@@ -1,0 +1,190 @@
+"""Line and character accuracy of ONNX text recognizers (PaddleOCR CTC models), float vs quantized.
+
+The classifier harness (``onnxquant.evaluate``) needs labelled photos; a text recognizer needs
+labelled text lines, which ``onnxquant.ocr_render`` draws. This module is the rest of the
+pipeline, following rapidocr's / PaddleOCR's public recognizer code (README of the shared
+``real`` assets):
+
+    RGB line -> BGR -> resize to height 48, aspect kept (width capped at the batch width)
+             -> (x / 255 - 0.5) / 0.5 -> CHW -> right zero-pad to the batch width (>= 320)
+    N x T x C softmax -> greedy CTC: argmax per step, collapse repeats, drop blank (index 0)
+
+The alphabet is the model's own metadata entry ``character``: ``["blank"] + lines + [" "]``.
+Scores: line accuracy (exact match), character accuracy (1 - edit distance / characters),
+and, between two models, agreement (lines decoded identically).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import onnx
+from PIL import Image
+
+from .errors import UserError
+from .evaluate import _Runner
+from .ocr_render import render_lines
+
+Model = Union[str, os.PathLike, onnx.ModelProto]
+HEIGHT = 48
+MIN_WIDTH = 320
+
+
+@dataclass
+class OcrResult:
+    """One recognizer on rendered lines; accuracies in percent."""
+
+    name: str
+    n: int
+    line_acc: float
+    char_acc: float
+    texts: list[str]  # decoded, in the order of the lines
+    seconds: float  # model time only (preprocessing shared)
+
+
+@dataclass
+class OcrCompare:
+    """Two recognizers on the same lines; ``b`` judged against ``a`` (the float one)."""
+
+    a: OcrResult
+    b: OcrResult
+    agreement: float  # percent of lines decoded identically
+
+
+def load_alphabet(model: Model) -> list[str]:
+    """``["blank"] + metadata character lines + [" "]``; UserError if the entry is missing."""
+    proto = model if isinstance(model, onnx.ModelProto) else _load_header(model)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "character" not in meta:
+        raise UserError(f"{_name(model)}: no 'character' metadata entry (not a PaddleOCR "
+                        "recognizer?); pass the float model's alphabet")
+    return ["blank"] + meta["character"].splitlines() + [" "]
+
+
+def _load_header(path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, Exception) as exc:
+        raise UserError(f"{path}: cannot read the ONNX file ({exc})") from None
+
+
+def _name(model: Model) -> str:
+    return model.graph.name if isinstance(model, onnx.ModelProto) else os.fspath(model)
+
+
+def preprocess(images: Sequence[Image.Image], width: int | None = None) -> np.ndarray:
+    """float32 N x 3 x 48 x W: BGR, aspect kept, (x/255-0.5)/0.5, right zero padding.
+
+    W is ``width`` when given (wider lines are squeezed to it, as rapidocr caps them at the
+    batch width), else ``48 * max(320/48, widest w/h)``. Resizing is PIL bilinear.
+    """
+    ratios = [im.width / im.height for im in images]
+    if width is None:
+        width = int(HEIGHT * max(MIN_WIDTH / HEIGHT, *ratios))
+    batch = np.zeros((len(images), 3, HEIGHT, width), np.float32)
+    for i, (im, ratio) in enumerate(zip(images, ratios)):
+        w = min(width, math.ceil(HEIGHT * ratio))
+        rgb = np.asarray(im.convert("RGB").resize((w, HEIGHT), Image.BILINEAR), np.float32)
+        batch[i, :, :, :w] = (rgb[:, :, ::-1].transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+    return batch
+
+
+def ctc_decode(probs: np.ndarray, alphabet: Sequence[str]) -> list[str]:
+    """Greedy CTC of N x T x C scores: argmax per step, collapse repeats, drop index 0."""
+    if probs.shape[-1] != len(alphabet):
+        raise UserError(f"the model has {probs.shape[-1]} classes but the alphabet has "
+                        f"{len(alphabet)}; use the recognizer's own metadata alphabet")
+    best = probs.argmax(axis=-1)
+    keep = best != 0
+    keep[:, 1:] &= best[:, 1:] != best[:, :-1]
+    return ["".join(alphabet[k] for k in row[mask]) for row, mask in zip(best, keep)]
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions each cost 1)."""
+    previous = np.arange(len(b) + 1)
+    for i, ca in enumerate(a, 1):
+        current = np.empty_like(previous)
+        current[0] = i
+        cost = previous[:-1] + (np.array([cb != ca for cb in b], dtype=np.int64))
+        for j in range(1, len(b) + 1):  # insertions chain along the row: sequential
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, cost[j - 1])
+        previous = current
+    return int(previous[-1])
+
+
+def scores(predicted: Sequence[str], truth: Sequence[str]) -> tuple[float, float]:
+    """(line accuracy %, character accuracy %) of decoded texts against the rendered ones."""
+    exact = sum(p == t for p, t in zip(predicted, truth))
+    errors = sum(levenshtein(p, t) for p, t in zip(predicted, truth))
+    chars = max(1, sum(len(t) for t in truth))
+    return 100.0 * exact / max(1, len(truth)), 100.0 * (1.0 - errors / chars)
+
+
+def _decode_all(models, lines, batch_size, alphabet):
+    """Every model on each batch; lines sorted by aspect ratio so a batch pads little."""
+    runners = [_Runner(m, spinning=len(models) == 1) for m in models]
+    order = sorted(range(len(lines)), key=lambda i: lines[i][0].width / lines[i][0].height)
+    texts = [[""] * len(lines) for _ in runners]
+    seconds = [0.0] * len(runners)
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        x = preprocess([lines[i][0] for i in index])
+        for k, runner in enumerate(runners):
+            began = time.perf_counter()
+            probs = runner(x).reshape(len(x), -1, len(alphabet))
+            seconds[k] += time.perf_counter() - began
+            for i, text in zip(index, ctc_decode(probs, alphabet)):
+                texts[k][i] = text
+    return [r.name for r in runners], texts, seconds
+
+
+def evaluate_many(models: Sequence[Model], lines: Sequence[tuple[Image.Image, str]],
+                  batch_size: int = 16, alphabet: Sequence[str] | None = None
+                  ) -> list[OcrResult]:
+    """Each recognizer on ``lines`` ((image, text) pairs) in one pass over the lines.
+
+    The alphabet defaults to the first model's metadata (quantized copies may lack it).
+    """
+    models = list(models)
+    if not models or not lines:
+        raise UserError("OCR evaluation needs at least one model and one text line")
+    alphabet = list(alphabet or load_alphabet(models[0]))
+    names, texts, seconds = _decode_all(models, lines, batch_size, alphabet)
+    truth = [text for _, text in lines]
+    return [OcrResult(name, len(lines), *scores(t, truth), t, s)
+            for name, t, s in zip(names, texts, seconds)]
+
+
+def evaluate_ocr(model: Model, lines: Sequence[tuple[Image.Image, str]],
+                 batch_size: int = 16, alphabet: Sequence[str] | None = None) -> OcrResult:
+    """Line and character accuracy of one recognizer on rendered ``lines``."""
+    return evaluate_many([model], lines, batch_size, alphabet)[0]
+
+
+def agreement(a: OcrResult, b: OcrResult) -> float:
+    """Percent of lines that ``a`` and ``b`` decode to the same text."""
+    if a.n != b.n:
+        raise UserError(f"{a.name} read {a.n} lines, {b.name} {b.n}; compare on the same lines")
+    return 100.0 * sum(x == y for x, y in zip(a.texts, b.texts)) / max(1, a.n)
+
+
+def compare(model_a: Model, model_b: Model, lines: Sequence[tuple[Image.Image, str]],
+            batch_size: int = 16) -> OcrCompare:
+    """Both recognizers on the same lines in one pass; ``b`` against ``a`` (the float one)."""
+    a, b = evaluate_many([model_a, model_b], lines, batch_size)
+    return OcrCompare(a, b, agreement(a, b))
+
+
+def calibration_array(n: int, seed: int, width: int = MIN_WIDTH,
+                      alphabet: Sequence[str] | None = None) -> np.ndarray:
+    """float32 N x 3 x 48 x ``width`` of rendered lines, for ``onnxquant --calib FILE.npy``.
+
+    Use a seed other than the evaluation set's, so calibration never sees the test lines.
+    """
+    return preprocess([image for image, _ in render_lines(n, seed, alphabet)], width)

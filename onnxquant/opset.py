@@ -1,0 +1,75 @@
+"""Bring a model to an opset every recipe can be written at, and prove nothing changed.
+
+Per-channel ``DequantizeLinear`` (its ``axis``) and the int32 bias of QLinearConv need
+opset 13; the log2 function's body reads its attributes through ``Constant(value_float)``
+and compares with ``GreaterOrEqual`` (opset 12). Exporters still write opset 11
+(paddle2onnx: PP-OCR models), so a model below ``MIN_OPSET`` is converted with
+``onnx.version_converter`` and its float outputs are compared with the original's in
+onnxruntime on the same input before anything else happens. Models at ``MIN_OPSET`` or
+above are left at their own opset, and everything emitted is valid there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import version_converter
+
+from .errors import UserError
+
+MIN_OPSET = 13
+RTOL, ATOL = 1e-4, 1e-5  # float32 kernels of two opset versions may round differently
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    """Version of the default ONNX domain the model imports."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return 1
+
+
+def upgrade(model: onnx.ModelProto, name: str = "model") -> tuple[onnx.ModelProto, str | None]:
+    """(model at >= MIN_OPSET, note for the summary or None). ``model`` is not modified."""
+    opset = model_opset(model)
+    if opset >= MIN_OPSET:
+        return model, None
+    try:
+        converted = version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeError/ValueError/C++ errors
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"{name}: opset {opset} could not be converted to {MIN_OPSET} ({first}); "
+                        f"re-export the model at opset {MIN_OPSET} or newer") from None
+    min_ir = onnx.helper.find_min_ir_version_for(list(converted.opset_import), True)
+    converted.ir_version = max(converted.ir_version, min_ir)
+    return converted, f"opset {opset} converted to {MIN_OPSET} (per-channel Q/DQ and the log2 op need it)"
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def verify_same(original: onnx.ModelProto, converted: onnx.ModelProto, feed: dict,
+                name: str = "model") -> float:
+    """Max |difference| of all outputs of the two models on ``feed``; UserError if they differ."""
+    try:
+        a = _session(original).run(None, feed)
+        b = _session(converted).run(None, feed)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"{name}: onnxruntime cannot run the model to check the opset "
+                        f"conversion ({first}); re-export it at opset {MIN_OPSET} or newer") from None
+    worst = 0.0
+    for x, y in zip(a, b):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if x.shape != y.shape or not np.allclose(x, y, rtol=RTOL, atol=ATOL * max(1.0, np.abs(x).max(initial=0)), equal_nan=True):
+            raise UserError(f"{name}: converting to opset {MIN_OPSET} changed the float outputs; "
+                            f"re-export the model at opset {MIN_OPSET} or newer")
+        if x.size:
+            worst = max(worst, float(np.nanmax(np.abs(x - y), initial=0.0)))
+    return worst
