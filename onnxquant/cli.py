@@ -19,6 +19,7 @@ from .config import (INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, TARGET_PARTS, TARGETS,
                      WEIGHT_FORMATS, QuantConfig)
 from .errors import UserError
 from .model_io import check_output_path, load_model, save_model
+from .report import canonical_line
 from .preprocess_args import add_preprocess_arguments, preprocess_from_args
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "reference"
@@ -110,10 +111,13 @@ def print_summary(result: api.Result, cfg: QuantConfig, src: Path, dst: Path, se
           f"{'; ' + str(len(plan.unmatched_softmax)) + ' other Softmax left float' if plan.unmatched_softmax else ''}")
     print(f"  convs       {len(plan.convs)} (conv blocks {roles['conv_block']}, inside "
           f"transformer {roles['transformer']}, bridges {roles['bridge']})")
+    print(f"  canonical   {canonical_line(plan)}")
     print(f"  quantized   {quantized_convs} conv weights"
           f" ({sum(c.int8_input for c in plan.convs)} with int8 inputs), "
+          f"{result.counts.get('linears', 0)} linear weights "
+          f"({sum(s.dynamic or s.int8_input for s in plan.linears)} with int8 inputs), "
           f"{result.counts.get('softmax', 0)} softmax outputs (log2)")
-    for note in plan.notes[:5]:
+    for note in plan.notes:
         print(f"  note        {note}")
     print(f"  size        {_mb(src.stat().st_size)} -> {_mb(dst.stat().st_size)} "
           f"({dst.stat().st_size / src.stat().st_size:.2f}x)")
@@ -152,9 +156,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in two lines (the error, where to look), not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n  see '{self.prog} --help'\n")
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "inspect":
-        p = argparse.ArgumentParser(prog="onnxquant inspect",
+        p = _Parser(prog="onnxquant inspect",
                                     description="Print the block map of a model")
         p.add_argument("input")
         p.add_argument("-v", "--verbose", action="store_true", help="list every conv")
@@ -166,12 +177,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "eval":
         from . import evaluate
 
-        p = argparse.ArgumentParser(prog="onnxquant eval",
+        p = _Parser(prog="onnxquant eval",
                                     description="Top-1/top-5 on labelled images")
         evaluate.add_arguments(p)
         p.set_defaults(func=evaluate.run)
         return p
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="onnxquant", description="EfficientQuant post-training quantization of an ONNX "
         "hybrid vision model. Other commands: 'onnxquant inspect', 'onnxquant eval'.")
     p.add_argument("input", help="float ONNX model")

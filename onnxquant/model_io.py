@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
@@ -56,6 +57,29 @@ def _check_external_paths(model: onnx.ModelProto, path: Path) -> None:
                             "is missing; copy it beside the model")
 
 
+def _check_external_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """onnx reads past the end of a data file without complaint: check each tensor's bytes."""
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        size = _itemsize(tensor.data_type)
+        if tensor.HasField("raw_data") and size:
+            need = int(np.prod(tensor.dims, dtype=np.int64)) * size
+            if need != len(tensor.raw_data):
+                raise UserError(f"{path}: tensor {tensor.name!r} has {len(tensor.raw_data)} bytes "
+                                f"of data, its shape needs {need} (truncated external data "
+                                "file or wrong offset?); re-export the model")
+
+
+def _itemsize(data_type: int) -> int:
+    """Bytes per element; 0 where unknown or packed (strings, 4-bit types)."""
+    T = onnx.TensorProto
+    if data_type in (T.STRING, T.UNDEFINED, T.INT4, T.UINT4, getattr(T, "FLOAT4E2M1", -1)):
+        return 0
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load and sanity-check an ONNX model; every failure is a one-line UserError."""
     path = Path(path)
@@ -71,7 +95,12 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node or not model.opset_import:
         raise UserError(f"{path}: not an ONNX model or truncated (no graph nodes); re-export it")
     _check_external_paths(model, path)
-    onnx.load_external_data_for_model(model, str(path.parent))
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: cannot read its external data ({exc}); copy the complete "
+                        "data file beside the model") from None
+    _check_external_sizes(model, path)
     try:
         if not is_large(model, PROTOBUF_LIMIT):
             onnx.checker.check_model(model)
@@ -83,11 +112,28 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def _input_files(src: Path) -> list:
+    """The input model file and the external data files it names (resolved)."""
+    files = [src.resolve()]
+    try:
+        model = onnx.load(str(src), load_external_data=False)
+    except Exception:  # noqa: BLE001 - load_model reports unreadable models
+        return files
+    files += [(src.parent / ExternalDataInfo(t).location).resolve()
+              for t in _external_tensors(model)]
+    return files
+
+
 def check_output_path(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Refuse to overwrite the input; make sure the output folder exists and is writable."""
+    """Refuse to overwrite the input or its external data; the output folder must be writable."""
     src, dst = Path(src), Path(dst)
-    if dst.exists() and src.exists() and os.path.samefile(src, dst):
-        raise UserError(f"{dst}: output path is the input model; choose another output file")
+    if src.is_file():
+        written = {dst.resolve(), dst.with_name(f"{dst.name}.data").resolve()}
+        clash = next((f for f in _input_files(src) if f in written), None)
+        if clash is not None:
+            what = "the input model" if clash == src.resolve() else "the input's external data"
+            raise UserError(f"{dst}: output path is {what} ({clash.name}); "
+                            "choose another output file")
     if dst.is_dir():
         raise UserError(f"{dst}: is a folder; give an output file name such as model.int8.onnx")
     folder = dst.parent

@@ -9,8 +9,17 @@ def _short(name: str, width: int = 60) -> str:
     return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
+def canonical_line(plan: Plan) -> str:
+    """What canonicalization changed before matching (passes/canonicalize.py, fold_batchnorm.py)."""
+    c = plan.canonical
+    return (f"{c.get('bypassed', 0)} Identity/Dropout/no-op Cast bypassed, "
+            f"{c.get('bn_folded', 0)} BatchNormalization folded into Convs, "
+            f"{c.get('renamed', 0)} unnamed/duplicate nodes named")
+
+
 def print_block_map(plan: Plan, verbose: bool = False) -> None:
     """Attention blocks, then convs grouped by role, then anything left in float."""
+    print(f"canonical: {canonical_line(plan)}")
     print(f"attention blocks: {len(plan.attention)}")
     print(f"  {'#':>3}  {'pattern':<14} softmax node")
     for i, a in enumerate(plan.attention):

@@ -19,7 +19,25 @@ softmax, linear.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
+
+from onnxquant.graph import constant_value
+
+
+def _skip_non_finite(graph: gs.Graph, ctx) -> None:
+    """A weight with NaN/Inf has no uniform grid: its layer stays float, and the summary says so."""
+    tensors = graph.tensors()
+    for site in ctx.plan.convs + ctx.plan.linears:
+        if not site.quantize or site.weight not in tensors:
+            continue
+        w = constant_value(tensors[site.weight])
+        if w is not None and w.dtype.kind == "f" and not np.isfinite(w).all():
+            for flag in ("quantize", "int8_input", "int8_output", "dynamic"):
+                if hasattr(site, flag):
+                    setattr(site, flag, False)
+            ctx.plan.notes.append(f"weight {site.weight!r} of {site.node!r} has NaN/Inf: "
+                                  "left float")
 
 def run(graph: gs.Graph, ctx) -> int:
     """Set the quantize flags on the plan's sites; returns how many are quantized."""
@@ -39,6 +57,7 @@ def run(graph: gs.Graph, ctx) -> int:
         site.dynamic = (site.quantize and cfg.target == "ort" and site.op == "MatMul"
                         and "linear" in (cfg.ort_int8_kinds or ()))
         site.int8_input = site.quantize and cfg.target == "tensorrt"
+    _skip_non_finite(graph, ctx)
     quantized_convs = {c.node for c in ctx.plan.convs if c.int8_input}
     for site in ctx.plan.residuals:
         site.quantize = cfg.target == "tensorrt" and site.conv in quantized_convs
