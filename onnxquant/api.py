@@ -55,10 +55,21 @@ def _import(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
+def _with_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with inferred value types where a Cast needs its input type to be judged
+    a no-op (passes/canonicalize.py); models without Cast, or > 2 GB, are used as they are."""
+    if not any(n.op_type == "Cast" for n in model.graph.node) or is_large(model):
+        return model
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference is best effort: a Cast then stays
+        return model
+
+
 def analyze(model, config: QuantConfig | None = None) -> tuple[gs.Graph, Plan]:
     """Run the passes only: the block map and what would be quantized (no calibration)."""
     ctx = PassContext(config or QuantConfig())
-    graph = _import(_as_model(model))
+    graph = _import(_with_types(_as_model(model)))
     for run_pass in PIPELINE:
         run_pass(graph, ctx)
     if not ctx.plan.attention:
@@ -100,6 +111,15 @@ def build(graph: gs.Graph, plan: Plan, config: QuantConfig, source: onnx.ModelPr
     return _finish(graph, source), counts
 
 
+def _calibration_model(source: onnx.ModelProto, graph: gs.Graph, plan: Plan) -> onnx.ModelProto:
+    """The model calibration runs: the input itself (no copy; canonicalization keeps the
+    names of every tensor it leaves), or the canonical graph where node names had to be
+    made unique (onnxruntime refuses duplicate node names)."""
+    if not plan.canonical.get("renamed") or is_large(source):
+        return source
+    return gs.export_onnx(graph.copy(), do_type_check=False)
+
+
 def _probing(config: QuantConfig) -> bool:
     return config.target == "ort" and config.ort_int8_kinds is None
 
@@ -122,8 +142,8 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
         worst = opset.verify_same(original, source, feed, _model_name(model))
         plan.notes.insert(0, f"{upgrade_note}; float outputs unchanged (max diff {worst:.1e})")
     t1 = time.perf_counter()
-    stats = collect_stats(source, plan.calibration_tensors(), calibration, config,
-                          preprocess, progress)
+    stats = collect_stats(_calibration_model(source, graph, plan), plan.calibration_tensors(),
+                          calibration, config, preprocess, progress)
     t2 = time.perf_counter()
     seconds = {"passes": t1 - t0, "calibration": t2 - t1}
     if probing:
