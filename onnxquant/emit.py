@@ -65,11 +65,13 @@ def _fused_conv(graph, node: gs.Node, site: ConvSite, plan: Plan, inputs: dict) 
     """ort: DQ(x) + DQ(W int8) + DQ(int32 bias) -> Conv -> Q/DQ: onnxruntime's QLinearConv."""
     w = constant_value(node.inputs[1])
     p = quantizers.uniform_params(w, ORT_CONV_WEIGHT_BITS, symmetric=True, axis=0)
-    node.inputs[1] = store_weight(graph, site.weight + "_" + node.name, w, p, "qdq")
     act = _activation(plan.stats, site.input, symmetric=False)
+    bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
+    if bias is not None:  # int32 bias codes must not saturate (issue: silent overflow)
+        p = quantizers.widen_for_bias(p, bias, act.scale[0])
+    node.inputs[1] = store_weight(graph, site.weight + "_" + node.name, w, p, "qdq")
     _quantize_input(graph, node, site.input, plan.stats, inputs, symmetric=False)
-    if len(node.inputs) > 2:
-        bias = constant_value(node.inputs[2])
+    if bias is not None:
         node.inputs[2] = int32_bias(graph, tensor_name(graph, node.name, "bias"), bias,
                                     act.scale[0], p.scale)
     out = node.outputs[0]

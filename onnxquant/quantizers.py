@@ -78,6 +78,27 @@ def uniform_params(w: np.ndarray, bits: int = 8, symmetric: bool = False,
     return UniformParams(scale, zero, qmin, qmax, axis)
 
 
+INT32_MAX = 2**31 - 1
+
+
+def widen_for_bias(p: UniformParams, bias: np.ndarray, act_scale: float) -> UniformParams:
+    """Weight params whose scale keeps ``round(bias / (act_scale * s_w))`` inside int32.
+
+    A channel with a tiny weight range and a large bias would saturate its int32 bias code;
+    its weight scale is widened to ``|b| / (act_scale * INT32_MAX)`` instead (what
+    onnxruntime's own quantizer does), so the bias stays exact to one code and the weights
+    lose resolution only in that channel. Symmetric (zero point 0) params only.
+    """
+    need = np.abs(np.asarray(bias, np.float64)).reshape(-1) / (float(act_scale) * INT32_MAX)
+    if p.axis is None:
+        need = need.max(keepdims=True)
+    need = need * (1 + 2.0**-20)  # float32 rounding of the product must not undo it
+    if np.all(p.scale >= need):
+        return p
+    widened = np.maximum(p.scale.astype(np.float64), need).astype(np.float32)
+    return UniformParams(widened, p.zero_point, p.qmin, p.qmax, p.axis)
+
+
 def _broadcast(p: UniformParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     if p.axis is None:
         return p.scale.astype(np.float64)[0], p.zero_point.astype(np.float64)[0]

@@ -202,3 +202,21 @@ def test_nan_calibration_data_is_refused():
     calib[:] = np.nan
     with pytest.raises(UserError, match="NaN or Inf"):
         quantize(_sdpa_with("Identity"), calib)
+
+
+def test_qlinearconv_bias_never_saturates():
+    """A channel with near-zero weights and a large bias: int8 conv output stays close."""
+    b = Builder(0)
+    y = b.conv("conv", "x", 4, 4, k=3)
+    model = b.build({y: "float[N,4,4,4]"})
+    w = next(i for i in model.graph.initializer if i.name == "conv_w")
+    arr = numpy_helper.to_array(w).copy()
+    arr[0] = 1e-12
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    bias = next(i for i in model.graph.initializer if i.name == "conv_b")
+    bias.CopyFrom(numpy_helper.from_array(np.array([3.0, 0.1, -0.1, 0.2], np.float32), bias.name))
+    result = quantize(model, calibration(), target="ort", ort_int8_kinds=("dense", "stem"))
+    assert result.plan.convs[0].int8_output
+    x = calibration(seed=2)
+    (yf,), (yq,) = run_ort(model, {"x": x}), run_ort(result.model, {"x": x})
+    np.testing.assert_allclose(yq[:, 0], yf[:, 0], atol=0.05)

@@ -113,3 +113,19 @@ def test_log2_saturates_and_handles_constant_input():
 def test_log2_one_is_exact_when_calibrated_max_is_one():
     p = Q.log2_params(1e-6, 1.0, 8)
     assert Q.log2_fake_quant(np.array([1.0], np.float32), p)[0] == 1.0
+
+
+def test_widen_for_bias_keeps_int32_bias_codes_in_range():
+    from onnxquant import quantizers
+
+    w = np.stack([np.full((2, 3, 3), 1e-9), np.linspace(-1, 1, 18).reshape(2, 3, 3)])
+    bias = np.array([50.0, 0.1])
+    p = quantizers.uniform_params(w, 7, symmetric=True, axis=0)
+    act_scale = 1e-3
+    assert abs(bias[0] / (act_scale * p.scale[0])) > quantizers.INT32_MAX  # would saturate
+    q = quantizers.widen_for_bias(p, bias, act_scale)
+    codes = bias / (act_scale * q.scale.astype(np.float64))
+    assert np.all(np.abs(codes) <= quantizers.INT32_MAX)
+    assert q.scale[1] == p.scale[1]  # channels that fit keep their scale
+    per_tensor = quantizers.widen_for_bias(quantizers.uniform_params(w, 7, True), bias, act_scale)
+    assert np.abs(bias / (act_scale * per_tensor.scale[0])).max() <= quantizers.INT32_MAX
