@@ -87,6 +87,25 @@ class QuantConfig:
             object.__setattr__(self, "ort_int8_kinds", tuple(self.ort_int8_kinds))
         if self.num_calib < 1 or self.batch_size < 1:
             raise ValueError("num_calib and batch_size must be >= 1")
+        self._refuse_ignored_options()
+
+    def _refuse_ignored_options(self):
+        """An option the chosen target would silently ignore is an error, not a no-op."""
+        t = self.target
+        if self.ort_int8_kinds is not None and t != "ort":
+            raise ValueError(f"ort_int8_kinds applies to target 'ort' only, not {t!r}")
+        if t in ("ort", "tensorrt") and (self.per_channel or self.weight_symmetric):
+            raise ValueError(f"target {t!r} fixes the weight scheme (symmetric per-channel int8 "
+                             "where int8 runs); per_channel/weight_symmetric are for 'paper'")
+        if t == "ort" and self.weight_bits != 8:
+            raise ValueError("target 'ort' runs int8 kernels: weight_bits must be 8 "
+                             "(lower bits: target 'paper')")
+        if t == "tensorrt" and self.weight_format != "qdq":
+            raise ValueError("target 'tensorrt' needs weight_format 'qdq' (TensorRT reads Q/DQ)")
+        softmax_set = self.softmax_bits != 8 or self.log2_eps != DEFAULT_LOG2_EPS
+        if softmax_set and "softmax" not in self.active_parts:
+            raise ValueError(f"softmax_bits/log2_eps set, but target {t!r} with parts "
+                             f"{sorted(self.active_parts)} leaves the Softmax in float")
 
     @property
     def active_parts(self) -> frozenset:

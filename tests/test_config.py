@@ -1,0 +1,43 @@
+"""QuantConfig: options the chosen target would ignore are refused, naming the option."""
+
+import pytest
+
+from onnxquant import QuantConfig
+from onnxquant.cli import main
+
+
+@pytest.mark.parametrize("options, word", [
+    ({"target": "paper", "ort_int8_kinds": ("dense",)}, "ort_int8_kinds"),
+    ({"target": "tensorrt", "ort_int8_kinds": ("dense",)}, "ort_int8_kinds"),
+    ({"target": "ort", "weight_bits": 4}, "weight_bits"),
+    ({"target": "ort", "per_channel": True}, "per_channel"),
+    ({"target": "tensorrt", "weight_symmetric": True}, "weight_symmetric"),
+    ({"target": "tensorrt", "weight_format": "folded"}, "weight_format"),
+    ({"target": "ort", "softmax_bits": 6}, "softmax_bits"),
+    ({"target": "paper", "parts": {"conv_block"}, "log2_eps": 2.0**-10}, "log2_eps"),
+])
+def test_ignored_options_are_errors(options, word):
+    with pytest.raises(ValueError, match=word):
+        QuantConfig(**options)
+
+
+@pytest.mark.parametrize("options", [
+    {"target": "ort", "ort_int8_kinds": ("dense",)},
+    {"target": "tensorrt", "softmax_bits": 6},
+    {"target": "paper", "weight_bits": 4, "per_channel": True, "softmax_bits": 4},
+])
+def test_applicable_options_are_accepted(options):
+    QuantConfig(**options)
+
+
+def test_cli_reports_an_ignored_option_in_one_line(capsys, tmp_path):
+    code = main(["in.onnx", str(tmp_path / "out.onnx"), "--ort-int8-kinds", "dense"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "ort_int8_kinds" in err[0]
+
+
+def test_cli_argument_errors_take_two_lines(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["in.onnx", "out.onnx", "--weight-bits", "eight"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 2 and "--weight-bits" in err[0]
