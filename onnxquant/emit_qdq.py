@@ -16,6 +16,7 @@ with the dequantized weights baked in (docs/benchmarks.md).
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from . import quantizers
@@ -101,11 +102,24 @@ def store_weight(graph: gs.Graph, base: str, w: np.ndarray, p: quantizers.Unifor
 
 
 def quant_dequant(graph: gs.Graph, tensor: gs.Tensor, p: quantizers.UniformParams) -> gs.Variable:
-    """Activation fake-quant pair on ``tensor`` (per tensor)."""
+    """Activation fake-quant pair on ``tensor`` (per tensor).
+
+    Symmetric int8 at opset >= 21 is written without a zero point (``output_dtype`` on
+    QuantizeLinear instead): onnxruntime 1.32's MatMul+Add -> Gemm fusion rebuilds a Q/DQ
+    pair with a uint8 zero point and refuses to load the model otherwise (3-D MatMul
+    inputs; found by tools/fuzz.py, reproduced without onnxquant).
+    """
     scale = _const(graph, tensor.name, "act_scale", p.scale[0])
-    zero = _const(graph, tensor.name, "act_zero_point", p.zero_point[0])
+    implicit_zero = graph.opset >= 21 and p.zero_point.dtype == np.int8 and not p.zero_point.any()
     q = gs.Variable(tensor_name(graph, tensor.name, "quantized"), dtype=p.zero_point.dtype)
     out = gs.Variable(tensor_name(graph, tensor.name, "qdq"), dtype=np.float32)
+    if implicit_zero:
+        add_node(graph, "QuantizeLinear", tensor_name(graph, tensor.name, "QuantizeLinear"),
+                 [tensor, scale], [q], {"output_dtype": onnx.TensorProto.INT8})
+        add_node(graph, "DequantizeLinear", tensor_name(graph, tensor.name, "DequantizeLinear"),
+                 [q, scale], [out])
+        return out
+    zero = _const(graph, tensor.name, "act_zero_point", p.zero_point[0])
     add_node(graph, "QuantizeLinear", tensor_name(graph, tensor.name, "QuantizeLinear"),
              [tensor, scale, zero], [q])
     add_node(graph, "DequantizeLinear", tensor_name(graph, tensor.name, "DequantizeLinear"),
