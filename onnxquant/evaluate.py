@@ -117,10 +117,19 @@ def _targets(items, class_map, num_outputs):
         index = {int(c): i for i, c in enumerate(class_map)}
     if index is None:
         return [p for p, _ in items], np.array([c for _, c in items], np.int64)
+    top = max((c for _, c in items), default=-1)
+    if class_map is None and top >= num_outputs:
+        raise UserError(f"the model has {num_outputs} outputs but the labels go up to class "
+                        f"{top} (ImageNet-1k indices?); pass --class-map (the label of each "
+                        "output) or --reference-json")
     kept = [(p, index[c]) for p, c in items if c in index]
     if not kept:
         raise UserError("no image's class is among the model's outputs; pass --class-map "
                         "or --reference-json")
+    if len(kept) * 2 < len(items):
+        raise UserError(f"only {len(kept)} of {len(items)} images have a class the model "
+                        "predicts: the score would not describe these images; pass the "
+                        "images of the model's classes (or the right --class-map)")
     return [p for p, _ in kept], np.array([t for _, t in kept], np.int64)
 
 
@@ -212,7 +221,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class-map", help="ImageNet index of each output, e.g. '0,217,482'")
     parser.add_argument("--limit", type=int, help="evaluate N images spread over the classes")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-q", "--quiet", "--no-progress", dest="no_progress",
+                        action="store_true", help="no progress bar")
 
 
 def _input_side(path) -> int | None:

@@ -159,3 +159,16 @@ def test_reference_onnx_matches_torch_top1(name, subset, key):
                       batch_size=64, progress=False)
     assert res.skipped == 0
     assert abs(res.top1 - ref["top1_fp32_torch"][key]) <= 0.3
+
+
+def test_labels_beyond_the_outputs_without_a_class_map_are_refused(images):
+    """A 10-output model scored against ImageNet-1k labels would print a meaningless 0 %."""
+    with pytest.raises(UserError, match="labels go up to class 701"):
+        ev.evaluate(_linear_model(K), images, PRE, progress=False)
+
+
+def test_mostly_skipped_images_are_refused(images):
+    """2 of 5 images in the class map: the score would describe almost nothing."""
+    with pytest.raises(UserError, match="only 2 of 5 images"):
+        ev.evaluate(_linear_model(K), images, PRE, class_map=[701] + list(range(900, 909)),
+                    progress=False)
