@@ -144,6 +144,13 @@ def cmd_quantize(args) -> int:
 def cmd_inspect(args) -> int:
     from .report import print_block_map
 
+    if args.calib and not args.plots:
+        raise UserError("--calib is used by --plots only; add --plots DIR or drop --calib")
+    if args.plots:
+        try:
+            import matplotlib  # noqa: F401 - checked before any work is printed
+        except ImportError:
+            raise UserError("--plots needs matplotlib: pip install 'onnxquant[plots]'") from None
     model = load_model(args.input)
     graph, plan = api.analyze(model)
     print_block_map(plan, verbose=args.verbose)
