@@ -55,6 +55,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: measured on this CPU by timing the model)")
     g.add_argument("--num-calib", type=int, default=d.num_calib, help="calibration samples (32)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--exclude", action="append", default=[], metavar="NODE|PATTERN",
+                   help="keep these nodes float (names or fnmatch patterns such as '*attn*'; "
+                        "repeat or comma-separate)")
     g.add_argument("--no-fold-batchnorm", dest="fold_batchnorm", action="store_false",
                    help="keep BatchNormalization separate (default: folded into the Conv "
                         "before quantizing, as onnxruntime runs it)")
@@ -62,6 +65,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args) -> QuantConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(QuantConfig)}
+    values["exclude"] = tuple(p.strip() for v in values["exclude"] for p in v.split(",")
+                              if p.strip())
     if values["parts"] is not None:
         values["parts"] = frozenset(p.strip() for p in values["parts"].split(",") if p.strip())
     try:

@@ -46,6 +46,8 @@ class QuantConfig:
         folded (8-bit file, float speed).
     fold_batchnorm: fold inference BatchNormalization into the Conv before it, so the
         quantized weights are the ones that run (passes/fold_batchnorm.py).
+    exclude: node names or fnmatch patterns (``"*attn*"``) of Conv/MatMul/Gemm/Softmax
+        nodes to keep in float (``onnxquant inspect --sensitivity`` ranks candidates).
     """
 
     target: str = "paper"
@@ -60,6 +62,7 @@ class QuantConfig:
     num_calib: int = 32
     batch_size: int = 8
     fold_batchnorm: bool = True
+    exclude: tuple = ()
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -85,6 +88,9 @@ class QuantConfig:
             if unknown:
                 raise ValueError(f"unknown int8 kinds {sorted(unknown)}; choose from {INT8_KINDS}")
             object.__setattr__(self, "ort_int8_kinds", tuple(self.ort_int8_kinds))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if any(not isinstance(p, str) or not p for p in self.exclude):
+            raise ValueError(f"exclude takes non-empty node names or patterns, got {self.exclude!r}")
         if self.num_calib < 1 or self.batch_size < 1:
             raise ValueError("num_calib and batch_size must be >= 1")
         self._refuse_ignored_options()

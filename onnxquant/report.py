@@ -39,5 +39,9 @@ def print_block_map(plan: Plan, verbose: bool = False) -> None:
             kernel = "x".join(map(str, c.kernel))
             print(f"  {c.role:<12} {c.kind:<10} {kernel:<7} {f'{c.cin * c.group}>{c.cout}':<11} "
                   f"{_short(c.node)}")
+    print(f"linear layers: {len(plan.linears)} (MatMul/Gemm with a constant weight)")
+    if verbose:
+        for s in plan.linears:
+            print(f"  {s.op:<12} {_short(s.node)}")
     for note in plan.notes:
         print(f"note: {note}")

@@ -19,8 +19,12 @@ softmax, linear.
 
 from __future__ import annotations
 
+import fnmatch
+
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from onnxquant.errors import UserError
 
 from onnxquant.graph import constant_value
 
@@ -38,6 +42,33 @@ def _skip_non_finite(graph: gs.Graph, ctx) -> None:
                     setattr(site, flag, False)
             ctx.plan.notes.append(f"weight {site.weight!r} of {site.node!r} has NaN/Inf: "
                                   "left float")
+
+def _site_name(site) -> str:
+    return getattr(site, "softmax", None) or site.node
+
+
+def _exclude(ctx) -> None:
+    """Sites whose node name matches ``config.exclude`` stay float; a pattern matching no
+    quantizable node is a typo the user must hear about."""
+    patterns = ctx.config.exclude
+    if not patterns:
+        return
+    sites = ctx.plan.attention + ctx.plan.convs + ctx.plan.linears
+    used, excluded = set(), 0
+    for site in sites:
+        hits = [p for p in patterns if fnmatch.fnmatchcase(_site_name(site), p)]
+        used.update(hits)
+        if hits and site.quantize:
+            for flag in ("quantize", "int8_input", "int8_output", "dynamic"):
+                if hasattr(site, flag):
+                    setattr(site, flag, False)
+            excluded += 1
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        raise UserError(f"--exclude {unused[0]!r} matches no Conv/MatMul/Gemm/attention Softmax "
+                        "node; list the node names with 'onnxquant inspect -v'")
+    ctx.plan.notes.append(f"{excluded} node(s) kept float by --exclude")
+
 
 def run(graph: gs.Graph, ctx) -> int:
     """Set the quantize flags on the plan's sites; returns how many are quantized."""
@@ -58,6 +89,7 @@ def run(graph: gs.Graph, ctx) -> int:
                         and "linear" in (cfg.ort_int8_kinds or ()))
         site.int8_input = site.quantize and cfg.target == "tensorrt"
     _skip_non_finite(graph, ctx)
+    _exclude(ctx)
     quantized_convs = {c.node for c in ctx.plan.convs if c.int8_input}
     for site in ctx.plan.residuals:
         site.quantize = cfg.target == "tensorrt" and site.conv in quantized_convs
