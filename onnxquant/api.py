@@ -120,6 +120,24 @@ def _calibration_model(source: onnx.ModelProto, graph: gs.Graph, plan: Plan) -> 
     return gs.export_onnx(graph.copy(), do_type_check=False)
 
 
+def _record_choices(model: onnx.ModelProto, config: QuantConfig, probed: bool) -> None:
+    """ort target: what runs in int8, and on what basis, in the model's metadata."""
+    if config.target != "ort":
+        return
+    from .probe_cache import cpu_id
+
+    basis = f"measured on {cpu_id()}, onnxruntime {ort_version()}" if probed else "given"
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        "onnxquant.ort_int8_kinds": ",".join(config.ort_int8_kinds),
+                                        "onnxquant.ort_int8_basis": basis})
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def _probing(config: QuantConfig) -> bool:
     return config.target == "ort" and config.ort_int8_kinds is None
 
@@ -156,6 +174,7 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
         t2 = time.perf_counter()
     plan.stats = stats
     out, counts = build(graph, plan, config, source)
+    _record_choices(out, config, probing)
     if not is_large(out, PROTOBUF_LIMIT):
         onnx.checker.check_model(out, full_check=True)
     seconds["emit"] = time.perf_counter() - t2

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import probe_cache
 from .calibrate import model_input
 from .config import INT8_KINDS
 
@@ -38,16 +39,21 @@ MIN_GAIN = 1.05  # a kind must make the whole model this much faster (timing noi
 
 
 def _session(data: bytes) -> ort.InferenceSession:
+    """One intra-op thread: kernels run on the calling thread, whose CPU time is measured."""
     options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 def _timed(session, feed) -> float:
-    start = time.perf_counter()
+    """CPU time of this thread for one run: other processes' load hardly moves it (wall
+    clock under a CPU hog chose "int8 on nothing" in 3 of 3 runs)."""
+    start = time.thread_time()
     session.run(None, feed)
-    return time.perf_counter() - start
+    return time.thread_time() - start
 
 
 class _Variants:
@@ -97,23 +103,38 @@ def _present_kinds(model: onnx.ModelProto, cfg, plan=None) -> list:
 
 
 def choose_int8_kinds(model: onnx.ModelProto, cfg, stats: dict, log=None, plan=None) -> tuple:
-    """What is worth int8 on this CPU (subset of INT8_KINDS), by timing whole-model variants.
+    """What is worth int8 on this CPU (subset of INT8_KINDS): cached for this CPU, onnxruntime
+    version and model structure (probe_cache.py), else measured by timing whole-model variants.
 
     ``stats`` must cover every candidate (calibrated with ``ort_int8_kinds=INT8_KINDS``).
     """
-    variants, chosen = _Variants(model, cfg, stats), ()
-    for kind in _present_kinds(model, cfg, plan):
-        gain = _compare(variants, chosen, chosen + (kind,))
+    present = _present_kinds(model, cfg, plan)
+    key = probe_cache.key(model, ",".join(present) + f"|{cfg.parts}|{cfg.exclude}")
+    cached = probe_cache.load(key)
+    if cached is not None:
+        if log:
+            log.info("kernel probe: int8 on %s (cached for this CPU)", ", ".join(cached) or "nothing")
+        return cached
+    chosen, gains = _measure(_Variants(model, cfg, stats), present, log)
+    probe_cache.store(key, chosen, gains)
+    return chosen
+
+
+def _measure(variants: _Variants, present: list, log=None) -> tuple[tuple, dict]:
+    """Greedy: keep a kind if it makes the model MIN_GAIN faster; then check all vs none."""
+    chosen, gains = (), {}
+    for kind in present:
+        gains[kind] = gain = _compare(variants, chosen, chosen + (kind,))
         if log:
             log.info("kernel probe: int8 %s: %.3fx", kind, gain)
         if gain >= MIN_GAIN:
             chosen = chosen + (kind,)
     if chosen:
-        gain = _compare(variants, (), chosen)
+        gains["all"] = gain = _compare(variants, (), chosen)
         if log:
             log.info("kernel probe: %s vs none: %.3fx", "+".join(chosen), gain)
         if gain < MIN_GAIN:
             chosen = ()
     if log:
         log.info("kernel probe: int8 on %s", ", ".join(chosen) or "nothing")
-    return chosen
+    return chosen, gains

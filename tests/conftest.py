@@ -11,6 +11,12 @@ REFERENCE = SHARED / "reference"
 BUNDLED = ROOT / "models" / "reference"
 
 
+@pytest.fixture(autouse=True)
+def _private_probe_cache(tmp_path_factory, monkeypatch):
+    """Every test gets an empty kernel-probe cache (never the user's ~/.cache)."""
+    monkeypatch.setenv("ONNXQUANT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

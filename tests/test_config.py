@@ -41,3 +41,14 @@ def test_cli_argument_errors_take_two_lines(capsys):
         main(["in.onnx", "out.onnx", "--weight-bits", "eight"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 2 and "--weight-bits" in err[0]
+
+
+def test_ort_choice_is_recorded_in_the_metadata():
+    from graphs import calibration, mixed_model, quantize
+
+    result = quantize(mixed_model(), calibration(), target="ort", ort_int8_kinds=("dense",))
+    meta = {p.key: p.value for p in result.model.metadata_props}
+    assert meta["onnxquant.ort_int8_kinds"] == "dense"
+    assert meta["onnxquant.ort_int8_basis"] == "given"
+    paper = quantize(mixed_model(), calibration())
+    assert not any(p.key.startswith("onnxquant.") for p in paper.model.metadata_props)

@@ -100,6 +100,11 @@ def test_measure_kernels_keeps_only_kinds_that_speed_the_model_up(model_path, mo
     kinds = kernel_probe.choose_int8_kinds(model, QuantConfig(target="ort"), stats={})
     assert kinds == ("dense", "depthwise", "linear")
     assert tried == ["dense", "pointwise", "depthwise", "stem", "linear", "final"]
+    # the choice is cached for this CPU + onnxruntime + model structure: no timing again
+    tried.clear()
+    assert kernel_probe.choose_int8_kinds(model, QuantConfig(target="ort"), stats={}) == kinds
+    assert tried == []
+    kernel_probe.probe_cache.cache_path().unlink()
     final_gain[0] = 1.01  # the whole placement not measurably faster than none: keep none
     assert kernel_probe.choose_int8_kinds(model, QuantConfig(target="ort"), stats={}) == ()
 
