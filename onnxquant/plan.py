@@ -91,6 +91,7 @@ class Plan:
     unmatched_softmax: list = field(default_factory=list)  # (node name, reason)
     notes: list = field(default_factory=list)  # lines for the summary
     canonical: dict = field(default_factory=dict)  # what canonicalization changed, by kind
+    blocks: list = field(default_factory=list)  # Block (onnxquant/blocks.py): regions + boundaries
     stats: dict = field(default_factory=dict)  # tensor name -> (min, max)
 
     def calibration_tensors(self) -> list:
