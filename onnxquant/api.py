@@ -5,6 +5,7 @@ load -> passes mark a plan -> calibration fills its statistics -> emit inserts Q
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -14,10 +15,11 @@ import onnx_graphsurgeon as gs
 
 from . import emit, functions, opset
 from .calibrate import collect_stats, sample_feed
+from .decide import decide
 from .config import INT8_KINDS, QuantConfig
 from .errors import UserError
 from .model_io import PROTOBUF_LIMIT, is_large, load_model
-from .passes import PIPELINE
+from .passes import PIPELINE, select_sites
 from .plan import PassContext, Plan
 
 log = logging.getLogger("onnxquant")
@@ -106,9 +108,29 @@ def _version() -> str:
 
 
 def build(graph: gs.Graph, plan: Plan, config: QuantConfig, source: onnx.ModelProto):
-    """Emit the plan's Q/DQ (``plan.stats`` filled) -> (quantized ModelProto, counts)."""
-    counts = emit.emit(graph, plan, config)
+    """Decide the specs of the marked sites (``plan.stats`` filled), emit them
+    -> (quantized ModelProto, counts). ``graph`` is edited in place."""
+    decide(graph, plan, config)
+    counts = emit.emit(graph, plan)
     return _finish(graph, source), counts
+
+
+def _probe_int8_kinds(source, graph: gs.Graph, plan: Plan, config: QuantConfig) -> QuantConfig:
+    """Strategy (ort target): which layer kinds get int8 kernels on this CPU. Every variant
+    is built from copies of the one analysis and calibration; the chosen kinds re-mark
+    ``plan`` in place."""
+    from .kernel_probe import choose_int8_kinds, present_kinds
+
+    def variant(kinds: tuple) -> onnx.ModelProto:
+        cfg = replace(config, ort_int8_kinds=kinds)
+        g, p = graph.copy(), copy.deepcopy(plan)
+        select_sites.run(g, PassContext(cfg, p))
+        return build(g, p, cfg, source)[0]
+
+    kinds = choose_int8_kinds(source, config, present_kinds(plan), variant, log)
+    config = replace(config, ort_int8_kinds=kinds)
+    select_sites.run(graph, PassContext(config, plan))
+    return config
 
 
 def _calibration_model(source: onnx.ModelProto, graph: gs.Graph, plan: Plan) -> onnx.ModelProto:
@@ -146,8 +168,9 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
         progress: bool = True) -> Result:
     """quantize() with the plan, counts and timings kept (used by the CLI summary).
 
-    ort target with ``ort_int8_kinds=None``: calibrate once for every candidate placement,
-    time the candidates (kernel_probe.py), then emit the chosen one.
+    load -> canonicalize + passes (analyze) -> calibrate -> decide (+ strategies) -> emit
+    -> check. ort target with ``ort_int8_kinds=None``: calibrate once for every candidate
+    placement, let the kernel probe choose (kernel_probe.py), then emit the chosen one.
     """
     config = config or QuantConfig()
     t0 = time.perf_counter()
@@ -164,15 +187,11 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
                           calibration, config, preprocess, progress)
     t2 = time.perf_counter()
     seconds = {"passes": t1 - t0, "calibration": t2 - t1}
+    plan.stats = stats
     if probing:
-        from .kernel_probe import choose_int8_kinds
-
-        kinds = choose_int8_kinds(source, config, stats, log, plan)
-        config = replace(config, ort_int8_kinds=kinds)
-        graph, plan = analyze(source, config)
+        config = _probe_int8_kinds(source, graph, plan, config)
         seconds["kernel probe"] = time.perf_counter() - t2
         t2 = time.perf_counter()
-    plan.stats = stats
     out, counts = build(graph, plan, config, source)
     _record_choices(out, config, probing)
     if not is_large(out, PROTOBUF_LIMIT):

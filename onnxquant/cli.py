@@ -90,17 +90,9 @@ def _mb(n: int) -> str:
 
 
 def _recipe(cfg: QuantConfig) -> str:
-    parts = ",".join(p for p in PARTS if p in cfg.active_parts)
-    if cfg.target == "ort":
-        kinds = ", ".join(cfg.ort_int8_kinds or ()) or "nothing"
-        return f"target=ort: int8 on {kinds}; other weights 8-bit folded; parts {parts}"
-    if cfg.target == "tensorrt":
-        return (f"target=tensorrt: int8 symmetric Q/DQ (per-channel weights), softmax log2 "
-                f"{cfg.softmax_bits}-bit eps={cfg.log2_eps:g}; parts {parts}")
-    scheme = "symmetric" if cfg.weight_symmetric else "asymmetric"
-    grain = "per-channel" if cfg.per_channel else "per-tensor"
-    return (f"target=paper: weights {cfg.weight_bits}-bit {scheme} {grain} ({cfg.weight_format}), "
-            f"softmax log2 {cfg.softmax_bits}-bit eps={cfg.log2_eps:g}; parts {parts}")
+    from .targets import profile
+
+    return profile(cfg).describe(cfg)
 
 
 def print_summary(result: api.Result, cfg: QuantConfig, src: Path, dst: Path, seconds: float):
@@ -149,8 +141,11 @@ def cmd_quantize(args) -> int:
 def cmd_inspect(args) -> int:
     from .report import print_block_map
 
-    if args.calib and not args.plots:
-        raise UserError("--calib is used by --plots only; add --plots DIR or drop --calib")
+    cfg = config_from_args(args)
+    if args.calib and not (args.plots or args.sensitivity):
+        raise UserError("--calib is used by --plots and --sensitivity only; add one or drop --calib")
+    if cfg != QuantConfig() and not args.sensitivity:
+        raise UserError("recipe options (--target, ...) are used by --sensitivity only; add it")
     if args.plots:
         try:
             import matplotlib  # noqa: F401 - checked before any work is printed
@@ -165,6 +160,13 @@ def cmd_inspect(args) -> int:
         source, pre = _calibration(args, model)
         for path in write_plots(model, plan, source, pre, QuantConfig(), Path(args.plots)):
             print(f"wrote {path}")
+    if args.sensitivity:
+        from .sensitivity import sensitivity
+
+        report = sensitivity(model, cfg, *_calibration(args, model))
+        print(report.to_text(args.sensitivity_top))
+        if args.plots:
+            print(f"wrote {report.plot(Path(args.plots) / 'sensitivity.png')}")
     return 0
 
 
@@ -182,7 +184,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("input")
         p.add_argument("-v", "--verbose", action="store_true", help="list every conv")
         p.add_argument("--plots", help="write Figure-3 histograms (PNG) into this folder")
-        p.add_argument("--calib", help="calibration images/.npy for the activation histograms")
+        p.add_argument("--calib", help="calibration images/.npy for --plots and --sensitivity")
+        p.add_argument("--sensitivity", action="store_true", help="rank layers by the output "
+                       "error each costs quantized alone / left float (recipe options below)")
+        p.add_argument("--sensitivity-top", type=int, default=15, metavar="N", help="rows shown")
+        add_config_arguments(p)
         add_preprocess_arguments(p)
         p.set_defaults(func=cmd_inspect)
         return p

@@ -79,9 +79,15 @@ def _params_arrays(p: quantizers.UniformParams, ndim: int, broadcast: bool):
 
 
 def store_weight(graph: gs.Graph, base: str, w: np.ndarray, p: quantizers.UniformParams,
-                 fmt: str = "qdq") -> gs.Variable:
-    """Quantize constant ``w`` with ``p``; returns the float tensor that replaces it."""
-    codes = gs.Constant(tensor_name(graph, base, "quantized"), quantizers.uniform_quantize(w, p))
+                 fmt: str = "qdq", codes: np.ndarray | None = None) -> gs.Variable:
+    """Quantize constant ``w`` with ``p`` (or store the given integer ``codes``, e.g. learned
+    rounding); returns the float tensor that replaces it."""
+    if codes is None:
+        codes = quantizers.uniform_quantize(w, p)
+    elif codes.shape != w.shape or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes for {base} must be integers of shape {w.shape}")
+    codes = gs.Constant(tensor_name(graph, base, "quantized"),
+                        np.clip(codes, p.qmin, p.qmax).astype(p.zero_point.dtype))
     out = gs.Variable(tensor_name(graph, base, "dequantized"), dtype=np.float32)
     if fmt == "qdq":
         scale, zero = _params_arrays(p, w.ndim, broadcast=False)
@@ -139,9 +145,10 @@ def int32_bias(graph: gs.Graph, base: str, b: np.ndarray, act_scale: float,
     return out
 
 
-def dynamic_matmul(graph: gs.Graph, node: gs.Node, w: np.ndarray) -> None:
-    """Replace float MatMul(x, W) by dynamic int8 (onnxruntime: DynamicQuantizeMatMul)."""
-    p = quantizers.uniform_params(w, 8, symmetric=True)
+def dynamic_matmul(graph: gs.Graph, node: gs.Node, w: np.ndarray,
+                   p: quantizers.UniformParams) -> None:
+    """Replace float MatMul(x, W) by dynamic int8 (onnxruntime: DynamicQuantizeMatMul);
+    ``p``: int8 symmetric per-tensor weight parameters."""
     base, x, y = node.name, node.inputs[0], node.outputs[0]
     xq, xs, xz = add_node(graph, "DynamicQuantizeLinear", tensor_name(graph, base, "DynQuant"), [x],
                           [tensor_name(graph, base, n) for n in ("x_quantized", "x_scale", "x_zero")])

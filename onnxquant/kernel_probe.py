@@ -23,8 +23,6 @@ every candidate), and are timed on a random input (values do not change kernel s
 from __future__ import annotations
 
 import time
-from dataclasses import replace
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -57,10 +55,11 @@ def _timed(session, feed) -> float:
 
 
 class _Variants:
-    """Quantized variants by int8 kinds, all from one calibration, each built once."""
+    """Quantized variants by int8 kinds, all from one calibration, each built once by
+    ``build`` (kinds -> ModelProto: the caller's pipeline; no import of the API here)."""
 
-    def __init__(self, model: onnx.ModelProto, cfg, stats: dict):
-        self.model, self.cfg, self.stats = model, cfg, stats
+    def __init__(self, model: onnx.ModelProto, build):
+        self.build = build
         name, shape = model_input(model)
         dims = [1] + [d or 224 for d in shape[1:]]
         self.feed = {name: np.random.default_rng(0).standard_normal(dims).astype(np.float32)}
@@ -68,12 +67,7 @@ class _Variants:
 
     def session(self, kinds: tuple):
         if kinds not in self.sessions:
-            from .api import analyze, build
-
-            variant = replace(self.cfg, ort_int8_kinds=kinds)
-            graph, plan = analyze(self.model, variant)
-            plan.stats = self.stats
-            session = _session(build(graph, plan, variant, self.model)[0].SerializeToString())
+            session = _session(self.build(kinds).SerializeToString())
             session.run(None, self.feed)
             self.sessions[kinds] = session
         return self.sessions[kinds]
@@ -91,31 +85,25 @@ def _compare(variants: _Variants, kinds_a: tuple, kinds_b: tuple) -> float:
     return float(np.median(ratios))
 
 
-def _present_kinds(model: onnx.ModelProto, cfg, plan=None) -> list:
-    """Candidate kinds present in the model (``plan``: the run's analysis, if at hand)."""
-    if plan is None:
-        from .api import analyze
-
-        _, plan = analyze(model, replace(cfg, ort_int8_kinds=()))
+def present_kinds(plan) -> list:
+    """Candidate kinds present in the plan's quantized sites, in INT8_KINDS order."""
     present = {c.kind for c in plan.convs if c.quantize}
     present |= {"linear" for s in plan.linears if s.quantize and s.op == "MatMul"}
     return [k for k in INT8_KINDS if k in present]
 
 
-def choose_int8_kinds(model: onnx.ModelProto, cfg, stats: dict, log=None, plan=None) -> tuple:
-    """What is worth int8 on this CPU (subset of INT8_KINDS): cached for this CPU, onnxruntime
-    version and model structure (probe_cache.py), else measured by timing whole-model variants.
-
-    ``stats`` must cover every candidate (calibrated with ``ort_int8_kinds=INT8_KINDS``).
+def choose_int8_kinds(model: onnx.ModelProto, cfg, present: list, build, log=None) -> tuple:
+    """What is worth int8 on this CPU (subset of ``present``): cached for this CPU, onnxruntime
+    version and model structure (probe_cache.py), else measured by timing whole-model variants
+    that ``build(kinds) -> ModelProto`` makes (from one calibration covering every kind).
     """
-    present = _present_kinds(model, cfg, plan)
     key = probe_cache.key(model, ",".join(present) + f"|{cfg.parts}|{cfg.exclude}")
     cached = probe_cache.load(key)
     if cached is not None:
         if log:
             log.info("kernel probe: int8 on %s (cached for this CPU)", ", ".join(cached) or "nothing")
         return cached
-    chosen, gains = _measure(_Variants(model, cfg, stats), present, log)
+    chosen, gains = _measure(_Variants(model, build), present, log)
     probe_cache.store(key, chosen, gains)
     return chosen
 

@@ -1,6 +1,7 @@
 """The plan: what the passes marked for quantization, and the statistics calibration fills.
 
-Passes write the plan; they never create Q/DQ nodes. ``emit.py`` reads it.
+Passes mark the sites (where); decide.py writes a QuantSpec per quantized tensor (how);
+``emit.py`` writes exactly those specs. Nothing here creates Q/DQ nodes.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 
 from .config import QuantConfig
+from .spec import QuantSpec
 
 ROLES = ("conv_block", "transformer", "bridge")
 
@@ -22,6 +24,7 @@ class AttentionSite:
     pattern: str  # which topology matched (see passes/find_attention.py)
     nodes: tuple = ()  # names of the matched pattern nodes, in order
     quantize: bool = True
+    spec: QuantSpec | None = None  # decide.py: the post-Softmax quantizer
 
 
 @dataclass
@@ -41,6 +44,9 @@ class ConvSite:
     quantize: bool = True
     int8_input: bool = False  # targets ort/tensorrt: Q/DQ on the activation too
     int8_output: bool = False  # target ort: Q/DQ on the output + int32 bias (QLinearConv)
+    weight_spec: QuantSpec | None = None  # decide.py fills these three
+    input_spec: QuantSpec | None = None
+    output_spec: QuantSpec | None = None
 
     @property
     def depthwise(self) -> bool:
@@ -70,6 +76,8 @@ class LinearSite:
     quantize: bool = False
     dynamic: bool = False  # target ort: dynamic int8 (DynamicQuantizeMatMul)
     int8_input: bool = False  # target tensorrt: Q/DQ on the activation too
+    weight_spec: QuantSpec | None = None  # decide.py fills these two
+    input_spec: QuantSpec | None = None
 
 
 @dataclass
@@ -80,6 +88,7 @@ class ResidualSite:
     skip: str
     conv: str  # the Conv producing the other input
     quantize: bool = False  # target tensorrt: Q/DQ on the skip input (when the conv is int8)
+    spec: QuantSpec | None = None
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Decide, per marked site, what gets quantized and how, from the config's target and parts.
+"""Mark, per site, what gets quantized (not how: decide.py), from the target profile
+(targets.py: the ``where`` fields) and the config's parts and exclusions.
 
     paper     every Conv weight (uniform, weight-only) + every attention Softmax (log2)
     ort       where onnxruntime CPU has a faster int8 kernel (DESIGN.md §7, measured here:
@@ -25,8 +26,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxquant.errors import UserError
-
 from onnxquant.graph import constant_value
+from onnxquant.targets import profile
 
 
 def _skip_non_finite(graph: gs.Graph, ctx) -> None:
@@ -41,7 +42,10 @@ def _skip_non_finite(graph: gs.Graph, ctx) -> None:
                 if hasattr(site, flag):
                     setattr(site, flag, False)
             ctx.plan.notes.append(f"weight {site.weight!r} of {site.node!r} has NaN/Inf: "
-                                  "left float")
+                                  "left float")  # starts with _OWN_NOTES[0]
+
+_OWN_NOTES = ("weight ", "kept float by --exclude")
+
 
 def _site_name(site) -> str:
     return getattr(site, "softmax", None) or site.node
@@ -67,32 +71,41 @@ def _exclude(ctx) -> None:
     if unused:
         raise UserError(f"--exclude {unused[0]!r} matches no Conv/MatMul/Gemm/attention Softmax "
                         "node; list the node names with 'onnxquant inspect -v'")
-    ctx.plan.notes.append(f"{excluded} node(s) kept float by --exclude")
+    ctx.plan.notes.append(f"kept float by --exclude: {excluded} node(s)")
+
+
+def _mark(plan, cfg) -> None:
+    """Where to quantize, from the target profile's ``where`` fields and the parts."""
+    prof, parts = profile(cfg), cfg.active_parts
+    for site in plan.attention:
+        site.quantize = "softmax" in parts
+    log2_outputs = {a.output for a in plan.attention if a.quantize}
+    kinds = cfg.ort_int8_kinds or ()
+    for site in plan.convs:
+        site.quantize = site.role in parts
+        int8 = {"none": False, "all": site.input not in log2_outputs,
+                "kinds": site.kind in kinds}[prof.int8_convs]
+        site.int8_input = site.quantize and int8
+        site.int8_output = site.int8_input and prof.int8_conv_outputs
+    for site in plan.linears:
+        site.quantize = "linear" in parts
+        site.dynamic = (site.quantize and prof.int8_linears == "dynamic" and site.op == "MatMul"
+                        and "linear" in kinds)
+        site.int8_input = site.quantize and prof.int8_linears == "static"
 
 
 def run(graph: gs.Graph, ctx) -> int:
-    """Set the quantize flags on the plan's sites; returns how many are quantized."""
+    """Set the quantize flags on the plan's sites; returns how many are quantized.
+
+    Idempotent: strategies that change the config (the kernel probe) call it again."""
     cfg = ctx.config
-    parts = cfg.active_parts
-    for site in ctx.plan.attention:
-        site.quantize = "softmax" in parts
-    log2_outputs = {a.output for a in ctx.plan.attention if a.quantize}
-    for site in ctx.plan.convs:
-        site.quantize = site.role in parts
-        fused = cfg.target == "ort" and site.kind in (cfg.ort_int8_kinds or ())
-        trt = cfg.target == "tensorrt" and site.input not in log2_outputs
-        site.int8_input = site.quantize and (fused or trt)
-        site.int8_output = site.quantize and fused
-    for site in ctx.plan.linears:
-        site.quantize = "linear" in parts
-        site.dynamic = (site.quantize and cfg.target == "ort" and site.op == "MatMul"
-                        and "linear" in (cfg.ort_int8_kinds or ()))
-        site.int8_input = site.quantize and cfg.target == "tensorrt"
+    ctx.plan.notes = [n for n in ctx.plan.notes if not n.startswith(_OWN_NOTES)]
+    _mark(ctx.plan, cfg)
     _skip_non_finite(graph, ctx)
     _exclude(ctx)
     quantized_convs = {c.node for c in ctx.plan.convs if c.int8_input}
     for site in ctx.plan.residuals:
-        site.quantize = cfg.target == "tensorrt" and site.conv in quantized_convs
+        site.quantize = profile(cfg).residual_skips and site.conv in quantized_convs
     sites = ctx.plan.attention + ctx.plan.convs + ctx.plan.linears
     chosen = sum(s.quantize for s in sites)
     ctx.log.info("select_sites: %d sites to quantize (target %s)", chosen, cfg.target)

@@ -97,16 +97,22 @@ def test_measure_kernels_keeps_only_kinds_that_speed_the_model_up(model_path, mo
 
     monkeypatch.setattr(kernel_probe, "_compare", fake_compare)
     model = onnx.load(model_path)
-    kinds = kernel_probe.choose_int8_kinds(model, QuantConfig(target="ort"), stats={})
+    _, plan = onnxquant.analyze(model, QuantConfig(target="ort", ort_int8_kinds=()))
+    present = kernel_probe.present_kinds(plan)
+
+    def choose():
+        return kernel_probe.choose_int8_kinds(model, QuantConfig(target="ort"), present, None)
+
+    kinds = choose()
     assert kinds == ("dense", "depthwise", "linear")
     assert tried == ["dense", "pointwise", "depthwise", "stem", "linear", "final"]
     # the choice is cached for this CPU + onnxruntime + model structure: no timing again
     tried.clear()
-    assert kernel_probe.choose_int8_kinds(model, QuantConfig(target="ort"), stats={}) == kinds
+    assert choose() == kinds
     assert tried == []
     kernel_probe.probe_cache.cache_path().unlink()
     final_gain[0] = 1.01  # the whole placement not measurably faster than none: keep none
-    assert kernel_probe.choose_int8_kinds(model, QuantConfig(target="ort"), stats={}) == ()
+    assert choose() == ()
 
 
 def test_ort_target_measures_by_default(model_path, calib, tmp_path):
