@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from . import __version__, api
-from .config import (INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, TARGET_PARTS, TARGETS,
-                     WEIGHT_FORMATS, QuantConfig)
+from .config import (INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, SOFTMAX_QUANTIZERS, TARGET_PARTS,
+                     TARGETS, WEIGHT_FORMATS, QuantConfig)
 from .errors import UserError
 from .model_io import check_output_path, load_model, save_model
 from .report import canonical_line
@@ -46,6 +46,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--softmax-bits", type=int, default=d.softmax_bits, help="log2 bits (default 8)")
     g.add_argument("--log2-eps", type=float, default=d.log2_eps,
                    help=f"floor for post-Softmax values before log2 (default {DEFAULT_LOG2_EPS:g})")
+    g.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS, default=d.softmax_quantizer,
+                   help="post-Softmax quantizer: log2 (the paper's, default), log_sqrt2 "
+                        "(RepQ-ViT), adalog (searched log base), uniform (onnxruntime's)")
     g.add_argument("--parts", default=None,
                    help=f"comma list of parts to quantize, from {','.join(PARTS)} (default: "
                         f"the target's, paper: {','.join(sorted(TARGET_PARTS['paper']))})")
@@ -113,7 +116,8 @@ def print_summary(result: api.Result, cfg: QuantConfig, src: Path, dst: Path, se
           f" ({sum(c.int8_input for c in plan.convs)} with int8 inputs), "
           f"{result.counts.get('linears', 0)} linear weights "
           f"({sum(s.dynamic or s.int8_input for s in plan.linears)} with int8 inputs), "
-          f"{result.counts.get('softmax', 0)} softmax outputs (log2)")
+          f"{result.counts.get('softmax', 0)} softmax outputs "
+          f"({(result.config or cfg).softmax_quantizer})")
     for note in plan.notes:
         print(f"  note        {note}")
     print(f"  size        {_mb(src.stat().st_size)} -> {_mb(dst.stat().st_size)} "

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 TARGETS = ("paper", "ort", "tensorrt")
 PARTS = ("conv_block", "transformer", "bridge", "softmax", "linear")
 WEIGHT_FORMATS = ("qdq", "folded")
+SOFTMAX_QUANTIZERS = ("log2", "log_sqrt2", "adalog", "uniform")  # softmax_quantizers.py
 CONV_KINDS = ("dense", "pointwise", "grouped", "depthwise", "stem")
 INT8_KINDS = CONV_KINDS + ("linear",)
 
@@ -44,6 +45,9 @@ class QuantConfig:
         grouped, depthwise, stem) and "linear" (dynamic int8 MatMul). None (default):
         chosen by timing the model on this CPU (kernel_probe.py); the rest is stored
         folded (8-bit file, float speed).
+    softmax_quantizer: the post-Softmax quantizer: "log2" (the paper's), "log_sqrt2"
+        (RepQ-ViT), "adalog" (searched log base), "uniform" (onnxruntime's; a baseline);
+        see softmax_quantizers.py.
     fold_batchnorm: fold inference BatchNormalization into the Conv before it, so the
         quantized weights are the ones that run (passes/fold_batchnorm.py).
     exclude: node names or fnmatch patterns (``"*attn*"``) of Conv/MatMul/Gemm/Softmax
@@ -57,6 +61,7 @@ class QuantConfig:
     weight_format: str = "qdq"
     softmax_bits: int = 8
     log2_eps: float = DEFAULT_LOG2_EPS
+    softmax_quantizer: str = "log2"
     parts: frozenset | None = None
     ort_int8_kinds: tuple | None = None
     num_calib: int = 32
@@ -67,6 +72,9 @@ class QuantConfig:
     def __post_init__(self):
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
+            raise ValueError(f"softmax_quantizer must be one of {SOFTMAX_QUANTIZERS}, "
+                             f"got {self.softmax_quantizer!r}")
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, "
                              f"got {self.weight_format!r}")
@@ -108,10 +116,11 @@ class QuantConfig:
                              "(lower bits: target 'paper')")
         if t == "tensorrt" and self.weight_format != "qdq":
             raise ValueError("target 'tensorrt' needs weight_format 'qdq' (TensorRT reads Q/DQ)")
-        softmax_set = self.softmax_bits != 8 or self.log2_eps != DEFAULT_LOG2_EPS
+        softmax_set = (self.softmax_bits != 8 or self.log2_eps != DEFAULT_LOG2_EPS
+                       or self.softmax_quantizer != "log2")
         if softmax_set and "softmax" not in self.active_parts:
-            raise ValueError(f"softmax_bits/log2_eps set, but target {t!r} with parts "
-                             f"{sorted(self.active_parts)} leaves the Softmax in float")
+            raise ValueError(f"softmax_bits/log2_eps/softmax_quantizer set, but target {t!r} "
+                             f"with parts {sorted(self.active_parts)} leaves the Softmax float")
 
     @property
     def active_parts(self) -> frozenset:

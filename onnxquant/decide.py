@@ -19,6 +19,7 @@ from . import quantizers
 from .config import QuantConfig
 from .graph import constant_value
 from .plan import ConvSite, LinearSite, Plan
+from .softmax_quantizers import REGISTRY
 from .spec import QuantSpec
 from .targets import TargetProfile, profile
 
@@ -80,11 +81,11 @@ def decide(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> Plan:
     """Fill the spec of every quantized site from the target profile and ``plan.stats``."""
     prof, stats = profile(cfg), plan.stats
     nodes = {n.name: n for n in graph.nodes}
+    softmax = REGISTRY[cfg.softmax_quantizer]
     for site in plan.attention:
-        lo_hi = stats.get(site.output) if site.quantize else None
-        site.spec = None if lo_hi is None else QuantSpec(
-            kind="log2", bits=cfg.softmax_bits, eps=cfg.log2_eps,
-            range=(float(lo_hi[0]), float(lo_hi[1])))
+        site_stats = stats.get(site.output) if site.quantize else None
+        site.spec = None if site_stats is None else softmax.spec(
+            site_stats, cfg.softmax_bits, cfg.log2_eps, prof.activation_symmetric)
     for site in plan.convs:
         _conv(nodes, site, prof, cfg, stats)
     for site in plan.linears:

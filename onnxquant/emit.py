@@ -113,13 +113,19 @@ def emit_residuals(graph: gs.Graph, plan: Plan, inputs: dict) -> int:
     return count
 
 
-def emit_log2(graph: gs.Graph, plan: Plan) -> int:
+def emit_softmax(graph: gs.Graph, plan: Plan) -> int:
+    """Each attention probability tensor: the log2 table op, or uniform Q/DQ."""
     tensors = graph.tensors()
     count = 0
     for site in plan.attention:
         if site.spec is None:
             continue
         x = tensors[site.output]
+        if site.spec.kind == "uniform":
+            consumers = list(x.outputs)
+            _rewire(x, quant_dequant(graph, x, site.spec.uniform_params()), consumers)
+            count += 1
+            continue
         p = site.spec.log2_params()
         y = gs.Variable(tensor_name(graph, site.output, "log2qdq"), dtype=np.float32,
                         shape=x.shape)
@@ -137,7 +143,7 @@ def emit(graph: gs.Graph, plan: Plan) -> dict:
     inputs = {}  # activation tensor -> its Q/DQ output, shared by all its consumers
     counts = {"convs": emit_convs(graph, plan, inputs),
               "linears": emit_linears(graph, plan, inputs),
-              "softmax": emit_log2(graph, plan)}
+              "softmax": emit_softmax(graph, plan)}
     residuals = emit_residuals(graph, plan, inputs)
     if residuals:
         counts["residuals"] = residuals

@@ -146,8 +146,15 @@ class Log2Params:
         return 2**self.bits - 1
 
 
-def log2_params(xmin: float, xmax: float, bits: int = 8, eps: float = 2.0**-16) -> Log2Params:
-    """Calibrated parameters from the observed min/max of the (non-negative) input."""
+def log2_params(xmin: float, xmax: float, bits: int = 8, eps: float = 2.0**-16,
+                step: float | None = None) -> Log2Params:
+    """Calibrated parameters from the observed min/max of the (non-negative) input.
+
+    ``step=None``: the paper's min-max grid, ``s = (L_max - L_min) / (2^b - 1)``. A fixed
+    ``step`` (in octaves: 0.5 is RepQ-ViT's log-sqrt2 grid, 1 FQ-ViT's log2 grid) anchors
+    the top code at the calibrated max instead, ``z = round((2^b - 1) - L_max / s)``, and
+    lets the grid run down from there (codes below ``eps`` clamp to 0).
+    """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
     if not MIN_EPS <= eps < 1:
@@ -155,6 +162,9 @@ def log2_params(xmin: float, xmax: float, bits: int = 8, eps: float = 2.0**-16) 
     eps32 = float(np.float32(eps))
     l_min = np.log2(max(float(xmin), eps32))
     l_max = np.log2(max(float(xmax), eps32))
+    if step is not None:
+        scale = float(np.float32(max(step, MIN_LOG2_SCALE)))
+        return Log2Params(scale, int(np.round((2**bits - 1) - l_max / scale)), bits, eps32)
     scale = (l_max - l_min) / (2**bits - 1)
     # constant input (one key) or a range too narrow for distinct float32 thresholds
     scale = max(scale, MIN_LOG2_SCALE)

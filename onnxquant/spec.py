@@ -30,6 +30,7 @@ class QuantSpec:
     estimator: str = "minmax"  # how ``range`` was estimated
     fmt: str = "qdq"  # weights: DequantizeLinear | folded Cast/Sub/Mul | dynamic int8 MatMul
     eps: float | None = None  # log2: floor before the log
+    step: float | None = None  # log2: fixed grid step in octaves (None: min-max range)
     codes: np.ndarray | None = None  # explicit integer codes (learned rounding); else RTN
     params: quantizers.UniformParams | None = None  # resolved parameters (overrides min-max)
 
@@ -54,7 +55,7 @@ class QuantSpec:
 
     def log2_params(self) -> quantizers.Log2Params:
         lo, hi = self.range
-        return quantizers.log2_params(lo, hi, self.bits, self.eps)
+        return quantizers.log2_params(lo, hi, self.bits, self.eps, step=self.step)
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
         """Integer codes of ``values``: the explicit ``codes`` if given, else round to nearest."""

@@ -46,7 +46,7 @@ class TargetProfile:
         """One line for the summary: the recipe as applied."""
         parts = ",".join(p for p in ("conv_block", "transformer", "bridge", "softmax", "linear")
                          if p in cfg.active_parts)
-        softmax = (f"softmax log2 {cfg.softmax_bits}-bit eps={cfg.log2_eps:g}; "
+        softmax = (f"softmax {cfg.softmax_quantizer} {cfg.softmax_bits}-bit eps={cfg.log2_eps:g}; "
                    if "softmax" in cfg.active_parts else "")
         if self.int8_convs == "kinds":
             kinds = ", ".join(cfg.ort_int8_kinds or ()) or "nothing"
