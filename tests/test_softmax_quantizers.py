@@ -103,3 +103,22 @@ def test_uniform_softmax_quantizer_matches_numpy_codes():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(None, {"x": x})[0], Q.uniform_quantize(x, p))
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_tensorrt_engine_builds_for_every_softmax_quantizer(name, tmp_path):
+    """Log quantizers: one plugin layer serves them all; uniform: TensorRT's own Q/DQ."""
+    import importlib.util
+
+    if not any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx")):
+        pytest.skip("neither tensorrt nor tensorrt_rtx imports")
+    from onnxquant import tensorrt as qt
+    from graphs import mixed_model
+
+    r = quantize(mixed_model(), calibration(), softmax_quantizer=name, target="tensorrt")
+    path = tmp_path / "m.onnx"
+    onnx.save(r.model, path)
+    report = qt.build_engine(str(path), str(tmp_path / "m.engine"))
+    assert report.plugin_layers == (0 if name == "uniform" else 1)
+    assert len(report.int8_eligible) == 4
