@@ -61,13 +61,14 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exclude", action="append", default=[], metavar="NODE|PATTERN",
                    help="keep these nodes float (names or fnmatch patterns such as '*attn*'; "
                         "repeat or comma-separate)")
-    g.add_argument("--no-fold-batchnorm", dest="fold_batchnorm", action="store_false",
-                   help="keep BatchNormalization separate (default: folded into the Conv "
-                        "before quantizing, as onnxruntime runs it)")
+    g.add_argument("--fold-batchnorm", choices=("auto", "yes", "no"), default="auto",
+                   help="fold BatchNormalization into the Conv before quantizing (auto: "
+                        "where conv weights are per channel)")
 
 
 def config_from_args(args) -> QuantConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(QuantConfig)}
+    values["fold_batchnorm"] = {"auto": None, "yes": True, "no": False}[values["fold_batchnorm"]]
     values["exclude"] = tuple(p.strip() for v in values["exclude"] for p in v.split(",")
                               if p.strip())
     if values["parts"] is not None:

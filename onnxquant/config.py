@@ -49,7 +49,9 @@ class QuantConfig:
         (RepQ-ViT), "adalog" (searched log base), "uniform" (onnxruntime's; a baseline);
         see softmax_quantizers.py.
     fold_batchnorm: fold inference BatchNormalization into the Conv before it, so the
-        quantized weights are the ones that run (passes/fold_batchnorm.py).
+        quantized weights are the ones that run (passes/fold_batchnorm.py). None (default):
+        only where conv weights are quantized per channel (BN gains spread over 60-100x
+        crush per-tensor grids: docs/canonicalize.md).
     exclude: node names or fnmatch patterns (``"*attn*"``) of Conv/MatMul/Gemm/Softmax
         nodes to keep in float (``onnxquant inspect --sensitivity`` ranks candidates).
     """
@@ -66,7 +68,7 @@ class QuantConfig:
     ort_int8_kinds: tuple | None = None
     num_calib: int = 32
     batch_size: int = 8
-    fold_batchnorm: bool = True
+    fold_batchnorm: bool | None = None
     exclude: tuple = ()
 
     def __post_init__(self):

@@ -4,12 +4,15 @@
     x -> Conv(W * k, (b - mu) * k + beta) -> y          k = g / sqrt(var + eps), per channel
 
 onnxruntime folds this pair at session load (ConvBNFusion) when the weight is an
-initializer, but not once the weight comes out of a DequantizeLinear: quantizing W
-unfolded leaves a separate BatchNormalization at run time and quantizes weights that never
-run, with per-channel BN gains that blow up per-tensor ranges (paddle2onnx exports of
-PP-OCR recognizers keep three; docs/canonicalize.md has the measurement). Matched only when
-every BN input is constant, the Conv output feeds nothing else, and BN's optional outputs
-are unused. New weights get new names; shared initializers are never modified.
+initializer, but not once the weight comes out of a DequantizeLinear: quantizing W unfolded
+leaves a separate BatchNormalization at run time. Folding first quantizes the weights that
+run, which is free with per-channel weights (same error either way) but costly per tensor:
+the BN gains of the 3 unfused BNs in the PP-OCRv6 recognizer span 60-100x, one per-tensor
+scale then crushes the small-gain channels (line accuracy 85 % unfolded vs 77 % folded,
+docs/canonicalize.md). So by default (``fold_batchnorm=None``) it folds only where conv
+weights are per channel. Matched only when every BN input is constant, the Conv output
+feeds nothing else, and BN's optional outputs are unused. New weights get new names;
+shared initializers are never modified.
 """
 
 from __future__ import annotations
@@ -65,9 +68,20 @@ def _fold(conv: gs.Node, bn: gs.Node, w, b, consts, taken: set) -> None:
     conv.outputs[0] = y
 
 
+def _wanted(cfg) -> bool:
+    """The config's choice, or by default: fold where conv weights are per channel."""
+    if cfg.fold_batchnorm is not None:
+        return cfg.fold_batchnorm
+    from onnxquant.targets import profile
+
+    prof = profile(cfg)
+    return prof.int8_convs != "none" or prof.weight_scheme(cfg)["per_channel"]
+
+
 def run(graph: gs.Graph, ctx) -> int:
     """Fold every foldable Conv -> BatchNormalization pair; returns how many."""
-    if not ctx.config.fold_batchnorm:
+    if not _wanted(ctx.config):
+        ctx.plan.canonical["bn_folded"] = 0
         return 0
     outputs = {t.name for t in graph.outputs}
     taken = set(graph.tensors()) | {n.name for n in graph.nodes}

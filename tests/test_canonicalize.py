@@ -95,15 +95,19 @@ def test_batchnorm_is_folded_into_the_conv_exactly():
     assert any(n.op_type == "BatchNormalization" for n in kept.model.graph.node)
 
 
-def test_folding_batchnorm_first_quantizes_what_runs():
-    """Per-tensor weights: BN gains of 0.1..8 per channel make the unfolded grid much worse."""
-    model = _conv_bn_model(3)
-    x = calibration(seed=2)
-    (y,) = run_ort(model, {"x": x})
-    folded = _rel_err(y, run_ort(quantize(model, weight_bits=4).model, {"x": x})[0])
-    unfolded = _rel_err(y, run_ort(quantize(model, weight_bits=4, fold_batchnorm=False).model,
-                                   {"x": x})[0])
-    assert folded < unfolded
+@pytest.mark.parametrize("options, folded", [
+    ({}, 0),  # paper, per-tensor weights: BN gains would crush one per-tensor grid
+    ({"per_channel": True}, 1),
+    ({"target": "tensorrt"}, 1),
+    ({"target": "ort", "ort_int8_kinds": ("dense",)}, 1),
+    ({"fold_batchnorm": True}, 1),
+    ({"per_channel": True, "fold_batchnorm": False}, 0),
+])
+def test_batchnorm_is_folded_where_weights_are_per_channel(options, folded):
+    result = quantize(_conv_bn_model(), calibration(), **options)
+    assert result.plan.canonical["bn_folded"] == folded
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("BatchNormalization") == 1 - folded
 
 
 def test_unnamed_and_duplicate_nodes_get_unique_names():
