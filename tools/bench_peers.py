@@ -17,6 +17,7 @@ All calibrate on the same 32 images (take_evenly over the calibration folder, as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -30,13 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import (file_mb, header, kept_notes, machine, median, p90,  # noqa: F401
-                      peak_rss_mb, snapshot_library, table)
+from benchlib import (CALIB, CALIB_BATCH, IMAGE_SETS, NUM_CALIB, asset_name, begin, file_mb,
+                      header, kept_notes, median, model_input, ort_quantize_static, ort_session,
+                      p90, peak_rss_mb, reference, table)
 
-ASSETS = Path("/work/shared/assets")
-REFERENCE = ASSETS / "reference"
-CALIB = ASSETS / "imagenette" / "train"
-EVAL = ASSETS / "imagenet-val" / "nette"
+EVAL = IMAGE_SETS["imagenet-val/nette"]
 MODELS = ("mobilevit_xxs", "mobilevit_s", "mobilevitv2_050", "efficientformer_l1",
           "efficientformerv2_s0", "fastvit_t8")
 # onnxquant variants: tool name -> QuantConfig keyword arguments (besides num_calib, batch).
@@ -52,15 +51,13 @@ VARIANTS = {
     "onnxquant-softmax-only": {"parts": ["softmax"]},
 }
 TOOLS = tuple(VARIANTS) + ("ort-quantize_static",)
-NUM_CALIB = 32
-BATCH = 8  # calibration batch of both tools (onnxquant's default batch_size)
+BATCH = CALIB_BATCH  # calibration batch of both tools
 FAILURES: dict = {}  # (model, tool) -> last line of the error
 NOTES: set = set()
 
 
 # ---- models ----------------------------------------------------------------------------
 
-SHARED_ZOO = Path.home() / ".cache" / "onnxquant" / "zoo"
 PRIVATE_ZOO = Path(tempfile.gettempdir()) / "onnxquant-bench-zoo"
 
 
@@ -70,13 +67,15 @@ def zoo_path(name: str) -> Path:
     Other jobs rewrite and clean the shared cache (files vanished mid-run here), so the
     file is copied out of it once, or exported (in a subprocess, torch) when absent.
     """
+    from onnxquant.models.export import cache_dir
+
     sub = f"timm-{version('timm')}/{name}.seed0.onnx"
     private = PRIVATE_ZOO / sub
     if private.is_file():
         return private
     private.parent.mkdir(parents=True, exist_ok=True)
     try:
-        shutil.copyfile(SHARED_ZOO / sub, f"{private}.tmp")
+        shutil.copyfile(cache_dir() / sub, f"{private}.tmp")
         os.replace(f"{private}.tmp", private)
         return private
     except FileNotFoundError:
@@ -90,24 +89,16 @@ def zoo_path(name: str) -> Path:
 
 def resolve(name: str) -> dict:
     """{name, path, source, pre (Preprocess kwargs), class_map} of a model name or .onnx path."""
-    ref = REFERENCE / f"{name}.imagenette.onnx"
-    if ref.is_file():
-        meta = json.loads(ref.with_suffix(".json").read_text())
-        pre = dict(meta["eval_preprocessing"])
-        return {"name": name, "path": str(ref), "source": "reference (Imagenette, 128 px)",
-                "pre": pre, "class_map": meta["imagenet_index"]}
+    ref = None if name.endswith(".onnx") else reference(name)
+    if ref is not None:
+        return {"name": name, "path": str(ref["path"]), "source": "reference (Imagenette, "
+                f"{ref['pre'].input_size} px)", "pre": dataclasses.asdict(ref["pre"]),
+                "class_map": ref["class_map"]}
     path = Path(name) if name.endswith(".onnx") else zoo_path(name)
-    size = input_hw(path)
+    size = model_input(path)[1]
     return {"name": Path(name).stem if name.endswith(".onnx") else name, "path": str(path),
             "source": f"timm export, random weights, {size} px", "pre": {"input_size": size},
             "class_map": None}
-
-
-def input_hw(path) -> int:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
 
 
 def preprocess(spec: dict):
@@ -117,12 +108,6 @@ def preprocess(spec: dict):
 
 
 # ---- workers (run in their own process) ------------------------------------------------
-
-def calib_paths(folder=CALIB, n=NUM_CALIB):
-    from onnxquant import images
-
-    return images.take_evenly(images.list_images(folder), n)
-
 
 def _quant_onnxquant(job: dict) -> dict:
     import onnxquant
@@ -144,53 +129,17 @@ def _quant_onnxquant(job: dict) -> dict:
 
 
 def _quant_ort(job: dict) -> dict:
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import onnxruntime.quantization  # noqa: F401  (imported before the clock, as onnxquant)
 
-    from onnxquant import images
-
-    name = onnx.load(job["model"], load_external_data=False).graph.input[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            paths = calib_paths(job["calib"], job["num_calib"])
-            self.batches = images.iter_batches(paths, preprocess(job["pre"]), BATCH)
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {name: batch}
-
+    pre = preprocess(job["pre"])
     job["import_rss"] = peak_rss_mb()
-    start = time.perf_counter()
-    pre_path, note = job["out"] + ".pre.onnx", None
-    try:
-        quant_pre_process(job["model"], pre_path)
-    except Exception as exc:  # what a user does next: pre-process without symbolic shapes
-        note = f"quant_pre_process failed ({exc}); retried with skip_symbolic_shape=True"
-        quant_pre_process(job["model"], pre_path, skip_symbolic_shape=True)
-    prepped = time.perf_counter()
-    quantize_static(pre_path, job["out"], Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, calibrate_method=CalibrationMethod.MinMax)
-    end = time.perf_counter()
-    os.unlink(pre_path)
-    return {"seconds": end - start, "note": note,
-            "phases": {"pre_process": prepped - start, "quantize_static": end - prepped}}
+    return ort_quantize_static(job["model"], job["out"], pre, job["calib"], job["num_calib"],
+                               BATCH)
 
 
 def _latency(job: dict) -> dict:
     """Every model of ``job`` once per round, in a shuffled order; ms per run."""
-    import onnxruntime as ort
-
-    sessions = {}
-    for label, path in job["models"].items():
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = job["threads"]
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        sessions[label] = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    sessions = {label: ort_session(path, job["threads"]) for label, path in job["models"].items()}
     first = next(iter(sessions.values())).get_inputs()[0]
     x = np.random.default_rng(0).standard_normal([1] + list(first.shape[1:])).astype(np.float32)
     feeds = {s: {s.get_inputs()[0].name: x} for s in sessions.values()}
@@ -234,9 +183,24 @@ def in_subprocess(job: dict, timeout: float = 3600, script: str = __file__) -> d
     return out
 
 
+def quantize_once(job: dict, tool: str, label: str, script: str = __file__) -> dict | None:
+    """One quantization ``job`` in its own process, a progress line starting with ``label``;
+    None when it failed (FAILURES says why: the report lists it, the run goes on)."""
+    try:
+        res = in_subprocess(job, script=script)
+    except RuntimeError as exc:
+        FAILURES.setdefault((job["name"], tool), str(exc).splitlines()[-1])
+        print(f"  FAILED {job['name']} {tool}: {str(exc).splitlines()[-1]}", flush=True)
+        return None
+    res["size_mb"] = file_mb(job["out"])
+    print(f"  {label} {res['seconds']:7.2f} s  peak {res['peak_rss_mb']:7.0f} MB  "
+          f"{' '.join(f'{k}={v:.2f}' for k, v in res['phases'].items())}", flush=True)
+    return res
+
+
 def quant_job(tool: str, model: dict, out: str, calib: str = str(CALIB)) -> dict:
-    job = {"model": model["path"], "out": out, "pre": model["pre"], "calib": calib,
-           "num_calib": NUM_CALIB}
+    job = {"name": model["name"], "model": model["path"], "out": out, "pre": model["pre"],
+           "calib": calib, "num_calib": NUM_CALIB}
     if tool == "ort-quantize_static":
         return {"kind": "ort", **job}
     return {"kind": "onnxquant", "config": VARIANTS[tool], **job}
@@ -260,20 +224,13 @@ def quantize_all(models, tools, repeats, work: Path) -> dict:
             k = (rep + i) % len(tools)
             for tool in tools[k:] + tools[:k]:
                 out = str(work / f"{model['name']}.{tool}.onnx")  # last repeat's stays
-                try:
-                    res = in_subprocess(quant_job(tool, model, out))
-                except RuntimeError as exc:  # keep going: the table says what failed
-                    FAILURES.setdefault((model["name"], tool), str(exc).splitlines()[-1])
-                    print(f"  FAILED {model['name']} {tool}: {str(exc).splitlines()[-1]}")
+                res = quantize_once(quant_job(tool, model, out), tool,
+                                    f"[{rep + 1}/{repeats}] {model['name']:<22} {tool:<20}")
+                if res is None:
                     continue
-                res["size_mb"] = file_mb(out)
                 if res.get("note"):
                     NOTES.add(f"{model['name']}, {tool}: {res['note']}")
                 results[(model["name"], tool)].append(res)
-                print(f"  [{rep + 1}/{repeats}] {model['name']:<22} {tool:<20} "
-                      f"{res['seconds']:7.2f} s  peak {res['peak_rss_mb']:7.0f} MB  "
-                      f"{' '.join(f'{k}={v:.2f}' for k, v in res['phases'].items())}",
-                      flush=True)
     return results
 
 
@@ -316,11 +273,7 @@ def main(argv=None) -> int:
     tools = [t for t in args.tools.split(",") if t]
     models = [resolve(n) for n in args.models.split(",") if n]
     work = Path(tempfile.mkdtemp(prefix="bench_peers."))
-    work.mkdir(parents=True, exist_ok=True)
-    info = machine()
-    info["library"] = snapshot_library(work)
-    command = "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:]))
-    print(header(info, command))
+    info, command = begin(work, __file__, argv)
     try:
         quant = quantize_all(models, tools, args.repeats, work)
         rows = []
@@ -387,7 +340,7 @@ and repeat), {args.repeats} repeats, medians. Time = load .. quantized model sav
 decoding of the 32 calibration images included; interpreter start-up and imports not
 included, see the second table). Peak RSS = `VmHWM` of that subprocess (imports
 included; not `ru_maxrss`, which Linux carries over from the parent across fork+exec).
-All tools calibrate on the same {NUM_CALIB} images of `{CALIB}` (evenly
+All tools calibrate on the same {NUM_CALIB} images of `{asset_name(CALIB)}` (evenly
 spread, as the CLI), batches of {BATCH}.
 
 - `onnxquant-paper`: `QuantConfig(target="paper")` (uint8 weight-only convs + log2 Softmax).
@@ -410,7 +363,7 @@ process, {args.warmup} warm-up runs each, then {args.runs} rounds running every 
 in a shuffled order; median and p90. float/model = float median / variant median (>1 is
 faster than float). `float-copy` is a byte-identical copy of the float model timed as one
 more variant: its ratio is the bias of the measurement itself. Top-1 agreement with the float model on 200 images of
-`{EVAL}` (reference checkpoints only; random-weight exports have no meaningful top-1).
+`{asset_name(EVAL)}` (reference checkpoints only; random-weight exports have no meaningful top-1).
 
 {text}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 import bench_peers as bp
+from benchlib import (CALIB, asset_name, begin, file_mb, header, kept_notes, median, ort_session,
+                      table)
 
 MODELS = ("mobilevit_xxs", "efficientformerv2_s0", "mobilevit_s", "efficientformer_l1",
           "efficientformer_l3", "efficientformer_l7")
@@ -100,7 +101,6 @@ def _build_synthetic(job: dict) -> dict:
 def _check_output(job: dict) -> dict:
     """The quantized model uses external data, loads in onnxruntime and runs like float."""
     import onnx
-    import onnxruntime as ort
     from onnx.external_data_helper import uses_external_data
 
     proto = onnx.load(job["out"], load_external_data=False)
@@ -112,9 +112,7 @@ def _check_output(job: dict) -> dict:
     x = np.load(job["calib"])[:2]
     outs = {}
     for key in ("model", "out"):
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(job[key], opts, providers=["CPUExecutionProvider"])
+        session = ort_session(job[key])
         outs[key] = session.run(None, {session.get_inputs()[0].name: x})[0]
         del session
     ref, got = outs["model"], outs["out"]
@@ -136,7 +134,7 @@ def describe(path) -> dict:
     model = onnx.load(str(path), load_external_data=False)
     params = sum(int(np.prod(t.dims)) for t in model.graph.initializer
                  if t.data_type == onnx.TensorProto.FLOAT)
-    return {"params": params, "nodes": len(model.graph.node), "mb": bp.file_mb(path),
+    return {"params": params, "nodes": len(model.graph.node), "mb": file_mb(path),
             "convs": sum(n.op_type == "Conv" for n in model.graph.node),
             "softmax": sum(n.op_type == "Softmax" for n in model.graph.node)}
 
@@ -150,7 +148,7 @@ def synthetic(work: Path) -> dict:
     calib = work / "synthetic_calib.npy"
     start = time.perf_counter()
     in_subprocess({"kind": "build_synthetic", "out": str(out), "calib_out": str(calib)})
-    print(f"built {out} ({bp.file_mb(out):.0f} MB) in {time.perf_counter() - start:.0f} s",
+    print(f"built {out} ({file_mb(out):.0f} MB) in {time.perf_counter() - start:.0f} s",
           flush=True)
     return {"name": "synthetic_2gb", "path": str(out), "calib": str(calib),
             "source": "synthetic", "pre": {"input_size": SYN["side"]}}
@@ -164,18 +162,11 @@ def run_all(models, repeats, work: Path) -> dict:
             if model["name"] == "synthetic_2gb" and rep:
                 continue  # one run: ~10 GB peak, minutes
             out = str(work / f"{model['name']}.paper.onnx")
-            job = bp.quant_job("onnxquant-paper", model, out, model.get("calib", str(bp.CALIB)))
-            try:
-                res = in_subprocess(job)
-            except RuntimeError as exc:  # keep going; the report says what failed
-                bp.FAILURES[(model["name"], "onnxquant-paper")] = str(exc).splitlines()[-1]
-                print(f"  FAILED {model['name']}: {str(exc).splitlines()[-1]}", flush=True)
-                continue
-            res["size_mb"] = bp.file_mb(out)
-            results[model["name"]].append(res)
-            print(f"  [{rep + 1}/{repeats}] {model['name']:<22} {res['seconds']:7.2f} s  peak "
-                  f"{res['peak_rss_mb']:7.0f} MB  "
-                  f"{' '.join(f'{k}={v:.2f}' for k, v in res['phases'].items())}", flush=True)
+            job = bp.quant_job("onnxquant-paper", model, out, model.get("calib", str(CALIB)))
+            res = bp.quantize_once(job, "onnxquant-paper",
+                                   f"[{rep + 1}/{repeats}] {model['name']:<22}", __file__)
+            if res is not None:
+                results[model["name"]].append(res)
     return results
 
 
@@ -193,7 +184,7 @@ def rows_of(models, results) -> list[dict]:
         runs = results[m["name"]]
         if not runs:
             continue
-        med = lambda f: bp.median([f(r) for r in runs])
+        med = lambda f: median([f(r) for r in runs])
         other = med(lambda r: r["seconds"] - r["phases"]["calibration"])
         d = describe(m["path"])
         rows.append({**d, "name": m["name"], "params_m": d["params"] / 1e6,
@@ -225,10 +216,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scaling."))
     work.mkdir(parents=True, exist_ok=True)
-    info = bp.machine()
-    info["library"] = bp.snapshot_library(work)
-    command = "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:]))
-    print(bp.header(info, command))
+    info, command = begin(work, __file__, argv)
     try:
         models = [bp.resolve(n) for n in args.models.split(",") if n]
         for m in models:
@@ -248,7 +236,7 @@ def main(argv=None) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    text = bp.table(rows, COLUMNS)
+    text = table(rows, COLUMNS)
     zoo = [r for r in rows if r["name"] != "synthetic_2gb"]
     fits = [fit(zoo, "params_m", "other"), fit(zoo, "nodes", "other"),
             fit(zoo, "params_m", "seconds"), fit(zoo, "params_m", "rss")]
@@ -270,11 +258,11 @@ def write_report(path, info, command, args, rows, text, fits, check) -> None:
                f"{check['rel_err']:.3g}, top-1 same on {check['top1_same']:.0%} of 2 random "
                f"inputs. Output ops: {check['ops']}.\n")
     failed = "".join(f"\nFAILED {m} ({t}): `{e}`\n" for (m, t), e in bp.FAILURES.items())
-    notes = bp.kept_notes(path)
+    notes = kept_notes(path)
     path.write_text(f"""# onnxquant quantization time and memory vs model size
 
-{bp.header(info, command)}
-Paper recipe (`QuantConfig(target="paper")`), 32 calibration images of `{bp.CALIB}` (224 px
+{header(info, command)}
+Paper recipe (`QuantConfig(target="paper")`), 32 calibration images of `{asset_name(CALIB)}` (224 px
 zoo exports with random weights; the synthetic model calibrates on 32 random inputs).
 Each quantization in its own subprocess, {args.repeats} repeats alternating the models
 (synthetic once), medians. quant s = load .. saved; calib s = the calibration phase (float

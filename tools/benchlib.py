@@ -1,21 +1,209 @@
-"""Helpers shared by the benchmark tools: machine/library description, tables, sizes, RSS."""
+"""What the tools share: where the assets are, the reference checkpoints, the onnxruntime peer,
+evaluation against FP32, report headers (machine, versions, command), tables, sizes, RSS.
+
+Every tool calls these; none re-implements them (onnxquant's own loaders do the work where
+the library has one: ``Preprocess.from_json``, ``evaluate_many``, ``take_evenly``).
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import logging
 import os
 import platform
 import shutil
 import statistics
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 
+
+# ---- assets ----------------------------------------------------------------------------
+
+def assets_dir() -> Path:
+    """The shared assets: $ONNXQUANT_ASSETS, else ``shared/assets`` beside this checkout."""
+    env = os.environ.get("ONNXQUANT_ASSETS")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+
+
+ASSETS = assets_dir()
+REFERENCE = ASSETS / "reference"
+CALIB = ASSETS / "imagenette" / "train"  # calibration images of every tool (never evaluated)
+IMAGE_SETS = {"imagenette/val": ASSETS / "imagenette" / "val",
+              "imagenet-val/nette": ASSETS / "imagenet-val" / "nette"}
+NUM_CALIB = 32  # the paper's calibration size
+CALIB_BATCH = 8  # onnxquant's default batch_size; the peer gets the same batches
+
+
+def asset_name(path) -> str:
+    """``path`` as a report prints it: relative to the assets folder (no machine's path)."""
+    try:
+        return Path(path).resolve().relative_to(ASSETS.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+# ---- reference checkpoints -------------------------------------------------------------
+
+def reference(name: str) -> dict | None:
+    """Reference checkpoint ``name`` (assets/reference/NAME.imagenette.onnx + .json), or None:
+    {name, path, pre (Preprocess), class_map (class -> ImageNet index), torch (FP32 top-1
+    measured in PyTorch per image set)}."""
+    from onnxquant.images import Preprocess
+
+    path = REFERENCE / f"{name}.imagenette.onnx"
+    if not path.is_file():
+        return None
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return {"name": name, "path": path, "pre": Preprocess.from_json(meta_path),
+            "class_map": meta["imagenet_index"], "torch": meta.get("top1_fp32_torch", {})}
+
+
+def reference_models(names=None) -> list[dict]:
+    """Every reference checkpoint (or those in ``names``), sorted by name."""
+    found = sorted(p.name.removesuffix(".imagenette.onnx")
+                   for p in REFERENCE.glob("*.imagenette.onnx"))
+    return [reference(n) for n in found if not names or n in names]
+
+
+def reference_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options of a tool that runs over the reference checkpoints."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--models", help="comma-separated reference names (default: all)")
+    parser.add_argument("--limit", type=int, help="images per set, spread evenly (default: all)")
+    parser.add_argument("--out", default=out)
+    return parser
+
+
+def selected_references(args) -> list[dict]:
+    refs = reference_models(args.models.split(",") if args.models else None)
+    if not refs:
+        sys.exit(f"no reference checkpoints in {REFERENCE}")
+    return refs
+
+
+def model_input(path) -> tuple[str, int]:
+    """(name, H) of the model's first input, without loading external data."""
+    import onnx
+
+    inp = onnx.load(str(path), load_external_data=False).graph.input[0]
+    return inp.name, int(inp.type.tensor_type.shape.dim[-1].dim_value)
+
+
+# ---- onnxruntime: the peer and sessions ------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_in(folder: Path):
+    """cwd ``folder`` (onnxruntime leaves temporary models in the working directory) and
+    root logging at ERROR (quant_pre_process warns "Axis 1 is out-of-range" per LayerNorm
+    constant)."""
+    old, root = os.getcwd(), logging.getLogger()
+    level = root.level
+    os.chdir(folder)
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+        root.setLevel(level)
+
+
+def ort_quantize_static(model, out, pre, calib=CALIB, num_calib: int = NUM_CALIB,
+                        batch: int = CALIB_BATCH) -> dict:
+    """The peer: onnxruntime ``quant_pre_process``, then ``quantize_static`` (QDQ, per-channel,
+    MinMax, its default S8S8), calibrated on the images and batches onnxquant gets
+    (``take_evenly`` over ``calib``). Returns {seconds, phases, note}; note says whether
+    pre-processing had to skip symbolic shapes (what a user does next when it fails)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from onnxquant import images
+
+    model, out, calib = Path(model).resolve(), Path(out).resolve(), Path(calib).resolve()
+    name = model_input(model)[0]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            paths = images.take_evenly(images.list_images(calib), num_calib)
+            self.batches = images.iter_batches(paths, pre, batch)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {name: batch}
+
+    pre_path, note = out.with_name(out.name + ".pre.onnx"), None
+    start = time.perf_counter()
+    with _quiet_in(out.parent):
+        try:
+            quant_pre_process(str(model), str(pre_path))
+        except Exception as exc:  # noqa: BLE001 - retried the way a user would
+            note = f"quant_pre_process failed ({exc}); retried with skip_symbolic_shape=True"
+            quant_pre_process(str(model), str(pre_path), skip_symbolic_shape=True)
+        prepped = time.perf_counter()
+        quantize_static(str(pre_path), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, calibrate_method=CalibrationMethod.MinMax)
+    end = time.perf_counter()
+    pre_path.unlink(missing_ok=True)
+    return {"seconds": end - start, "note": note,
+            "phases": {"pre_process": prepped - start, "quantize_static": end - prepped}}
+
+
+def ort_session(path, threads: int | None = None):
+    """onnxruntime CPU session, quiet; ``threads``: intra-op threads, one inter-op, spinning
+    off (DESIGN.md section 7), as the latency measurements run."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+# ---- accuracy against FP32 -------------------------------------------------------------
+
+# One sign convention in every table and doc: change = quantized - FP32, negative = loss.
+CHANGE = "*change* = quantized top-1 − FP32 top-1 in points (negative = accuracy lost)"
+
+
+def top1_change(fp32: float, quantized: float) -> float:
+    return quantized - fp32
+
+
+def against_fp32(fp32, models: list, images, ref: dict, limit, label: str):
+    """FP32 and ``models`` in one pass over ``images`` (evaluate_many): FP32's {top1, n} and
+    one row per model judged against FP32: {top1, n, change, agree, kl}."""
+    from onnxquant.evaluate import compare_results, evaluate_many
+
+    start = time.perf_counter()
+    results = evaluate_many([str(fp32)] + list(models), str(images), ref["pre"],
+                            ref["class_map"], limit=limit, progress=False)
+    print(f"{label}: {len(results)} models x {results[0].n} images in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    base, rows = results[0], []
+    for res in results[1:]:
+        cmp = compare_results(base, res)
+        rows.append({"top1": res.top1, "n": res.n, "change": top1_change(base.top1, res.top1),
+                     "agree": cmp.agreement, "kl": cmp.kl})
+    return {"top1": base.top1, "n": base.n}, rows
+
+
+# ---- measurements ----------------------------------------------------------------------
 
 def file_mb(path) -> float:
     path = Path(path)
@@ -43,6 +231,36 @@ def p90(values):
     return float(np.percentile(values, 90)) if values else float("nan")
 
 
+# ---- report headers --------------------------------------------------------------------
+
+def versions(*packages: str) -> dict:
+    """Installed version of each package ("absent" when it is not installed)."""
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def today() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
+
+
+def command_line(script: str, argv=None) -> str:
+    """How a tool was run, as its report prints it: ``python tools/NAME.py ARGS``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", f"tools/{Path(script).name}", *args])
+
+
+def measured_line(command: str) -> str:
+    """The first sentence of an accuracy report (no final stop)."""
+    v = versions("onnxquant", "onnxruntime")
+    return (f"Measured {today()} with `{command}` (onnxquant {v['onnxquant']}, onnxruntime "
+            f"{v['onnxruntime']} CPU, Python {platform.python_version()})")
+
+
 def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), platform.processor())
@@ -50,10 +268,29 @@ def machine() -> dict:
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f" {f}" in flags]
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"cpu": cpu, "cores": os.cpu_count(), "isa": ",".join(isa), "ram_gib": round(mem, 1),
-            "python": platform.python_version(), "onnx": version("onnx"),
-            "onnxruntime": version("onnxruntime"), "numpy": version("numpy"),
-            "onnxquant": version("onnxquant"), "library": "?",
+            "python": platform.python_version(),
+            **versions("onnx", "onnxruntime", "numpy", "onnxquant"), "library": "?",
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def header(info: dict, command: str) -> str:
+    """The machine/versions/date/command block of a benchmark report."""
+    return (f"- machine: {info['cpu']}, {info['cores']} cores ({info['isa']}), "
+            f"{info['ram_gib']} GiB RAM; shared and noisy (other jobs may run)\n"
+            f"- versions: python {info['python']}, onnx {info['onnx']}, onnxruntime "
+            f"{info['onnxruntime']}, numpy {info['numpy']}, onnxquant {info['onnxquant']} "
+            f"({info['library']})\n"
+            f"- date: {info['date']}\n- command: `{command}`\n")
+
+
+def begin(work: Path, script: str, argv=None) -> tuple[dict, str]:
+    """Start a benchmark: snapshot the library into ``work``, print and return the header's
+    machine description and command."""
+    info = machine()
+    info["library"] = snapshot_library(work)
+    command = command_line(script, argv)
+    print(header(info, command))
+    return info, command
 
 
 def snapshot_library(work: Path) -> str:
@@ -87,14 +324,7 @@ def library_state(root: Path = ROOT) -> str:
     return f"git {head or '?'}, sources {digest.hexdigest()[:12]}"
 
 
-def header(info: dict, command: str) -> str:
-    return (f"- machine: {info['cpu']}, {info['cores']} cores ({info['isa']}), "
-            f"{info['ram_gib']} GiB RAM; shared and noisy (other jobs may run)\n"
-            f"- versions: python {info['python']}, onnx {info['onnx']}, onnxruntime "
-            f"{info['onnxruntime']}, numpy {info['numpy']}, onnxquant {info['onnxquant']} "
-            f"({info['library']})\n"
-            f"- date: {info['date']}\n- command: `{command}`\n")
-
+# ---- report bodies ---------------------------------------------------------------------
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Markdown table; columns are (title, key, format)."""
@@ -109,13 +339,14 @@ NOTES_BEGIN = "<!-- notes: kept when the tool rewrites this file -->"
 NOTES_END = "<!-- /notes -->"
 
 
-def kept_notes(path: Path) -> str:
-    """The hand-written block between the notes markers of ``path`` ('' when none)."""
+def kept_notes(path: Path, default: str | None = None) -> str:
+    """The hand-written block between the notes markers of ``path``, with a newline either
+    side; else an empty block holding ``default``; else ''."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        return ""
+        text = ""
     start, end = text.find(NOTES_BEGIN), text.find(NOTES_END)
-    if start < 0 or end < start:
-        return ""
-    return "\n" + text[start:end + len(NOTES_END)] + "\n"
+    if start >= 0 and end > start:
+        return "\n" + text[start:end + len(NOTES_END)] + "\n"
+    return f"\n{NOTES_BEGIN}\n{default}\n{NOTES_END}\n" if default is not None else ""

@@ -31,14 +31,13 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+# tools/ is on sys.path when a tool runs
+from benchlib import ROOT, command_line, model_input, ort_session, reference, today, versions
+
 sys.path.insert(0, str(ROOT))
 
-REFERENCE = ROOT.parent / "shared" / "assets" / "reference"
 CALIB = ROOT / "models" / "reference" / "calib"  # 32 bundled ImageNet images
 MODELS = ("mobilevit_xxs", "mobilevitv2_050", "efficientformer_l1", "efficientformerv2_s0",
           "tiny_vit_5m_224")
@@ -83,27 +82,21 @@ def tensorrt_target_text(config) -> str:
 # ---- models ----------------------------------------------------------------------------
 
 
-def source_model(name: str, source: str, work: Path) -> tuple[Path, str]:
-    """A private copy of the model to build (other jobs rewrite the shared zoo cache)."""
-    ref = REFERENCE / f"{name}.imagenette.onnx"
-    if source == "reference" and ref.is_file():
-        origin = ref
-        label = f"reference checkpoint ({ref.name})"
+def source_model(name: str, source: str, work: Path) -> tuple[Path, str, object]:
+    """A private copy of the model to build (other jobs rewrite the shared zoo cache), what
+    it is, and its preprocessing (the reference checkpoint's own; None: timm's defaults)."""
+    ref = reference(name) if source == "reference" else None
+    if ref is not None:
+        origin, pre = ref["path"], ref["pre"]
+        label = f"reference checkpoint ({origin.name})"
     else:
         from onnxquant.models.export import zoo_cache
 
-        origin = zoo_cache(name)
+        origin, pre = zoo_cache(name), None
         label = f"timm zoo export, random init ({origin.name})"
     dst = work / f"{name}.float.onnx"
     shutil.copyfile(origin, dst)
-    return dst, label
-
-
-def input_size(path: Path) -> int:
-    import onnx
-
-    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    return int(dims[-1].dim_value)
+    return dst, label, pre
 
 
 def onnx_counts(path: Path) -> dict:
@@ -123,10 +116,9 @@ def onnx_counts(path: Path) -> dict:
 def ort_runs(path: Path, size: int) -> str:
     """Does stock onnxruntime run the model (the log2 op through its function body)?"""
     import numpy as np
-    import onnxruntime as ort
 
     try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = ort_session(path)
         x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
         y = sess.run(None, {sess.get_inputs()[0].name: x})[0]
         return "yes" if np.isfinite(y).all() else "non-finite output"
@@ -252,26 +244,27 @@ def build_fresh(onnx_path: Path, engine: Path, cc: str, use_plugin: bool) -> dic
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def quantize(float_path: Path, cfg, size: int, dst: Path) -> float:
+def quantize(float_path: Path, cfg, pre, dst: Path) -> float:
     import onnx
 
     import onnxquant
-    from onnxquant.images import Preprocess
 
     t0 = time.perf_counter()
-    model = onnxquant.quantize(str(float_path), cfg, calibration=str(CALIB),
-                               preprocess=Preprocess(input_size=size))
+    model = onnxquant.quantize(str(float_path), cfg, calibration=str(CALIB), preprocess=pre)
     onnx.save(model, str(dst))
     return time.perf_counter() - t0
 
 
 def run_model(name: str, source: str, work: Path, cc: str) -> list[dict]:
-    float_path, label = source_model(name, source, work)
-    size = input_size(float_path)
+    from onnxquant.images import Preprocess
+
+    float_path, label, pre = source_model(name, source, work)
+    size = model_input(float_path)[1]
+    pre = pre or Preprocess(input_size=size)
     rows = []
     for variant, cfg, _ in variants():
         path = float_path if cfg is None else work / f"{name}.{variant}.onnx"
-        quant_s = None if cfg is None else quantize(float_path, cfg, size, path)
+        quant_s = None if cfg is None else quantize(float_path, cfg, pre, path)
         counts = onnx_counts(path)
         base = {"model": name, "source": label, "size": size, "variant": variant,
                 "quantize_s": quant_s, "onnx_mb": path.stat().st_size / 1e6,
@@ -316,19 +309,13 @@ def _line(r: dict) -> str:
 
 
 def _versions() -> str:
-    def v(pkg):
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return "absent"
-
     from onnxquant import tensorrt as qt
 
     trt = qt.import_trt()
-    return (f"{trt.__name__} {trt.__version__}, onnx {v('onnx')}, onnxruntime "
-            f"{v('onnxruntime')}, torch {v('torch')}, timm {v('timm')}, onnxquant "
-            f"{v('onnxquant')}, Python {platform.python_version()}, {platform.machine()}, "
-            f"{os.cpu_count()} CPUs")
+    packages = ", ".join(f"{k} {v}" for k, v in
+                         versions("onnx", "onnxruntime", "torch", "timm", "onnxquant").items())
+    return (f"{trt.__name__} {trt.__version__}, {packages}, Python "
+            f"{platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs")
 
 
 BEGIN, END = "<!-- engine_table:begin -->", "<!-- engine_table:end -->"
@@ -339,12 +326,12 @@ def markdown(rows: list[dict], cc: str, argv: list[str], seconds: float) -> str:
     sources = {}
     for r in rows:
         sources.setdefault(r["model"], (r["source"], r["size"]))
-    cmd = " ".join(["python tools/engine_table.py"] + argv)
-    lines = [BEGIN, f"Generated by `{cmd}` on {datetime.now(timezone.utc):%Y-%m-%d} in "
+    lines = [BEGIN, f"Generated by `{command_line(__file__, argv)}` on {today()} in "
              f"{seconds:.0f} s (every build in a fresh process), no GPU, ahead of time for "
              f"{cc}.", "", f"Versions: {_versions()}.", "", "Models:", ""]
     lines += [f"- {m}: {src}, {size} px" for m, (src, size) in sources.items()]
-    lines += ["", "Variants (calibration: 8 of the bundled ImageNet images):", ""]
+    lines += ["", "Variants (calibration: 8 of the bundled ImageNet images, each model's own "
+              "preprocessing):", ""]
     lines += [f"- `{name}`: {what}" for name, _, what in variants()]
     lines += ["", HEADER, "|" + "---|" * _COLUMNS]
     lines += [_line(r) for r in rows]
