@@ -12,6 +12,9 @@ pipeline, following rapidocr's / PaddleOCR's public recognizer code (README of t
 The alphabet is the model's own metadata entry ``character``: ``["blank"] + lines + [" "]``.
 Scores: line accuracy (exact match), character accuracy (1 - edit distance / characters),
 and, between two models, agreement (lines decoded identically).
+
+The DB text detector is judged only against its float original (``detector_compare``): IoU
+of the probability maps thresholded at 0.3 on rendered pages, as rapidocr thresholds them.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from PIL import Image
 
 from .errors import UserError
 from .evaluate import _Runner
-from .ocr_render import render_lines
+from .ocr_render import render_lines, render_pages
 
 Model = Union[str, os.PathLike, onnx.ModelProto]
 HEIGHT = 48
 MIN_WIDTH = 320
+DET_SIDE = 736  # rapidocr's detector config: shorter side at least 736 (limit_type "min")
+DET_THRESHOLD = 0.3
 
 
 @dataclass
@@ -63,13 +68,15 @@ def load_alphabet(model: Model) -> list[str]:
     if "character" not in meta:
         raise UserError(f"{_name(model)}: no 'character' metadata entry (not a PaddleOCR "
                         "recognizer?); pass the float model's alphabet")
-    return ["blank"] + meta["character"].splitlines() + [" "]
+    # PaddleOCR reads its dictionary line by line; splitlines() would also split at \x0b etc.
+    chars = [c.rstrip("\r") for c in meta["character"].split("\n")]
+    return ["blank"] + (chars[:-1] if chars and chars[-1] == "" else chars) + [" "]
 
 
 def _load_header(path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path), load_external_data=False)
-    except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, Exception) as exc:
+    except Exception as exc:  # noqa: BLE001 - onnx raises several untyped failures
         raise UserError(f"{path}: cannot read the ONNX file ({exc})") from None
 
 
@@ -188,3 +195,54 @@ def calibration_array(n: int, seed: int, width: int = MIN_WIDTH,
     Use a seed other than the evaluation set's, so calibration never sees the test lines.
     """
     return preprocess([image for image, _ in render_lines(n, seed, alphabet)], width)
+
+
+# ---- text detector (DB): agreement of thresholded probability maps ----
+
+@dataclass
+class DetCompare:
+    """Two detectors on the same rendered pages; percentages."""
+
+    iou: float  # IoU of the maps thresholded at 0.3, all pages pooled
+    found_a: float  # rendered lines with >= 20 % of their box above the threshold, model a
+    found_b: float
+
+
+def detector_preprocess(image: Image.Image) -> np.ndarray:
+    """1 x 3 x H x W: BGR, shorter side >= 736, both sides rounded to multiples of 32."""
+    scale = max(1.0, DET_SIDE / min(image.size))
+    w, h = (max(32, int(round(int(side * scale) / 32)) * 32) for side in image.size)
+    rgb = np.asarray(image.convert("RGB").resize((w, h), Image.BILINEAR), np.float32)
+    return ((rgb[:, :, ::-1].transpose(2, 0, 1) / 255.0 - 0.5) / 0.5)[None].copy()
+
+
+def _found(mask: np.ndarray, boxes, size) -> list[bool]:
+    """Per rendered box (page pixels): is >= 20 % of it text in ``mask`` (map pixels)?"""
+    sx, sy = mask.shape[1] / size[0], mask.shape[0] / size[1]
+    hits = []
+    for x0, y0, x1, y1 in boxes:
+        part = mask[int(y0 * sy):int(np.ceil(y1 * sy)), int(x0 * sx):int(np.ceil(x1 * sx))]
+        hits.append(part.size > 0 and part.mean() >= 0.2)
+    return hits
+
+
+def detector_calibration_array(n: int, seed: int) -> np.ndarray:
+    """float32 N x 3 x 736 x 992 rendered pages (800 x 600), for the detector's ``--calib``."""
+    return np.concatenate([detector_preprocess(page) for page, _ in render_pages(n, seed)])
+
+
+def detector_compare(model_a: Model, model_b: Model, pages: int = 8, seed: int = 1
+                     ) -> DetCompare:
+    """Float (a) vs quantized (b) detector on ``pages`` rendered pages of text lines."""
+    runners = [_Runner(m, spinning=False) for m in (model_a, model_b)]
+    inter = union = 0
+    found: list[list[bool]] = [[], []]
+    for page, boxes in render_pages(pages, seed):
+        x = detector_preprocess(page)
+        masks = [r(x).reshape(x.shape[2:]) > DET_THRESHOLD for r in runners]
+        inter += int(np.sum(masks[0] & masks[1]))
+        union += int(np.sum(masks[0] | masks[1]))
+        for hits, mask in zip(found, masks):
+            hits.extend(_found(mask, boxes, page.size))
+    return DetCompare(100.0 * inter / max(1, union), 100.0 * float(np.mean(found[0])),
+                      100.0 * float(np.mean(found[1])))

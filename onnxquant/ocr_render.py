@@ -8,7 +8,8 @@ so one seed gives the same pixels byte for byte on one machine (fonts and FreeTy
 
 The texts use only characters that both the model's alphabet and every font can draw
 (``charset``); the difficulty is set so that the float PP-OCRv6 recognizer reads nearly all
-lines (see docs/ocr.md): the harness judges a quantizer, not the model.
+lines (see docs/ocr.md): the harness judges a quantizer, not the model. ``render_pages``
+pastes such lines onto pages for the text detector.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .errors import UserError
 
-FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/truetype"))
+FONT_DIRS = (Path("/usr/share/fonts"),)  # searched recursively (Debian: truetype/dejavu/)
 # Faces too unlike body text (math symbols, hairline weights) would test the font, not the model.
 _SKIP_FACES = ("Math", "ExtraLight", "Display")
 PUNCTUATION = ".,:;-!?'\"()/%&+#@$"
@@ -40,9 +41,9 @@ version system error check input output value result report table figure section
 
 
 def font_paths() -> list[Path]:
-    """Sorted TTF fonts: Debian's DejaVu, else matplotlib's bundled copies; UserError if none."""
+    """Sorted DejaVu TTFs under /usr/share/fonts, else matplotlib's bundled copies; UserError."""
     for folder in FONT_DIRS:
-        found = sorted(p for p in folder.glob("DejaVu*.ttf") if not _skipped(p))
+        found = sorted(p for p in folder.rglob("DejaVu*.ttf") if not _skipped(p))
         if found:
             return found
     try:
@@ -141,7 +142,7 @@ def _number(rng: np.random.Generator) -> str:
 
 
 def _colours(rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, ...]]:
-    """(background H x W-free gradient ends 2 x 3, ink RGB); contrast >= ~60 grey levels."""
+    """(2 x 3 RGB ends of the background gradient, ink RGB); contrast >= ~60 grey levels."""
     background = rng.integers(130, 256, (2, 3))
     ink = rng.integers(0, 60, 3) + rng.integers(0, 60)
     if rng.random() < 0.15:  # light text on a dark background
@@ -199,3 +200,26 @@ def render_lines(n: int, seed: int, alphabet: Sequence[str] | None = None
         text = random_text(rng, chars)
         lines.append((render_line(rng, text, fonts), text))
     return lines
+
+
+def render_pages(n: int, seed: int, size: tuple[int, int] = (800, 600),
+                 alphabet: Sequence[str] | None = None
+                 ) -> list[tuple[Image.Image, list[tuple[int, int, int, int]]]]:
+    """``n`` pages of rendered lines pasted in rows; each with its (x0, y0, x1, y1) boxes."""
+    fonts = font_paths()
+    chars = charset(alphabet, fonts)
+    rng = np.random.default_rng(seed)
+    pages = []
+    for _ in range(n):
+        page = _canvas(size, rng.integers(190, 256, (2, 3)))
+        boxes, y = [], int(rng.integers(10, 40))
+        while True:
+            line = render_line(rng, random_text(rng, chars), fonts)
+            x = int(rng.integers(10, max(11, size[0] - line.width - 10)))
+            if y + line.height > size[1] - 10 or x + line.width > size[0]:
+                break
+            page.paste(line, (x, y))
+            boxes.append((x, y, x + line.width, y + line.height))
+            y += line.height + int(rng.integers(8, 40))
+        pages.append((page, boxes))
+    return pages
