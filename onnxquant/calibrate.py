@@ -1,9 +1,11 @@
-"""Calibration: run the float model once per batch, keep running min/max of what the plan needs.
+"""Calibration: run the float model once per batch, keep running statistics of what the plan needs.
 
 Only the plan's tensors are added as graph outputs, so onnxruntime computes nothing extra
-and memory stays bounded by one batch. Sources: a folder of images (with a Preprocess),
-a ``.npy`` file (N x C x H x W float32, already preprocessed), an array, or any object with
-onnxruntime's ``CalibrationDataReader`` interface (``get_next() -> dict | None``).
+and memory stays bounded by one batch. Per tensor: the running min/max, and with
+``histograms=True`` a fixed-size histogram for the range estimators (``ranges.py``).
+Sources: a folder of images (with a Preprocess), a ``.npy`` file (N x C x H x W float32,
+already preprocessed), an array, or any object with onnxruntime's ``CalibrationDataReader``
+interface (``get_next() -> dict | None``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .model_io import is_large
+from .ranges import TensorStats
 
 
 def model_input(model: onnx.ModelProto):
@@ -167,8 +170,12 @@ def probe_session(model: onnx.ModelProto, outputs: list):
 
 
 def collect_stats(model: onnx.ModelProto, tensors: list, source, cfg, preprocess=None,
-                  progress: bool = True) -> dict:
-    """{tensor: (min, max)} over up to ``cfg.num_calib`` samples of ``source``."""
+                  progress: bool = True, histograms: bool = False) -> dict:
+    """{tensor: TensorStats} over up to ``cfg.num_calib`` samples of ``source``.
+
+    A ``TensorStats`` unpacks as ``lo, hi`` (the running min/max); with ``histograms`` it also
+    holds a fixed-size histogram, what ``ranges.estimate`` needs beyond min/max.
+    """
     if not tensors:
         return {}
     if source is None:
@@ -178,16 +185,14 @@ def collect_stats(model: onnx.ModelProto, tensors: list, source, cfg, preprocess
     source_batches = batches(source, name, shape, cfg, preprocess, dtype)
     first = _first_batch(source_batches, shape, dtype)
     session = probe_session(model, tensors)
-    lo = {t: np.inf for t in tensors}
-    hi = {t: -np.inf for t in tensors}
+    stats = {t: TensorStats(histograms) for t in tensors}
     with tqdm(total=cfg.num_calib, desc="calibrating", unit="img", disable=not progress) as bar:
         for origin, batch in itertools.chain([first], source_batches):
             batch = _check_batch(np.asarray(batch), shape, origin, dtype)
             for t, value in zip(tensors, _run(session, tensors, {name: batch}, origin)):
-                lo[t] = min(lo[t], float(np.nanmin(value, initial=np.inf)))
-                hi[t] = max(hi[t], float(np.nanmax(value, initial=-np.inf)))
+                stats[t].update(value)
             bar.update(len(batch))
-    return _finite_ranges(lo, hi)
+    return _finite_ranges(stats)
 
 
 def _first_batch(source_batches, shape, dtype):
@@ -208,23 +213,23 @@ def _run(session, tensors, feed, origin):
                         f"({_first_line(exc)}); check the input shape and preprocessing") from None
 
 
-def _finite_ranges(lo: dict, hi: dict) -> dict:
-    """{tensor: (min, max)}; a tensor with no finite value names itself (NaN/Inf upstream)."""
-    for t in lo:
-        if not (np.isfinite(lo[t]) and np.isfinite(hi[t])):
-            raise UserError(f"tensor {t!r}: calibration saw no finite range ({lo[t]}, {hi[t]}); "
+def _finite_ranges(stats: dict) -> dict:
+    """``stats``; a tensor with no finite value names itself (NaN/Inf upstream)."""
+    for t, st in stats.items():
+        if not (np.isfinite(st.lo) and np.isfinite(st.hi)):
+            raise UserError(f"tensor {t!r}: calibration saw no finite range ({st.lo}, {st.hi}); "
                             "the float model produces NaN/Inf there: check its weights and inputs")
-    return {t: (lo[t], hi[t]) for t in lo}
+    return stats
 
 
 def sample_feed(model: onnx.ModelProto, source, cfg, preprocess=None) -> dict:
-    """One input batch: the first calibration batch, or seeded noise without calibration data."""
+    """Up to two samples: the first calibration samples, or seeded noise without calibration data."""
     name, shape = model_input(model)
     dtype = input_dtype(model)
     if source is not None and not hasattr(source, "get_next"):  # a reader cannot be rewound
         try:
             batch = _first_batch(batches(source, name, shape, cfg, preprocess, dtype), shape, dtype)
-            return {name: np.asarray(batch[1])}
+            return {name: np.asarray(batch[1])[:2]}  # two samples show a changed output
         except UserError:  # reported by the calibration itself where it is needed
             pass
     dims = [1 if d is None and i == 0 else d or 64 for i, d in enumerate(shape)]

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from . import __version__, api
-from .config import (INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, SOFTMAX_QUANTIZERS, TARGET_PARTS,
-                     TARGETS, WEIGHT_FORMATS, QuantConfig)
+from .config import (CALIB_METHODS, INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, SOFTMAX_QUANTIZERS,
+                     TARGET_PARTS, TARGETS, WEIGHT_FORMATS, QuantConfig)
 from .errors import UserError
 from .model_io import check_output_path, load_model, save_model
 from .report import canonical_line
@@ -58,6 +58,14 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: measured on this CPU by timing the model)")
     g.add_argument("--num-calib", type=int, default=d.num_calib, help="calibration samples (32)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--act-bits", type=int, default=d.act_bits,
+                   help="activation bits, targets ort/tensorrt (default 8; W6A6: "
+                        "--weight-bits 6 --act-bits 6)")
+    g.add_argument("--calib-method", choices=CALIB_METHODS, default=d.calib_method,
+                   help="activation range estimator (default minmax)")
+    g.add_argument("--auto", action="store_true",
+                   help="search weight granularity/scheme and activation ranges per layer "
+                        "by the error of its block (Q-HyViT)")
     g.add_argument("--exclude", action="append", default=[], metavar="NODE|PATTERN",
                    help="keep these nodes float (names or fnmatch patterns such as '*attn*'; "
                         "repeat or comma-separate)")

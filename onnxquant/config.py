@@ -8,6 +8,7 @@ TARGETS = ("paper", "ort", "tensorrt")
 PARTS = ("conv_block", "transformer", "bridge", "softmax", "linear")
 WEIGHT_FORMATS = ("qdq", "folded")
 SOFTMAX_QUANTIZERS = ("log2", "log_sqrt2", "adalog", "uniform")  # softmax_quantizers.py
+CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")  # ranges.py
 CONV_KINDS = ("dense", "pointwise", "grouped", "depthwise", "stem")
 INT8_KINDS = CONV_KINDS + ("linear",)
 
@@ -52,6 +53,11 @@ class QuantConfig:
         quantized weights are the ones that run (passes/fold_batchnorm.py). None (default):
         only where conv weights are quantized per channel (BN gains spread over 60-100x
         crush per-tensor grids: docs/canonicalize.md).
+    act_bits: bits of the activation Q/DQ (targets ort, tensorrt): 8, or 2..7 on an 8-bit
+        container (W6A6: weight_bits=6, act_bits=6).
+    calib_method: activation range estimator: minmax, percentile, mse, entropy (ranges.py).
+    auto: search, per quantized layer, weight granularity and scheme and the activation
+        range estimator by the reconstruction error of its block (search.py, Q-HyViT).
     exclude: node names or fnmatch patterns (``"*attn*"``) of Conv/MatMul/Gemm/Softmax
         nodes to keep in float (``onnxquant inspect --sensitivity`` ranks candidates).
     """
@@ -70,6 +76,9 @@ class QuantConfig:
     batch_size: int = 8
     fold_batchnorm: bool | None = None
     exclude: tuple = ()
+    act_bits: int = 8
+    calib_method: str = "minmax"
+    auto: bool = False
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -98,6 +107,11 @@ class QuantConfig:
             if unknown:
                 raise ValueError(f"unknown int8 kinds {sorted(unknown)}; choose from {INT8_KINDS}")
             object.__setattr__(self, "ort_int8_kinds", tuple(self.ort_int8_kinds))
+        if not 2 <= self.act_bits <= 8:
+            raise ValueError(f"act_bits must be in 2..8, got {self.act_bits}")
+        if self.calib_method not in CALIB_METHODS:
+            raise ValueError(f"calib_method must be one of {CALIB_METHODS}, "
+                             f"got {self.calib_method!r}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if any(not isinstance(p, str) or not p for p in self.exclude):
             raise ValueError(f"exclude takes non-empty node names or patterns, got {self.exclude!r}")
@@ -113,9 +127,9 @@ class QuantConfig:
         if t in ("ort", "tensorrt") and (self.per_channel or self.weight_symmetric):
             raise ValueError(f"target {t!r} fixes the weight scheme (symmetric per-channel int8 "
                              "where int8 runs); per_channel/weight_symmetric are for 'paper'")
-        if t == "ort" and self.weight_bits != 8:
-            raise ValueError("target 'ort' runs int8 kernels: weight_bits must be 8 "
-                             "(lower bits: target 'paper')")
+        if t == "paper" and (self.act_bits != 8 or self.calib_method != "minmax"):
+            raise ValueError("act_bits/calib_method apply to quantized activations: targets "
+                             "'ort' and 'tensorrt' (the paper recipe quantizes weights only)")
         if t == "tensorrt" and self.weight_format != "qdq":
             raise ValueError("target 'tensorrt' needs weight_format 'qdq' (TensorRT reads Q/DQ)")
         softmax_set = (self.softmax_bits != 8 or self.log2_eps != DEFAULT_LOG2_EPS

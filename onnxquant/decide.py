@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import quantizers
+from . import quantizers, ranges
 from .config import QuantConfig
 from .graph import constant_value
 from .plan import ConvSite, LinearSite, Plan
@@ -30,26 +30,40 @@ def _weight_only(prof: TargetProfile, cfg: QuantConfig, axis: int) -> QuantSpec:
                      axis=axis if w["per_channel"] else None, fmt=w["fmt"])
 
 
-def _activation(stats: dict, name: str, symmetric: bool) -> QuantSpec:
-    lo, hi = stats[name]
-    return QuantSpec(bits=8, symmetric=symmetric, range=(float(lo), float(hi)))
+def activation_spec(stats: dict, name: str, symmetric: bool, bits: int = 8,
+                    method: str = "minmax") -> QuantSpec:
+    """Per-tensor activation spec; the range from ``method`` (ranges.py) on the stats."""
+    if method == "minmax":
+        lo, hi = stats[name]
+    else:
+        lo, hi = ranges.estimate(stats[name], method, bits, symmetric)
+    return QuantSpec(bits=bits, symmetric=symmetric, range=(float(lo), float(hi)),
+                     estimator=method)
+
+
+def _activation(stats: dict, name: str, symmetric: bool, cfg: QuantConfig) -> QuantSpec:
+    return activation_spec(stats, name, symmetric, cfg.act_bits, cfg.calib_method)
+
+
+def int8_weight_spec(node: gs.Node, site: ConvSite, spec: QuantSpec) -> QuantSpec:
+    """QLinearConv form: the weight scale widened where the int32 bias would saturate."""
+    if not site.int8_output:
+        return spec
+    w = constant_value(node.inputs[1])
+    p = spec.with_(params=None).uniform_params(w)
+    bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
+    if bias is not None:
+        p = quantizers.widen_for_bias(p, bias, site.input_spec.uniform_params().scale[0])
+    return spec.with_(params=p)
 
 
 def _int8_conv(graph_nodes: dict, site: ConvSite, prof, cfg, stats) -> None:
-    """QLinearConv form: int8 weight whose scale keeps the int32 bias in range."""
-    site.input_spec = _activation(stats, site.input, prof.activation_symmetric)
-    bits = prof.int8_weight_bits or cfg.weight_bits
-    spec = QuantSpec(bits=bits, symmetric=True, axis=0)
-    node = graph_nodes[site.node]
+    site.input_spec = _activation(stats, site.input, prof.activation_symmetric, cfg)
+    bits = min(prof.int8_weight_bits or 8, cfg.weight_bits)
     if site.int8_output:
-        site.output_spec = _activation(stats, site.output, prof.activation_symmetric)
-        w = constant_value(node.inputs[1])
-        p = spec.uniform_params(w)
-        bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
-        if bias is not None:  # int32 bias codes must not saturate
-            p = quantizers.widen_for_bias(p, bias, site.input_spec.uniform_params().scale[0])
-        spec = spec.with_(params=p)
-    site.weight_spec = spec
+        site.output_spec = _activation(stats, site.output, prof.activation_symmetric, cfg)
+    site.weight_spec = int8_weight_spec(graph_nodes[site.node], site,
+                                        QuantSpec(bits=bits, symmetric=True, axis=0))
 
 
 def _conv(graph_nodes, site: ConvSite, prof, cfg, stats) -> None:
@@ -74,7 +88,7 @@ def _linear(graph_nodes, site: LinearSite, prof, cfg, stats) -> None:
     axis = 1 if site.op == "MatMul" or not node.attrs.get("transB", 0) else 0
     site.weight_spec = _weight_only(prof, cfg, axis)
     if site.int8_input:
-        site.input_spec = _activation(stats, site.input, symmetric=True)
+        site.input_spec = _activation(stats, site.input, True, cfg)
 
 
 def decide(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> Plan:
@@ -91,7 +105,7 @@ def decide(graph: gs.Graph, plan: Plan, cfg: QuantConfig) -> Plan:
     for site in plan.linears:
         _linear(nodes, site, prof, cfg, stats)
     for site in plan.residuals:
-        site.spec = _activation(stats, site.skip, symmetric=True) if site.quantize else None
+        site.spec = _activation(stats, site.skip, True, cfg) if site.quantize else None
     _check_constraints(prof, plan)
     return plan
 

@@ -101,6 +101,7 @@ class Plan:
     notes: list = field(default_factory=list)  # lines for the summary
     canonical: dict = field(default_factory=dict)  # what canonicalization changed, by kind
     blocks: list = field(default_factory=list)  # Block (onnxquant/blocks.py): regions + boundaries
+    choices: list = field(default_factory=list)  # search.Choice: what --auto chose and why
     stats: dict = field(default_factory=dict)  # tensor name -> (min, max)
 
     def calibration_tensors(self) -> list:

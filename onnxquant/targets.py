@@ -48,17 +48,21 @@ class TargetProfile:
                          if p in cfg.active_parts)
         softmax = (f"softmax {cfg.softmax_quantizer} {cfg.softmax_bits}-bit eps={cfg.log2_eps:g}; "
                    if "softmax" in cfg.active_parts else "")
+        acts = (f"activations {cfg.act_bits}-bit {cfg.calib_method}"
+                + (", searched per layer (--auto)" if cfg.auto else ""))
         if self.int8_convs == "kinds":
             kinds = ", ".join(cfg.ort_int8_kinds or ()) or "nothing"
-            return f"target={self.name}: int8 on {kinds}; other weights 8-bit folded; parts {parts}"
+            return (f"target={self.name}: int8 on {kinds} ({acts}); other weights "
+                    f"{cfg.weight_bits}-bit folded; parts {parts}")
         w = self.weight_scheme(cfg)
         scheme = "symmetric" if w["symmetric"] else "asymmetric"
         grain = "per-channel" if w["per_channel"] else "per-tensor"
         if self.int8_convs == "all":
             return (f"target={self.name}: int8 symmetric Q/DQ (weights {cfg.weight_bits}-bit "
-                    f"{grain}), {softmax}parts {parts}")
+                    f"{grain}, {acts}), {softmax}parts {parts}")
+        searched = ", searched per layer (--auto)" if cfg.auto else ""
         return (f"target={self.name}: weights {cfg.weight_bits}-bit {scheme} {grain} "
-                f"({w['fmt']}), {softmax}parts {parts}")
+                f"({w['fmt']}{searched}), {softmax}parts {parts}")
 
 
 PROFILES = {

@@ -9,7 +9,10 @@ from onnxquant.cli import main
 @pytest.mark.parametrize("options, word", [
     ({"target": "paper", "ort_int8_kinds": ("dense",)}, "ort_int8_kinds"),
     ({"target": "tensorrt", "ort_int8_kinds": ("dense",)}, "ort_int8_kinds"),
-    ({"target": "ort", "weight_bits": 4}, "weight_bits"),
+    ({"target": "paper", "act_bits": 6}, "act_bits"),
+    ({"target": "paper", "calib_method": "mse"}, "calib_method"),
+    ({"target": "tensorrt", "calib_method": "kl"}, "calib_method"),
+    ({"target": "tensorrt", "act_bits": 9}, "act_bits"),
     ({"target": "ort", "per_channel": True}, "per_channel"),
     ({"target": "tensorrt", "weight_symmetric": True}, "weight_symmetric"),
     ({"target": "tensorrt", "weight_format": "folded"}, "weight_format"),
@@ -24,6 +27,8 @@ def test_ignored_options_are_errors(options, word):
 @pytest.mark.parametrize("options", [
     {"target": "ort", "ort_int8_kinds": ("dense",)},
     {"target": "tensorrt", "softmax_bits": 6},
+    {"target": "tensorrt", "weight_bits": 6, "act_bits": 6, "calib_method": "mse"},
+    {"target": "ort", "weight_bits": 4, "ort_int8_kinds": ("dense",)},
     {"target": "paper", "weight_bits": 4, "per_channel": True, "softmax_bits": 4},
 ])
 def test_applicable_options_are_accepted(options):
