@@ -111,8 +111,22 @@ def build(graph: gs.Graph, plan: Plan, config: QuantConfig, source: onnx.ModelPr
     """Decide the specs of the marked sites (``plan.stats`` filled), emit them
     -> (quantized ModelProto, counts). ``graph`` is edited in place."""
     decide(graph, plan, config)
+    return _emit(graph, plan, source)
+
+
+def _emit(graph: gs.Graph, plan: Plan, source: onnx.ModelProto):
     counts = emit.emit(graph, plan)
     return _finish(graph, source), counts
+
+
+def _auto_search(source, graph, plan, config, calibration, preprocess, progress) -> None:
+    """Strategy (--auto): per-layer granularity, scheme and range by block error."""
+    from . import search
+
+    feed = search.calibration_feed(source, calibration, config, preprocess)
+    canonical = gs.export_onnx(graph.copy(), do_type_check=False)
+    canonical.functions.extend(source.functions)
+    search.search(canonical, plan, config, feed, progress, log)
 
 
 def _probe_int8_kinds(source, graph: gs.Graph, plan: Plan, config: QuantConfig) -> QuantConfig:
@@ -184,7 +198,8 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
         plan.notes.insert(0, f"{upgrade_note}; float outputs unchanged (max diff {worst:.1e})")
     t1 = time.perf_counter()
     stats = collect_stats(_calibration_model(source, graph, plan), plan.calibration_tensors(),
-                          calibration, config, preprocess, progress)
+                          calibration, config, preprocess, progress,
+                          histograms=config.calib_method != "minmax" or config.auto)
     t2 = time.perf_counter()
     seconds = {"passes": t1 - t0, "calibration": t2 - t1}
     plan.stats = stats
@@ -192,7 +207,12 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
         config = _probe_int8_kinds(source, graph, plan, config)
         seconds["kernel probe"] = time.perf_counter() - t2
         t2 = time.perf_counter()
-    out, counts = build(graph, plan, config, source)
+    decide(graph, plan, config)
+    if config.auto:
+        _auto_search(source, graph, plan, config, calibration, preprocess, progress)
+        seconds["auto search"] = time.perf_counter() - t2
+        t2 = time.perf_counter()
+    out, counts = _emit(graph, plan, source)
     _record_choices(out, config, probing)
     if not is_large(out, PROTOBUF_LIMIT):
         onnx.checker.check_model(out, full_check=True)

@@ -1,0 +1,126 @@
+"""Full-integer recipes (W8A8, W6A6), with and without --auto, on the reference checkpoints
+and the real PP-OCR recognizer: accuracy, agreement with float, quantization time, size.
+
+    python tools/int8_table.py [--models mobilevit_xxs,...] [--limit 500] [--lines 300]
+                               [--targets tensorrt,ort] [--out docs/int8.md]
+
+Reference checkpoints: top-1 on imagenette/val (``--limit`` images spread evenly) with their
+own preprocessing, calibrated on 32 imagenette/train images. Recognizer: line/char accuracy
+on ``--lines`` rendered lines (seed 1), calibrated on 32 other rendered lines (seed 1001).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+import onnxquant  # noqa: E402
+from onnxquant import QuantConfig  # noqa: E402
+
+RECIPES = {
+    "W8A8": {"weight_bits": 8, "act_bits": 8},
+    "W6A6": {"weight_bits": 6, "act_bits": 6},
+}
+TARGET_OPTIONS = {"tensorrt": {}, "ort": {"ort_int8_kinds": ("dense", "pointwise", "grouped",
+                                                              "depthwise", "stem", "linear")}}
+
+
+def _configs(targets: list) -> list:
+    out = []
+    for target in targets:
+        for recipe, bits in RECIPES.items():
+            for auto in (False, True):
+                label = f"{target} {recipe}{' --auto' if auto else ''}"
+                out.append((label, QuantConfig(target=target, auto=auto, **bits,
+                                               **TARGET_OPTIONS[target])))
+    return out
+
+
+def _quantize(model, cfg, calib, pre, out: Path) -> float:
+    from onnxquant.model_io import save_model
+
+    start = time.perf_counter()
+    model_out = onnxquant.run(str(model), cfg, calib, pre, progress=False).model
+    seconds = time.perf_counter() - start
+    save_model(model_out, out)
+    return seconds
+
+
+def reference_rows(ref: dict, configs: list, limit: int, work: Path) -> list:
+    models, rows = [], []
+    for label, cfg in configs:
+        out = work / f"{ref['name']}.{label.replace(' ', '_')}.onnx"
+        seconds = _quantize(ref["path"], cfg, str(benchlib.CALIB), ref["pre"], out)
+        models.append(out)
+        rows.append({"model": ref["name"], "recipe": label, "seconds": seconds,
+                     "mb": benchlib.file_mb(out)})
+    fp32, results = benchlib.against_fp32(ref["path"], models, benchlib.IMAGE_SETS["imagenette/val"],
+                                          ref, limit, ref["name"])
+    for row, res in zip(rows, results):
+        row.update(acc=res["top1"], change=res["change"], agree=res["agree"])
+    return [{"model": ref["name"], "recipe": "float", "acc": fp32["top1"], "change": 0.0,
+             "agree": 100.0, "seconds": 0.0, "mb": benchlib.file_mb(ref["path"])}] + rows
+
+
+def recognizer_rows(configs: list, n_lines: int, work: Path) -> list:
+    from onnxquant import ocr
+
+    model = benchlib.ASSETS / "real" / "PP-OCRv6_rec_small.onnx"
+    if not model.is_file():
+        return []
+    calib = work / "rec_calib.npy"
+    np.save(calib, ocr.calibration_array(32, seed=1001))
+    outs, rows = [], []
+    for label, cfg in configs:
+        out = work / f"rec.{label.replace(' ', '_')}.onnx"
+        seconds = _quantize(model, cfg, str(calib), None, out)
+        outs.append(out)
+        rows.append({"model": "PP-OCRv6_rec_small", "recipe": label, "seconds": seconds,
+                     "mb": benchlib.file_mb(out)})
+    lines = ocr.render_lines(n_lines, seed=1)
+    results = ocr.evaluate_many([str(model)] + [str(o) for o in outs], lines)
+    base = results[0]
+    for row, res in zip(rows, results[1:]):
+        row.update(acc=res.line_acc, change=res.line_acc - base.line_acc,
+                   agree=ocr.agreement(base, res))
+    return [{"model": "PP-OCRv6_rec_small", "recipe": "float", "acc": base.line_acc,
+             "change": 0.0, "agree": 100.0, "seconds": 0.0, "mb": benchlib.file_mb(model)}] + rows
+
+
+COLUMNS = [("model", "model", ""), ("recipe", "recipe", ""),
+           ("top-1 / line acc %", "acc", ".2f"), ("change (pts)", "change", "+.2f"),
+           ("agreement %", "agree", ".1f"), ("quantize s", "seconds", ".1f"),
+           ("size MB", "mb", ".2f")]
+
+
+def main(argv=None) -> int:
+    parser = benchlib.reference_parser(__doc__, "docs/int8.md")
+    parser.add_argument("--lines", type=int, default=300)
+    parser.add_argument("--targets", default="tensorrt,ort")
+    parser.add_argument("--no-recognizer", action="store_true")
+    args = parser.parse_args(argv)
+    configs = _configs(args.targets.split(","))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for ref in benchlib.selected_references(args):
+            rows += reference_rows(ref, configs, args.limit, Path(tmp))
+        if not args.no_recognizer:
+            rows += recognizer_rows(configs, args.lines, Path(tmp))
+    text = (f"# Full-integer recipes (W8A8, W6A6), with and without --auto\n\n"
+            f"{benchlib.measured_line(benchlib.command_line('tools/int8_table.py', argv))}.\n\n"
+            f"{benchlib.CHANGE}; the recognizer's accuracy is exact-line accuracy.\n\n"
+            f"{benchlib.table(rows, COLUMNS)}\n\n{benchlib.kept_notes(Path(args.out))}\n")
+    Path(args.out).write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
