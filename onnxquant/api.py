@@ -189,11 +189,12 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
     config = config or QuantConfig()
     t0 = time.perf_counter()
     original = _as_model(model)
-    source, upgrade_note = opset.upgrade(original, _model_name(model))
+    feed = sample_feed(original, calibration, config, preprocess) \
+        if opset.model_opset(original) < opset.MIN_OPSET else None
+    source, upgrade_note = opset.upgrade(original, _model_name(model), feed)
     probing = _probing(config)
     graph, plan = analyze(source, replace(config, ort_int8_kinds=INT8_KINDS) if probing else config)
     if upgrade_note:
-        feed = sample_feed(original, calibration, config, preprocess)
         worst = opset.verify_same(original, source, feed, _model_name(model))
         plan.notes.insert(0, f"{upgrade_note}; float outputs unchanged (max diff {worst:.1e})")
     t1 = time.perf_counter()

@@ -30,13 +30,20 @@ def model_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def upgrade(model: onnx.ModelProto, name: str = "model") -> tuple[onnx.ModelProto, str | None]:
-    """(model at >= MIN_OPSET, note for the summary or None). ``model`` is not modified."""
+def upgrade(model: onnx.ModelProto, name: str = "model",
+            feed: dict | None = None) -> tuple[onnx.ModelProto, str | None]:
+    """(model at >= MIN_OPSET, note for the summary or None). ``model`` is not modified.
+
+    ``feed`` (one input batch) lets the ranks of Softmax inputs that shape inference cannot
+    tell be measured: the Softmax 11 -> 13 adapter wraps a Softmax of unknown rank in
+    Flatten/Reshape, and then no attention matches (timm exports at opset 11: 0 of 9 log2
+    ops in mobilevit_xxs); one whose axis is the last is rewritten as axis -1 first.
+    """
     opset = model_opset(model)
     if opset >= MIN_OPSET:
         return model, None
     try:
-        converted = version_converter.convert_version(model, MIN_OPSET)
+        converted = version_converter.convert_version(_last_axis_softmax(model, feed), MIN_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeError/ValueError/C++ errors
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise UserError(f"{name}: opset {opset} could not be converted to {MIN_OPSET} ({first}); "
@@ -44,6 +51,47 @@ def upgrade(model: onnx.ModelProto, name: str = "model") -> tuple[onnx.ModelProt
     min_ir = onnx.helper.find_min_ir_version_for(list(converted.opset_import), True)
     converted.ir_version = max(converted.ir_version, min_ir)
     return converted, f"opset {opset} converted to {MIN_OPSET} (per-channel Q/DQ and the log2 op need it)"
+
+
+def _softmax_axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)  # opset < 13 default
+
+
+def _input_ranks(model: onnx.ModelProto, names: list, feed: dict | None) -> dict:
+    """Rank of each tensor in ``names``: from shape inference, else measured on ``feed``."""
+    try:
+        typed = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - best effort
+        typed = model
+    infos = {v.name: v for v in [*typed.graph.value_info, *typed.graph.input]}
+    ranks = {n: len(infos[n].type.tensor_type.shape.dim) for n in names
+             if n in infos and infos[n].type.tensor_type.HasField("shape")}
+    unknown = [n for n in names if n not in ranks]
+    if unknown and feed:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.output[:]
+        probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in unknown)
+        try:
+            ranks.update((n, v.ndim) for n, v in zip(unknown, _session(probe).run(unknown, feed)))
+        except Exception:  # noqa: BLE001 - unknown ranks stay unknown: the adapter wraps them
+            pass
+    return ranks
+
+
+def _last_axis_softmax(model: onnx.ModelProto, feed: dict | None) -> onnx.ModelProto:
+    """A copy whose last-axis Softmax nodes say axis=-1 (the same math at every opset)."""
+    nodes = [n for n in model.graph.node if n.op_type == "Softmax" and _softmax_axis(n) != -1]
+    if not nodes:
+        return model
+    ranks = _input_ranks(model, [n.input[0] for n in nodes], feed)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.op_type == "Softmax" and ranks.get(node.input[0], 0) - 1 == _softmax_axis(node):
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("axis", -1))
+    return copy
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
