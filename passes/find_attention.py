@@ -2,7 +2,8 @@
 
 Patterns (timm 1.0.31 exports, DESIGN.md §2), one name per variant:
 
-    sdpa            MatMul(q, kT) -> [Mul|Div|Add]{0,3} -> Softmax -> MatMul(., v)
+    sdpa            MatMul(q, kT) -> [Mul|Div|Add|layout]{0,5} -> Softmax -> [layout]{0,3}
+                    -> MatMul(., v)   (layout: Reshape/Squeeze/Unsqueeze/Flatten/Transpose)
                     (MobileViT v1, FastViT-SA, MNv4-hybrid; +Mul EdgeNeXt; +Add TinyViT;
                      +Mul+Add EfficientFormer v1, LeViT)
     talking_heads   MatMul -> [Mul|Add]* -> Conv1x1 -> Softmax -> Conv1x1 -> MatMul
@@ -23,6 +24,9 @@ from onnxquant.graph import producer
 from onnxquant.plan import AttentionSite
 
 SCALE_OPS = ("Mul", "Div", "Add", "Sub")
+# layout-only ops exporters put between the products and the Softmax (head reshapes; the
+# Flatten/Reshape of an opset-11 Softmax converted to 13 with an unknown rank)
+LAYOUT_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose")
 
 
 def _back(tensor, through, target, limit):
@@ -50,12 +54,25 @@ def _consumers(tensor, op):
     return [n for n in tensor.outputs if n.op == op]
 
 
+def _forward(tensor, limit: int = 3):
+    """The MatMul reading ``tensor`` as its first input, through single-use layout ops."""
+    for _ in range(limit + 1):
+        av = [n for n in _consumers(tensor, "MatMul") if n.inputs[0] is tensor]
+        if av:
+            return av[0]
+        users = tensor.outputs
+        if len(users) != 1 or users[0].op not in LAYOUT_OPS:
+            return None
+        tensor = users[0].outputs[0]
+    return None
+
+
 def _match_sdpa(sm):
-    qk, chain = _back(sm.inputs[0], SCALE_OPS, ("MatMul",), 3)
-    av = [n for n in _consumers(sm.outputs[0], "MatMul") if n.inputs[0] is sm.outputs[0]]
-    if qk is None or not av:
+    qk, chain = _back(sm.inputs[0], SCALE_OPS + LAYOUT_OPS, ("MatMul",), 5)
+    av = _forward(sm.outputs[0])
+    if qk is None or av is None:
         return None
-    return "sdpa", [qk, *chain, sm, av[0]]
+    return "sdpa", [qk, *chain, sm, av]
 
 
 def _match_talking_heads(sm):
