@@ -8,6 +8,12 @@ Why these settings (DESIGN.md section 5): the dynamo exporter silently emits ops
 fused attention (`F.scaled_dot_product_attention`) hides the Softmax that the log2
 activation quantizer anchors on. No timm 1.0.31 export here produced an ONNX `Attention` op.
 
+`exporter="dynamo"` (CLI `--exporter dynamo`) uses `torch.onnx.export(dynamo=True)` at opset
+18 instead (needs `onnxscript`; 4-25x slower to export here); `opset=` picks another opset for
+either exporter. The default (TorchScript, opset 17) writes the same bytes as before these
+options existed; other choices add `exporter`/`opset` metadata. docs/exporters.md: what
+onnxquant finds in dynamo exports and in opsets 11-23 of the zoo.
+
 Weights: `pretrained=True` is timm's normal hub path for users; here (no network) pass a
 local `.safetensors` / `.pth` / `.pt` file instead. `num_classes` is read from the head
 weight of that file when not given.
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import io
 import logging
 import os
 import sys
@@ -31,6 +38,8 @@ from pathlib import Path
 from ..errors import UserError
 
 OPSET = 17
+EXPORTERS = ("torchscript", "dynamo")
+DYNAMO_OPSET = 18  # what torch.onnx.export(dynamo=True) writes when no opset is given
 log = logging.getLogger("onnxquant")
 _PREFIXES = ("module.", "model.")
 _CONTAINER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")  # timm's order
@@ -176,14 +185,21 @@ def _load_into(model, state_dict: dict, source) -> None:
 
 
 def export(name: str, out_path, weights=None, num_classes=None, pretrained=False,
-           input_size=None, dynamic_batch=True) -> Path:
+           input_size=None, dynamic_batch=True, exporter="torchscript", opset=None) -> Path:
     """Export timm model `name` to `out_path` (ONNX opset 17) and return the path.
 
     The file appears atomically (temporary file in the same folder, then os.replace, via
     onnxquant.model_io.save_model); models over ~2 GiB keep weights in `<out name>.data`.
+    `exporter`: "torchscript" (default, `dynamo=False`, opset 17) or "dynamo"
+    (`dynamo=True`, opset 18); `opset` overrides either exporter's opset.
     """
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter '{exporter}'; choose from {', '.join(EXPORTERS)}")
     import torch
 
+    if exporter == "dynamo":
+        return _export_dynamo(name, out_path, weights, num_classes, pretrained, input_size,
+                              dynamic_batch, opset or DYNAMO_OPSET)
     out = Path(out_path).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     model, size = build(name, weights, num_classes, pretrained, input_size)
@@ -198,12 +214,65 @@ def export(name: str, out_path, weights=None, num_classes=None, pretrained=False
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)  # dynamo=False is deliberate
             warnings.filterwarnings("ignore", message="Constant folding")  # strided Slice
-            torch.onnx.export(model, (dummy,), str(raw), opset_version=OPSET, dynamo=False,
-                              input_names=["input"], output_names=["logits"],
+            torch.onnx.export(model, (dummy,), str(raw), opset_version=opset or OPSET,
+                              dynamo=False, input_names=["input"], output_names=["logits"],
                               dynamic_axes=axes)
-        _save_with_metadata(raw, out, {"timm_name": name, "weights": str(source)})
+        meta = {"timm_name": name, "weights": str(source)}
+        if opset and opset != OPSET:  # the default export keeps its bytes
+            meta.update(exporter="torchscript", opset=str(opset))
+        _save_with_metadata(raw, out, meta)
     log.info("exported %s (%d px, weights: %s) -> %s", name, size, source, out)
     return out
+
+
+def _export_dynamo(name, out_path, weights, num_classes, pretrained, input_size,
+                   dynamic_batch, opset) -> Path:
+    """export(exporter="dynamo"): torch.export -> ONNX at `opset` via onnxscript."""
+    import torch
+
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's translation library)
+    except ImportError:
+        raise ExportError("the dynamo exporter needs onnxscript: pip install onnxscript") from None
+    out = Path(out_path).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, size = build(name, weights, num_classes, pretrained, input_size)
+    # torch.export specializes a dimension whose example is 1: with a batch-1 example the
+    # export fails (edgenext_xx_small) or, after torch.onnx's fallbacks, silently comes out
+    # with a fixed batch of 1 (levit_128s). A batch-2 example keeps the batch symbolic.
+    dummy = torch.zeros(2 if dynamic_batch else 1, 3, size, size)
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    source = Path(weights).name if weights else ("timm-pretrained" if pretrained else "random-init")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with torch.no_grad(), warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()):  # "[torch.onnx] Obtain model graph"
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(model, (dummy,), str(raw), opset_version=opset, dynamo=True,
+                                  input_names=["input"], output_names=["logits"],
+                                  dynamic_shapes=shapes, verbose=False)
+            except Exception as err:  # torch.export / onnxscript errors: many types, long texts
+                first = (str(err).strip().splitlines() or [""])[0][:160]
+                raise ExportError(f"dynamo export of {name} failed ({type(err).__name__}: "
+                                  f"{first}); try --exporter torchscript") from None
+        if dynamic_batch:
+            _check_dynamic_batch(raw, name)
+        _save_with_metadata(raw, out, {"timm_name": name, "weights": str(source),
+                                       "exporter": "dynamo", "opset": str(opset)})
+    log.info("exported %s (%d px, weights: %s, dynamo opset %d) -> %s", name, size, source,
+             opset, out)
+    return out
+
+
+def _check_dynamic_batch(path: Path, name: str) -> None:
+    """ExportError when the exporter fixed the batch that was asked to be dynamic."""
+    import onnx
+
+    dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    if dim and not dim[0].dim_param:
+        raise ExportError(f"dynamo export of {name} fixed the batch at {dim[0].dim_value}; "
+                          "use --static-batch or --exporter torchscript")
 
 
 def _save_with_metadata(raw: Path, out: Path, meta: dict) -> None:
@@ -227,26 +296,31 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "onnxquant" / "zoo"
 
 
-def zoo_cache(name: str, input_size=None) -> Path:
+def zoo_cache(name: str, input_size=None, exporter="torchscript", opset=None) -> Path:
     """Path to a random-init (seed 0, pretrained=False) export of `name`, exporting once.
 
-    Files are keyed by timm version, so a timm upgrade re-exports instead of reusing.
+    Files are keyed by timm version, so a timm upgrade re-exports instead of reusing; a
+    non-default exporter/opset adds e.g. `.dynamo18` to the name (same weights: seed 0).
     """
     import timm
     import torch
 
     suffix = f".{input_size}" if input_size else ""
+    if exporter != "torchscript" or (opset and opset != OPSET):
+        suffix += f".{exporter}{opset or (DYNAMO_OPSET if exporter == 'dynamo' else OPSET)}"
     out = cache_dir() / f"timm-{timm.__version__}" / f"{name}{suffix}.seed0.onnx"
     if not out.is_file():
         torch.manual_seed(0)
-        export(name, out, pretrained=False, input_size=input_size)
+        export(name, out, pretrained=False, input_size=input_size, exporter=exporter,
+               opset=opset)
     return out
 
 
 def main(argv=None) -> int:
     """CLI: python -m onnxquant.models.export NAME OUT.onnx [options]."""
     parser = argparse.ArgumentParser(prog="python -m onnxquant.models.export",
-                                     description="Export a timm model to ONNX (opset 17).")
+                                     description="Export a timm model to ONNX (opset 17; "
+                                                 "--exporter dynamo: opset 18).")
     parser.add_argument("name", help="timm model name, e.g. mobilevit_xxs")
     parser.add_argument("out", help="output .onnx path")
     parser.add_argument("--weights", help="local .safetensors/.pth/.pt weights file")
@@ -254,12 +328,18 @@ def main(argv=None) -> int:
     parser.add_argument("--pretrained", action="store_true", help="timm hub weights (network)")
     parser.add_argument("--input-size", type=int, help="square input side (default: timm cfg)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch at 1")
+    parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
+                        help="torch.onnx exporter: torchscript (dynamo=False, default) or "
+                             "dynamo (dynamo=True, needs onnxscript)")
+    parser.add_argument("--opset", type=int,
+                        help=f"ONNX opset (default {OPSET}; dynamo: {DYNAMO_OPSET})")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         out = export(args.name, args.out, weights=args.weights, num_classes=args.num_classes,
                      pretrained=args.pretrained, input_size=args.input_size,
-                     dynamic_batch=not args.static_batch)
+                     dynamic_batch=not args.static_batch, exporter=args.exporter,
+                     opset=args.opset)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -29,6 +29,24 @@ first row also pays torch/timm first-use warm-up.
 | efficientvit_b0           |   454 |       0 |   50 |      9 |  13.1 |      3.0 |
 | efficientformer_l7        |  1085 |       8 |   65 |     48 | 313.2 |     23.3 |
 
+Other exporters and opsets (tools/zoo_exporters.py, docs/exporters.md; the 12 models above
+but efficientformer_l7, 64 px, seed 0): attention found = this table's Softmax count, with
+the same patterns and conv roles as the opset-17 export, in every variant produced; recipes:
+paper, paper per-channel, ort (dense, linear), tensorrt, each passing the full checker and
+running in onnxruntime with one log2 op per attention block.
+
+| export                                     | opset          | produced | recipes pass  |
+|--------------------------------------------|----------------|----------|---------------|
+| torchscript (this table)                   | 17             | 12 / 12  | 48 / 48       |
+| dynamo (`export(..., exporter="dynamo")`)  | 18             | 12 / 12  | 48 / 48       |
+| onnx.version_converter from opset 17       | 18, 19, 21, 23 | 12 / 12  | 48 / 48 each  |
+| onnx.version_converter from opset 17       | 11, 13, 14, 15 | 0 / 12   | -             |
+| torchscript, `opset=N`                     | 13, 14, 15     | 12 / 12  | 48 / 48 each  |
+| torchscript, `opset=11`                    | 11             | 12 / 12  | 18 / 48 (*)   |
+
+(*) the opset 11 -> 13 upgrade inside onnxquant.run wraps each Softmax in Flatten/Reshape,
+so no log2 op is inserted although `inspect` finds the attention (docs/exporters.md).
+
 Importing this module needs neither torch nor timm.
 """
 from __future__ import annotations
