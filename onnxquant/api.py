@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -54,7 +55,18 @@ def _import(model: onnx.ModelProto) -> gs.Graph:
     graph = gs.import_onnx(model)
     graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version)
                             for d in graph.import_domains]
+    _detach_constant_nodes(graph)
     return graph
+
+
+def _detach_constant_nodes(graph: gs.Graph) -> None:
+    """Constant-node values as gs holds them point into the caller's TensorProtos, and
+    export writes their (empty) names back there (found by tools/fuzz.py): give each its own
+    copy. Constant nodes hold small tensors; initializers are not affected."""
+    for node in graph.nodes:
+        value = node.attrs.get("value") if node.op == "Constant" else None
+        if isinstance(value, gs.Constant):
+            node.attrs["value"] = gs.Constant(value.name, np.array(value.values))
 
 
 def _with_types(model: onnx.ModelProto) -> onnx.ModelProto:
