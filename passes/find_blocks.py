@@ -18,30 +18,28 @@ transformer stacks out (6-7 convs in mobilevit_xxs / mobilevitv2_050).
            conv_block   otherwise
 
 The weight of every Conv is found here too (through Identity/Constant, DESIGN.md §5).
+
+The same labels give the block map (``plan.blocks``, onnxquant/blocks.py): every node is
+labelled by its conv role or its region's side, transformer regions linked by transformer
+convs form one transformer group, and ``blocks.partition`` cuts a topological order into
+conv blocks, bridges and transformer blocks with their boundary tensors.
 """
 
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from onnxquant import blocks
 from onnxquant.graph import constant_source, constant_value, data_inputs
 from onnxquant.plan import ConvSite
 
 SANDWICH_CONVS = 3
+BY_SIDES = ("conv_block", "bridge", "transformer")  # by how many ends are in a transformer
 
 
-class _Regions:
-    """Union-find over tensors, merged through every non-Conv node's data edges."""
-
-    def __init__(self, graph: gs.Graph):
+class _UnionFind:
+    def __init__(self):
         self.parent = {}
-        for node in graph.nodes:
-            if node.op == "Conv":
-                continue
-            outs = [t for t in node.outputs if isinstance(t, gs.Variable)]
-            for t in data_inputs(node) + outs[1:]:
-                if outs:
-                    self.union(t.name, outs[0].name)
 
     def find(self, key: str) -> str:
         root = key
@@ -55,6 +53,20 @@ class _Regions:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[ra] = rb
+
+
+class _Regions(_UnionFind):
+    """Union-find over tensors, merged through every non-Conv node's data edges."""
+
+    def __init__(self, graph: gs.Graph):
+        super().__init__()
+        for node in graph.nodes:
+            if node.op == "Conv":
+                continue
+            outs = [t for t in node.outputs if isinstance(t, gs.Variable)]
+            for t in data_inputs(node) + outs[1:]:
+                if outs:
+                    self.union(t.name, outs[0].name)
 
 
 def _conv_site(node: gs.Node, graph_inputs: set):
@@ -119,7 +131,29 @@ def run(graph: gs.Graph, ctx) -> int:
     transformer = _transformer_regions(fwd, bwd, seeds) if seeds else set()
     for site, (src, dst) in zip(convs, ends):
         inside = (src in transformer) + (dst in transformer)
-        site.role = ("conv_block", "bridge", "transformer")[inside]
+        site.role = BY_SIDES[inside]
     ctx.plan.convs.extend(convs)
-    ctx.log.info("find_blocks: %d convs %s", len(convs), ctx.plan.role_counts())
+    ctx.plan.blocks = blocks.partition(graph, _labels(graph, regions, transformer), ctx.plan)
+    ctx.log.info("find_blocks: %d convs %s, %d blocks", len(convs), ctx.plan.role_counts(),
+                 len(ctx.plan.blocks))
     return len(convs)
+
+
+def _labels(graph: gs.Graph, regions: _Regions, transformer: set) -> list:
+    """(kind, key) per node: a Conv's role, else its region's side; key: the transformer
+    group (regions linked by transformer convs) or, for a bridge, the conv itself."""
+    groups = _UnionFind()
+    ends = [(regions.find(n.inputs[0].name), regions.find(n.outputs[0].name))
+            if n.op == "Conv" and n.inputs and n.outputs else None for n in graph.nodes]
+    for end in ends:
+        if end and end[0] in transformer and end[1] in transformer:
+            groups.union(*end)
+    labels = []
+    for node, end in zip(graph.nodes, ends):
+        if end is None:
+            outs = [t for t in node.outputs if isinstance(t, gs.Variable)]
+            end = (regions.find(outs[0].name),) * 2 if outs else (None, None)
+        role = BY_SIDES[(end[0] in transformer) + (end[1] in transformer)]
+        key = {"transformer": groups.find(end[0]), "bridge": node.name}.get(role)
+        labels.append((role, key))
+    return labels
