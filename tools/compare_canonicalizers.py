@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -103,13 +102,10 @@ TOOLS = {  # column -> (function, module that must import)
 
 
 def versions() -> dict:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchlib import versions as installed_versions
+
+    return installed_versions(*PACKAGES)
 
 
 def installed(module: str) -> bool:
