@@ -131,6 +131,13 @@ def _emit(graph: gs.Graph, plan: Plan, source: onnx.ModelProto):
     return _finish(graph, source), counts
 
 
+def _sampled(plan: Plan, config: QuantConfig) -> set:
+    """Tensors whose values a searched quantizer needs (AdaLog-style Softmax step)."""
+    if config.softmax_quantizer != "adalog":
+        return set()
+    return {a.output for a in plan.attention if a.quantize}
+
+
 def _auto_search(source, graph, plan, config, calibration, preprocess, progress) -> None:
     """Strategy (--auto): per-layer granularity, scheme and range by block error."""
     from . import search
@@ -212,7 +219,8 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
     t1 = time.perf_counter()
     stats = collect_stats(_calibration_model(source, graph, plan), plan.calibration_tensors(),
                           calibration, config, preprocess, progress,
-                          histograms=config.calib_method != "minmax" or config.auto)
+                          histograms=config.calib_method != "minmax" or config.auto,
+                          sampled=_sampled(plan, config))
     t2 = time.perf_counter()
     seconds = {"passes": t1 - t0, "calibration": t2 - t1}
     plan.stats = stats

@@ -170,11 +170,13 @@ def probe_session(model: onnx.ModelProto, outputs: list):
 
 
 def collect_stats(model: onnx.ModelProto, tensors: list, source, cfg, preprocess=None,
-                  progress: bool = True, histograms: bool = False) -> dict:
+                  progress: bool = True, histograms: bool = False, sampled=()) -> dict:
     """{tensor: TensorStats} over up to ``cfg.num_calib`` samples of ``source``.
 
     A ``TensorStats`` unpacks as ``lo, hi`` (the running min/max); with ``histograms`` it also
-    holds a fixed-size histogram, what ``ranges.estimate`` needs beyond min/max.
+    holds a fixed-size histogram, what ``ranges.estimate`` needs beyond min/max. Tensors in
+    ``sampled`` also get ``.sample``: up to SAMPLE values drawn (seeded) from every batch,
+    what a searched quantizer scores its candidates on (softmax_quantizers.adalog).
     """
     if not tensors:
         return {}
@@ -186,13 +188,28 @@ def collect_stats(model: onnx.ModelProto, tensors: list, source, cfg, preprocess
     first = _first_batch(source_batches, shape, dtype)
     session = probe_session(model, tensors)
     stats = {t: TensorStats(histograms) for t in tensors}
+    samples, rng = {}, np.random.default_rng(0)
     with tqdm(total=cfg.num_calib, desc="calibrating", unit="img", disable=not progress) as bar:
         for origin, batch in itertools.chain([first], source_batches):
             batch = _check_batch(np.asarray(batch), shape, origin, dtype)
             for t, value in zip(tensors, _run(session, tensors, {name: batch}, origin)):
                 stats[t].update(value)
+                if t in sampled:
+                    samples.setdefault(t, []).append(_draw(value, rng))
             bar.update(len(batch))
+    for t, parts in samples.items():
+        stats[t].sample = np.concatenate(parts)[:SAMPLE]
     return _finite_ranges(stats)
+
+
+SAMPLE = 1 << 16  # values kept per sampled tensor (memory: 256 KB each)
+
+
+def _draw(value: np.ndarray, rng) -> np.ndarray:
+    flat = np.asarray(value, np.float32).ravel()
+    if flat.size <= SAMPLE // 4:
+        return flat.copy()
+    return flat[rng.choice(flat.size, SAMPLE // 4, replace=False)]
 
 
 def _first_batch(source_batches, shape, dtype):

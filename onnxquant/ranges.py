@@ -62,7 +62,7 @@ class TensorStats:
     ``lo, hi = stats``, ``stats[0]``, ``stats == (lo, hi)``.
     """
 
-    __slots__ = ("lo", "hi", "hist", "radius")
+    __slots__ = ("lo", "hi", "hist", "radius", "sample")
 
     def __init__(self, histogram: bool = False, bins: int = BINS):
         if histogram and (bins < 2 or bins % 2):
@@ -70,6 +70,7 @@ class TensorStats:
         self.lo, self.hi = np.inf, -np.inf
         self.hist = np.zeros(bins, np.int64) if histogram else None
         self.radius = 0.0  # R: the histogram covers [-R, R]
+        self.sample = None  # optional values drawn from the batches (calibrate.SAMPLE)
 
     @classmethod
     def from_array(cls, x, histogram: bool = True, bins: int = BINS) -> "TensorStats":
