@@ -100,25 +100,40 @@ COLUMNS = [("model", "model", ""), ("recipe", "recipe", ""),
            ("size MB", "mb", ".2f")]
 
 
-def main(argv=None) -> int:
-    parser = benchlib.reference_parser(__doc__, "docs/int8.md")
-    parser.add_argument("--lines", type=int, default=300)
-    parser.add_argument("--targets", default="tensorrt,ort")
-    parser.add_argument("--no-recognizer", action="store_true")
-    args = parser.parse_args(argv)
-    configs = _configs(args.targets.split(","))
+def parser(doc: str, out: str, lines: int):
+    p = benchlib.reference_parser(doc, out)
+    p.add_argument("--lines", type=int, default=lines)
+    p.add_argument("--no-recognizer", action="store_true")
+    return p
+
+
+def all_rows(args, configs: list) -> list:
+    """Every reference checkpoint, then the recognizer, with every config."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for ref in benchlib.selected_references(args):
             rows += reference_rows(ref, configs, args.limit, Path(tmp))
         if not args.no_recognizer:
             rows += recognizer_rows(configs, args.lines, Path(tmp))
-    text = (f"# Full-integer recipes (W8A8, W6A6), with and without --auto\n\n"
-            f"{benchlib.measured_line(benchlib.command_line('tools/int8_table.py', argv))}.\n\n"
+    return rows
+
+
+def write_report(title: str, script: str, argv, rows: list, out: str) -> None:
+    text = (f"# {title}\n\n"
+            f"{benchlib.measured_line(benchlib.command_line(script, argv))}.\n\n"
             f"{benchlib.CHANGE}; the recognizer's accuracy is exact-line accuracy.\n\n"
-            f"{benchlib.table(rows, COLUMNS)}\n\n{benchlib.kept_notes(Path(args.out))}\n")
-    Path(args.out).write_text(text, encoding="utf-8")
+            f"{benchlib.table(rows, COLUMNS)}\n\n{benchlib.kept_notes(Path(out))}\n")
+    Path(out).write_text(text, encoding="utf-8")
     print(text)
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__, "docs/int8.md", 300)
+    p.add_argument("--targets", default="tensorrt,ort")
+    args = p.parse_args(argv)
+    rows = all_rows(args, _configs(args.targets.split(",")))
+    write_report("Full-integer recipes (W8A8, W6A6), with and without --auto",
+                 "tools/int8_table.py", argv, rows, args.out)
     return 0
 
 
