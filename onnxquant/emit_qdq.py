@@ -137,6 +137,7 @@ def int32_bias(graph: gs.Graph, base: str, b: np.ndarray, act_scale: float,
                weight_scale: np.ndarray) -> gs.Variable:
     """Bias as int32 with scale s_x * s_w[c]: the form onnxruntime fuses into QLinearConv."""
     scale = (np.float32(act_scale) * weight_scale.astype(np.float32)).astype(np.float32)
+    scale = np.broadcast_to(scale, np.shape(b)).copy()  # per-tensor weights: one per channel too
     codes = np.round(b.astype(np.float64) / scale).clip(-(2**31), 2**31 - 1).astype(np.int32)
     out = gs.Variable(tensor_name(graph, base, "dequantized"), dtype=np.float32)
     add_node(graph, "DequantizeLinear", tensor_name(graph, base, "DequantizeLinear"),

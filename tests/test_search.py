@@ -12,11 +12,12 @@ def _err(model, quant, x):
     return float(np.sum((y - yq) ** 2) / np.sum(y ** 2))
 
 
-@pytest.mark.parametrize("target, bits", [("tensorrt", 4), ("paper", 3)])
+@pytest.mark.parametrize("target, bits", [("tensorrt", 4), ("paper", 3), ("ort", 8)])
 def test_auto_is_no_worse_than_the_default_and_records_its_choices(target, bits):
     model = mixed_model(seed=3)
     x = calibration(16)
-    options = {"weight_bits": bits, "act_bits": bits} if target == "tensorrt" else {"weight_bits": bits}
+    options = {"tensorrt": {"weight_bits": bits, "act_bits": bits}, "paper": {"weight_bits": bits},
+               "ort": {"ort_int8_kinds": ("dense", "pointwise", "stem", "linear")}}[target]
     plain = quantize(model, x, target=target, **options)
     auto = quantize(model, x, target=target, auto=True, **options)
     assert auto.plan.choices and any(n.startswith("auto:") for n in auto.plan.notes)
