@@ -21,7 +21,6 @@ Not done: the paper's Hessian (Fisher) weighting of the error; see docs/qhyvit.m
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -34,7 +33,6 @@ from tqdm import tqdm
 from . import blocks as blockmap
 from . import emit, functions
 from .decide import activation_spec, int8_weight_spec
-from .graph import constant_value
 from .plan import Plan
 from .spec import QuantSpec
 from .targets import profile

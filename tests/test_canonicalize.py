@@ -12,7 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxquant
-from onnxquant import QuantConfig, opset
+from onnxquant import opset
 from onnxquant.errors import UserError
 from graphs import Builder, calibration, log2_nodes, quantize, run_ort
 
