@@ -9,6 +9,7 @@ from PIL import Image
 
 from onnxquant.cli import main
 from graphs import Builder, calibration, run_ort
+from test_cli import _fails as fails
 
 
 def _model(seed: int = 0) -> onnx.ModelProto:
@@ -30,12 +31,7 @@ def _snapshot(folder):
 def _refused(capsys, tmp_path, argv, *words):
     """Exit 2, one line naming ``words``, no new files, inputs unchanged."""
     before = _snapshot(tmp_path)
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    for w in words:
-        assert w in err, err
+    err = fails(capsys, argv, *words)
     assert _snapshot(tmp_path) == before
     return err
 
