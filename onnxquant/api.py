@@ -138,14 +138,27 @@ def _sampled(plan: Plan, config: QuantConfig) -> set:
     return {a.output for a in plan.attention if a.quantize}
 
 
+def _canonical(source: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
+    canonical = gs.export_onnx(graph.copy(), do_type_check=False)
+    canonical.functions.extend(source.functions)
+    return canonical
+
+
 def _auto_search(source, graph, plan, config, calibration, preprocess, progress) -> None:
     """Strategy (--auto): per-layer granularity, scheme and range by block error."""
     from . import search
 
     feed = search.calibration_feed(source, calibration, config, preprocess)
-    canonical = gs.export_onnx(graph.copy(), do_type_check=False)
-    canonical.functions.extend(source.functions)
-    search.search(canonical, plan, config, feed, progress, log)
+    search.search(_canonical(source, graph), plan, config, feed, progress, log)
+
+
+def _reconstruct(source, graph, plan, config, calibration, preprocess, progress) -> None:
+    """Strategy (--reconstruct): the codes of every quantized weight, block by block."""
+    from . import reconstruct, search
+
+    feed = search.calibration_feed(source, calibration, config, preprocess,
+                                   limit=config.num_calib, why="--reconstruct fits weights")
+    reconstruct.reconstruct(_canonical(source, graph), plan, config, feed, progress, log)
 
 
 def _probe_int8_kinds(source, graph: gs.Graph, plan: Plan, config: QuantConfig) -> QuantConfig:
@@ -232,6 +245,10 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
     if config.auto:
         _auto_search(source, graph, plan, config, calibration, preprocess, progress)
         seconds["auto search"] = time.perf_counter() - t2
+        t2 = time.perf_counter()
+    if config.reconstruct != "none":
+        _reconstruct(source, graph, plan, config, calibration, preprocess, progress)
+        seconds["reconstruct"] = time.perf_counter() - t2
         t2 = time.perf_counter()
     out, counts = _emit(graph, plan, source)
     _record_choices(out, config, probing)

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from . import __version__, api
-from .config import (CALIB_METHODS, INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, SOFTMAX_QUANTIZERS,
+from .config import (CALIB_METHODS, INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, RECONSTRUCT_METHODS,
+                     SOFTMAX_QUANTIZERS,
                      TARGET_PARTS, TARGETS, WEIGHT_FORMATS, QuantConfig)
 from .errors import UserError
 from .model_io import check_output_path, load_model, save_model
@@ -66,6 +67,13 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--auto", action="store_true",
                    help="search weight granularity/scheme and activation ranges per layer "
                         "by the error of its block (Q-HyViT)")
+    g.add_argument("--reconstruct", choices=RECONSTRUCT_METHODS, default=d.reconstruct,
+                   help="choose weight codes by reconstruction on the calibration samples: "
+                        "gptq (NumPy, seconds), adaround/brecq/qdrop/mgrq (torch); "
+                        "default none (round to nearest)")
+    g.add_argument("--reconstruct-iters", type=int, default=d.reconstruct_iters, metavar="N",
+                   help="iterations per layer/block of the torch methods")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of reconstruction (0)")
     g.add_argument("--exclude", action="append", default=[], metavar="NODE|PATTERN",
                    help="keep these nodes float (names or fnmatch patterns such as '*attn*'; "
                         "repeat or comma-separate)")

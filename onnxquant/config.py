@@ -11,6 +11,8 @@ SOFTMAX_QUANTIZERS = ("log2", "log_sqrt2", "adalog", "uniform")  # softmax_quant
 CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")  # ranges.py
 CONV_KINDS = ("dense", "pointwise", "grouped", "depthwise", "stem")
 INT8_KINDS = CONV_KINDS + ("linear",)
+RECONSTRUCT_METHODS = ("none", "gptq", "adaround", "brecq", "qdrop", "mgrq")  # reconstruct.py
+TORCH_RECONSTRUCT = ("adaround", "brecq", "qdrop", "mgrq")
 
 # What each target quantizes when ``parts`` is not given. The paper quantizes conv weights
 # and post-Softmax activations only. On onnxruntime CPU the log2 fake-quant has no int8
@@ -58,6 +60,13 @@ class QuantConfig:
     calib_method: activation range estimator: minmax, percentile, mse, entropy (ranges.py).
     auto: search, per quantized layer, weight granularity and scheme and the activation
         range estimator by the reconstruction error of its block (search.py, Q-HyViT).
+    reconstruct: how the integer codes of quantized weights are chosen: "none" (round to
+        nearest), "gptq" (NumPy, Hessian-guided), "adaround" / "brecq" / "qdrop" / "mgrq"
+        (learned rounding in torch, layer- or block-wise); see reconstruct.py. Needs the
+        calibration samples themselves (images, .npy or an array).
+    reconstruct_iters: iteration budget per layer/block of the torch methods (None: the
+        method's default).
+    seed: seeds every random choice of reconstruction (sampling, QDrop masks, init).
     exclude: node names or fnmatch patterns (``"*attn*"``) of Conv/MatMul/Gemm/Softmax
         nodes to keep in float (``onnxquant inspect --sensitivity`` ranks candidates).
     """
@@ -79,6 +88,9 @@ class QuantConfig:
     act_bits: int = 8
     calib_method: str = "minmax"
     auto: bool = False
+    reconstruct: str = "none"
+    reconstruct_iters: int | None = None
+    seed: int = 0
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -115,6 +127,15 @@ class QuantConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if any(not isinstance(p, str) or not p for p in self.exclude):
             raise ValueError(f"exclude takes non-empty node names or patterns, got {self.exclude!r}")
+        if self.reconstruct not in RECONSTRUCT_METHODS:
+            raise ValueError(f"reconstruct must be one of {RECONSTRUCT_METHODS}, "
+                             f"got {self.reconstruct!r}")
+        if self.reconstruct_iters is not None:
+            if self.reconstruct not in TORCH_RECONSTRUCT:
+                raise ValueError(f"reconstruct_iters applies to {TORCH_RECONSTRUCT}, not "
+                                 f"reconstruct={self.reconstruct!r}")
+            if self.reconstruct_iters < 1:
+                raise ValueError(f"reconstruct_iters must be >= 1, got {self.reconstruct_iters}")
         if self.num_calib < 1 or self.batch_size < 1:
             raise ValueError("num_calib and batch_size must be >= 1")
         self._refuse_ignored_options()

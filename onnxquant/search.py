@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from tqdm import tqdm
 
 from . import blocks as blockmap
-from . import emit, functions
+from . import block_runs
 from .decide import activation_spec, int8_weight_spec
 from .plan import Plan
 from .spec import QuantSpec
@@ -81,34 +80,13 @@ class _Search:
 
     def error(self, run: list) -> float:
         """Relative squared error of the run's outputs, with the plan's current specs."""
-        graph = self._float_run(run).copy()
-        emit.emit(graph, _subplan(self.plan, {n for b in run for n in b.nodes}))
-        qm = gs.export_onnx(graph, do_type_check=False)
-        if any(n.domain == functions.DOMAIN for n in qm.graph.node):
-            functions.install(qm)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        session = ort.InferenceSession(qm.SerializeToString(), opts,
-                                       providers=["CPUExecutionProvider"])
-        feed = {i.name: self.values[i.name] for i in session.get_inputs()}
-        outs = [o.name for o in session.get_outputs()]
-        got = session.run(outs, feed)
-        num = sum(float(np.sum((g - self.values[o]) ** 2)) for g, o in zip(got, outs))
-        den = sum(float(np.sum(self.values[o] ** 2)) for o in outs)
-        return num / max(den, 1e-30)
+        nodes = {n for b in run for n in b.nodes}
+        model = block_runs.emitted(self._float_run(run), block_runs.subplan(self.plan, nodes))
+        return block_runs.relative_error(block_runs.run(model, self.values), self.values)
 
 
 def _pseudo_block(names: list) -> blockmap.Block:
     return blockmap.Block("conv_block", "all", inputs=tuple(names))
-
-
-def _subplan(plan: Plan, nodes: set) -> Plan:
-    """The plan restricted to the sites inside ``nodes`` (specs shared, not copied)."""
-    return Plan(attention=[a for a in plan.attention if a.softmax in nodes],
-                convs=[c for c in plan.convs if c.node in nodes],
-                linears=[s for s in plan.linears if s.node in nodes],
-                residuals=[r for r in plan.residuals if r.node in nodes], stats=plan.stats)
 
 
 def _try(search: _Search, run: list, site, role: str, candidates: dict) -> Choice:
@@ -148,18 +126,19 @@ def _search_block(search: _Search, run: list, block) -> list:
     return choices
 
 
-def calibration_feed(model: onnx.ModelProto, source, cfg, preprocess=None) -> dict:
+def calibration_feed(model: onnx.ModelProto, source, cfg, preprocess=None,
+                     limit: int = SEARCH_SAMPLES, why: str = "--auto scores candidates") -> dict:
     """The calibration samples themselves (the search scores blocks on them)."""
     from .calibrate import batches, input_dtype, model_input
     from .errors import UserError
 
     if source is None or hasattr(source, "get_next"):
-        raise UserError("--auto scores candidates on the calibration samples: pass them as a "
+        raise UserError(f"{why} on the calibration samples: pass them as a "
                         "folder of images, a .npy file or an array (a reader cannot be replayed)")
     name, shape = model_input(model)
     got = [np.asarray(b) for _, b in batches(source, name, shape, cfg, preprocess,
                                              input_dtype(model))]
-    return {name: np.concatenate(got)[:min(cfg.num_calib, SEARCH_SAMPLES)]}
+    return {name: np.concatenate(got)[:min(cfg.num_calib, limit)]}
 
 
 def search(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict, progress: bool = True,

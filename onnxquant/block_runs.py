@@ -1,0 +1,68 @@
+"""Run extracted blocks in onnxruntime, float or with the plan's specs emitted into them.
+
+Shared by the strategies that score or rebuild one block at a time (search.py for
+``--auto``, reconstruct.py for ``--reconstruct``): a block is extracted once from the
+canonical float graph (blocks.extract), the specs of the sites inside it are emitted into a
+copy, and the copy runs on boundary values held in a dict (tensor name -> array).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from . import emit, functions
+from .plan import Plan
+
+
+def subplan(plan: Plan, nodes: set, sites: set | None = None) -> Plan:
+    """The plan restricted to the sites inside ``nodes`` (specs shared, not copied);
+    ``sites``: further restrict conv/linear sites to these node names."""
+    keep = nodes if sites is None else nodes & set(sites)
+    return Plan(attention=[a for a in plan.attention if a.softmax in nodes],
+                convs=[c for c in plan.convs if c.node in keep],
+                linears=[s for s in plan.linears if s.node in keep],
+                residuals=[r for r in plan.residuals if r.node in nodes], stats=plan.stats)
+
+
+def emitted(block: gs.Graph, plan: Plan) -> onnx.ModelProto:
+    """A copy of the float block graph with ``plan``'s specs emitted into it."""
+    graph = block.copy()
+    emit.emit(graph, plan)
+    model = gs.export_onnx(graph, do_type_check=False)
+    if any(n.domain == functions.DOMAIN for n in model.graph.node):
+        functions.install(model)
+    return model
+
+
+def with_outputs(model: onnx.ModelProto, names: list) -> onnx.ModelProto:
+    """``model`` with extra graph outputs (intermediate tensors it computes)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output} | {i.name for i in out.graph.input}
+    out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    return out
+
+
+def run(model: onnx.ModelProto, values: dict, outputs: list | None = None) -> dict:
+    """Run ``model`` on the boundary ``values`` it needs; returns its outputs by name
+    (``outputs``: those only; a graph input asked for is passed through)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(model.SerializeToString(), opts,
+                                   providers=["CPUExecutionProvider"])
+    feed = {i.name: values[i.name] for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()] if outputs is None else list(outputs)
+    computed = [n for n in names if n not in feed]
+    got = dict(zip(computed, session.run(computed, feed))) if computed else {}
+    return {n: feed[n] if n in feed else got[n] for n in names}
+
+
+def relative_error(got: dict, want: dict) -> float:
+    """sum ||got - want||^2 / sum ||want||^2 over the tensors of ``got``."""
+    num = sum(float(np.sum((g - want[k]) ** 2)) for k, g in got.items())
+    den = sum(float(np.sum(want[k] ** 2)) for k in got)
+    return num / max(den, 1e-30)

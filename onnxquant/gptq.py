@@ -1,0 +1,95 @@
+"""GPTQ (Frantar et al. 2023) in NumPy: round weights column by column, pushing each
+column's rounding error onto the columns not yet rounded through the inverse Hessian of the
+layer's reconstruction loss ||W X - W_hat X||^2, H = 2/n X X^T (DESIGN.md §9).
+
+Weights are handled as ``[G, R, C]`` stacks: G independent groups (a grouped or depthwise
+conv has one H per group; dense layers have G = 1), R output rows, C input columns
+(in_channels/group x kh x kw for a conv, K for a linear layer). Scales and zero points are
+fixed beforehand (the spec's min-max parameters, one per row or one per tensor); GPTQ only
+chooses the integer codes. Reference: ``quantize_rows`` is plain rounding to nearest, the
+result GPTQ must beat on ``layer_error``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DAMP = 0.01  # damping: 1 % of the mean of diag(H)
+BLOCK = 128  # columns rounded per lazy-update block
+MAX_SAMPLES = 16384  # input columns (positions x images) used for H per layer
+
+
+def hessian(x: np.ndarray) -> np.ndarray:
+    """H = 2/n X X^T per group; ``x``: [G, C, n] -> [G, C, C] float64."""
+    x32 = np.asarray(x, np.float32)
+    h = np.matmul(x32, np.swapaxes(x32, 1, 2)).astype(np.float64)
+    return h * (2.0 / max(x.shape[2], 1))
+
+
+def subsample(x: np.ndarray, limit: int = MAX_SAMPLES, seed: int = 0) -> np.ndarray:
+    """At most ``limit`` sample columns of ``x`` [G, C, n], drawn without replacement."""
+    n = x.shape[2]
+    if n <= limit:
+        return x
+    keep = np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+    return x[:, :, keep]
+
+
+def quantize_rows(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int):
+    """Codes of ``w`` [..., R] with per-row ``scale``/``zero`` [..., R]: round to nearest."""
+    return np.clip(np.round(w / scale) + zero, qmin, qmax)
+
+
+def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of H^-1 per group (H already damped)."""
+    hinv = np.linalg.inv(h)
+    hinv = (hinv + np.swapaxes(hinv, 1, 2)) / 2
+    return np.swapaxes(np.linalg.cholesky(hinv), 1, 2)
+
+
+def _prepare(w: np.ndarray, h: np.ndarray, damp: float):
+    """Dead inputs (H_ii = 0: never non-zero in calibration) get H_ii = 1 and W = 0 there
+    (their value cannot matter on the data); then damping."""
+    w, h = w.copy(), h.copy()
+    dead = np.diagonal(h, axis1=1, axis2=2) == 0  # [G, C]
+    g_idx, c_idx = np.nonzero(dead)
+    h[g_idx, c_idx, c_idx] = 1.0
+    w[g_idx, :, c_idx] = 0.0
+    diag = np.diagonal(h, axis1=1, axis2=2)
+    bump = damp * diag.mean(axis=1)  # [G]
+    h = h + bump[:, None, None] * np.eye(h.shape[1])[None]
+    return w, h
+
+
+def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int,
+         qmax: int, damp: float = DAMP, block: int = BLOCK, act_order: bool = True) -> np.ndarray:
+    """Integer codes [G, R, C] for weights ``w`` [G, R, C] given H [G, C, C] and per-row
+    ``scale``/``zero`` [G, R] (a per-tensor scale repeated)."""
+    w, h = _prepare(np.asarray(w, np.float64), np.asarray(h, np.float64), damp)
+    cols = w.shape[2]
+    order = np.arange(cols)
+    if act_order:  # one order for all groups keeps the stacks aligned: the mean of diag H
+        order = np.argsort(-np.diagonal(h, axis1=1, axis2=2).mean(axis=0), kind="stable")
+        w, h = w[:, :, order], h[:, order][:, :, order]
+    u = _inverse_cholesky(h)
+    s, z = scale[..., None].astype(np.float64), zero[..., None].astype(np.float64)
+    codes = np.empty_like(w)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        err = np.empty((w.shape[0], w.shape[1], i2 - i1))
+        for i in range(i1, i2):
+            q = quantize_rows(w[:, :, i:i + 1], s, z, qmin, qmax)
+            codes[:, :, i] = q[:, :, 0]
+            e = (w[:, :, i] - (q[:, :, 0] - z[:, :, 0]) * s[:, :, 0]) / u[:, i, i][:, None]
+            w[:, :, i:i2] -= e[:, :, None] * u[:, None, i, i:i2]
+            err[:, :, i - i1] = e
+        w[:, :, i2:] -= np.matmul(err, u[:, i1:i2, i2:])
+    out = np.empty_like(codes)
+    out[:, :, order] = codes
+    return out
+
+
+def layer_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
+    """tr((W - W_hat) H (W - W_hat)^T), summed over groups: the loss GPTQ minimizes."""
+    d = np.asarray(w, np.float64) - w_hat
+    return float(np.einsum("grc,gcd,grd->", d, h, d))

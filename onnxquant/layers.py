@@ -1,0 +1,124 @@
+"""Weighted layers as matrices: the geometry reconstruction methods need.
+
+A quantized Conv/MatMul/Gemm weight is viewed as a stack ``[G, R, C]`` (G groups, R output
+rows, C input columns; see gptq.py), its fixed quantization grid as per-row scale and zero
+point ``[G, R]``, and its calibration inputs as columns ``[G, C, n]`` (im2col for convs,
+one row per token for linear layers), so that ``W x`` of the layer is ``stack @ columns``
+per group.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from . import quantizers
+
+
+@dataclass
+class Layer:
+    """One quantized weighted layer of a block."""
+
+    site: object  # plan.ConvSite | plan.LinearSite
+    node: onnx.NodeProto  # in the extracted float block
+    weight: np.ndarray  # float, as stored in the model
+    params: quantizers.UniformParams  # the fixed grid of its codes
+
+    @property
+    def attrs(self) -> dict:
+        return {a.name: onnx.helper.get_attribute_value(a) for a in self.node.attribute}
+
+    @property
+    def groups(self) -> int:
+        return int(self.attrs.get("group", 1)) if self.node.op_type == "Conv" else 1
+
+    @property
+    def transposed(self) -> bool:
+        """The stored weight is [in, out] (MatMul, Gemm with transB=0)."""
+        return self.node.op_type == "MatMul" or (self.node.op_type == "Gemm"
+                                                 and not self.attrs.get("transB", 0))
+
+    def stack(self, w: np.ndarray | None = None) -> np.ndarray:
+        """``w`` (default: the float weight) as [G, R, C]."""
+        w = self.weight if w is None else w
+        if self.node.op_type == "Conv":
+            g = self.groups
+            return w.reshape(g, w.shape[0] // g, -1)
+        return (w.T if self.transposed else w)[None]
+
+    def unstack(self, s: np.ndarray) -> np.ndarray:
+        """Inverse of ``stack``: [G, R, C] back to the stored weight's shape."""
+        if self.node.op_type == "Conv":
+            return s.reshape(self.weight.shape)
+        return s[0].T if self.transposed else s[0]
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row scale and zero point [G, R] (a per-tensor one repeated)."""
+        p = self.params
+        rows = self.stack().shape[:2]
+        if p.axis is None:
+            return np.full(rows, p.scale[0], np.float64), np.full(rows, p.zero_point[0], np.float64)
+        return (p.scale.astype(np.float64).reshape(rows),
+                p.zero_point.astype(np.float64).reshape(rows))
+
+    def columns(self, x: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
+        """The layer's input ``x`` as sample columns [G, C, n], at most ``limit`` of them."""
+        if self.node.op_type == "Conv":
+            return conv_columns(x, self.attrs, self.weight.shape, limit, seed)
+        x = np.asarray(x, np.float32)
+        if self.node.op_type == "Gemm" and self.attrs.get("transA", 0):
+            x = x.T
+        x = x.reshape(-1, x.shape[-1])
+        if len(x) > limit:
+            x = x[np.sort(np.random.default_rng(seed).choice(len(x), limit, replace=False))]
+        return x.T[None]
+
+
+def _pads(attrs: dict, spatial: tuple, kernel: tuple, strides: list, dilations: list) -> list:
+    """[begin..., end...] pads, auto_pad resolved as onnxruntime does."""
+    nd = len(kernel)
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", ""):
+        return list(attrs.get("pads", [0] * 2 * nd))
+    if auto == "VALID":
+        return [0] * 2 * nd
+    begin, end = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        small, big = total // 2, total - total // 2
+        begin.append(big if auto == "SAME_LOWER" else small)
+        end.append(small if auto == "SAME_LOWER" else big)
+    return begin + end
+
+
+def conv_columns(x: np.ndarray, attrs: dict, w_shape: tuple, limit: int, seed: int = 0):
+    """im2col of a Conv input [B, Cin, *spatial] -> [G, Cin/G * prod(k), n]; columns in
+    the order of ``W.reshape(Cout, -1)``; at most ``limit`` positions, spread evenly over
+    the images and drawn at random within each."""
+    kernel = tuple(w_shape[2:])
+    nd = len(kernel)
+    strides = list(attrs.get("strides", [1] * nd))
+    dilations = list(attrs.get("dilations", [1] * nd))
+    pads = _pads(attrs, x.shape[2:], kernel, strides, dilations)
+    xp = np.pad(np.asarray(x, np.float32),
+                [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    out = [(xp.shape[2 + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+           for i in range(nd)]
+    g = int(attrs.get("group", 1))
+    per_image = max(limit // len(x), 1)
+    rng = np.random.default_rng(seed)
+    cols = []
+    for image in xp:
+        patches = np.stack([image[(slice(None),) + tuple(
+            slice(o * d, o * d + s * (n - 1) + 1, s)
+            for o, d, s, n in zip(offset, dilations, strides, out))]
+            for offset in itertools.product(*(range(k) for k in kernel))], axis=1)
+        patches = patches.reshape(g, -1, int(np.prod(out)))  # [G, Cin/G * prod(k), positions]
+        if patches.shape[2] > per_image:
+            patches = patches[:, :, np.sort(rng.choice(patches.shape[2], per_image, replace=False))]
+        cols.append(patches)
+    return np.concatenate(cols, axis=2)

@@ -1,0 +1,236 @@
+"""Reconstruction (``--reconstruct``): choose the integer codes of quantized weights so the
+quantized model reproduces the float one on calibration data, block by block.
+
+    decide (grid per weight: scale, zero point, bits) -> RECONSTRUCT (codes) -> emit
+
+The blocks of the block map (blocks.py) are visited in graph order. Each block's boundary
+inputs are the values the already-reconstructed blocks before it produce (the quantized
+model so far, activation Q/DQ and log2 ops included), so each block corrects what the
+earlier ones left. A method gets a ``BlockTask`` and returns codes per layer; the codes go
+into ``QuantSpec.codes`` with the grid they were chosen on, and emission writes them.
+
+    gptq      NumPy, per layer (gptq.py), layers inside a block in order: each sees the
+              inputs produced with the block's earlier layers already rounded
+    adaround, brecq, qdrop, mgrq   torch (reconstruct_torch.py), when installed
+
+Memory is bounded by the boundary values live at a block (tensors no later block reads are
+dropped). The summary reports, per method, the block output error of round-to-nearest and
+of the reconstructed codes on the same inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from tqdm import tqdm
+
+from . import block_runs, gptq, quantizers
+from . import blocks as blockmap
+from .errors import UserError
+from .layers import Layer
+from .plan import Plan
+
+METHODS = ("none", "gptq", "adaround", "brecq", "qdrop", "mgrq")
+TORCH_METHODS = ("adaround", "brecq", "qdrop", "mgrq")
+
+
+@dataclass
+class BlockTask:
+    """What a reconstruction method gets for one block (and may read, never change)."""
+
+    name: str
+    kind: str  # conv_block | transformer | bridge
+    model: onnx.ModelProto  # the float block: boundary inputs -> boundary outputs
+    inputs: dict  # boundary inputs as the quantized model so far produces them
+    layers: list  # Layer, in graph order
+    plan: Plan  # the block's sites with their specs (activation Q/DQ, log2 ops)
+    seed: int = 0
+    iters: int | None = None  # method's iteration budget (None: its default)
+    float_inputs: dict = field(default_factory=dict)  # boundary inputs in the float model
+    tail: object = None  # () -> (ModelProto of the later blocks, their float inputs): MGRQ
+    progress: object = None  # callable(dict) for the progress bar postfix
+
+
+@dataclass
+class BlockResult:
+    name: str
+    layers: int
+    rtn_error: float  # relative block output error with round-to-nearest codes
+    error: float  # with the reconstructed codes
+
+
+def _codes_spec(layer: Layer, stacked_codes: np.ndarray):
+    spec = layer.site.weight_spec
+    codes = layer.unstack(stacked_codes).astype(layer.params.zero_point.dtype)
+    return spec.with_(params=layer.params, codes=codes)
+
+
+def run_gptq(task: BlockTask) -> dict:
+    """GPTQ per layer, in order; returns node -> codes (weight-shaped)."""
+    out, done = {}, set()
+    graph = gs.import_onnx(task.model)
+    nodes = {n.name for n in task.model.graph.node}
+    by_input = {}
+    for layer in task.layers:
+        x = by_input.get(layer.site.input)
+        if x is None:  # inputs of layers sharing one tensor are computed once, before any
+            model = block_runs.emitted(graph, block_runs.subplan(task.plan, nodes, done))
+            model = block_runs.with_outputs(model, [layer.site.input])
+            x = block_runs.run(model, task.inputs, [layer.site.input])[layer.site.input]
+            by_input = {layer.site.input: x}
+        x = _as_layer_sees(layer, x)
+        cols = layer.columns(x, gptq.MAX_SAMPLES, task.seed)
+        scale, zero = layer.grid()
+        codes = gptq.gptq(layer.stack(), gptq.hessian(cols), scale, zero,
+                          layer.params.qmin, layer.params.qmax)
+        layer.site.weight_spec = _codes_spec(layer, codes)
+        out[layer.site.node] = layer.site.weight_spec.codes
+        done.add(layer.site.node)
+    return out
+
+
+def _as_layer_sees(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """The input after the layer's own activation Q/DQ (W4A8), if it has one."""
+    spec = getattr(layer.site, "input_spec", None)
+    if spec is None or spec.kind != "uniform":
+        return x
+    p = spec.uniform_params()
+    return quantizers.uniform_dequantize(quantizers.uniform_quantize(x, p), p)
+
+
+def _method(name: str):
+    if name == "gptq":
+        return run_gptq
+    try:
+        from . import reconstruct_torch
+    except ImportError as exc:
+        raise UserError(f"--reconstruct {name} needs torch: pip install 'onnxquant[torch]' "
+                        f"({exc})") from exc
+    return reconstruct_torch.METHODS[name]
+
+
+def _layers(block, sites: dict, model: onnx.ModelProto, shared: set) -> list:
+    """The block's quantized layers whose codes can be chosen freely (not a dynamic int8
+    MatMul, not a weight shared with another layer)."""
+    nodes = {n.name: n for n in model.graph.node}
+    order = {n.name: i for i, n in enumerate(model.graph.node)}  # topological
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for name in sorted(block.convs + block.linears, key=order.__getitem__):
+        site = sites.get(name)
+        spec = getattr(site, "weight_spec", None)
+        if spec is None or spec.fmt == "dynamic" or site.weight in shared:
+            continue
+        node = nodes[name]
+        w = onnx.numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
+        if w is None or not np.issubdtype(w.dtype, np.floating):
+            continue
+        out.append(Layer(site, node, w, spec.with_(codes=None).uniform_params(w)))
+    return out
+
+
+def _shared_weights(plan: Plan) -> set:
+    seen, shared = set(), set()
+    for site in plan.convs + plan.linears:
+        if site.weight_spec is not None:
+            (shared if site.weight in seen else seen).add(site.weight)
+    return shared
+
+
+def _last_reads(blocks: list) -> dict:
+    last = {}
+    for i, block in enumerate(blocks):
+        for t in block.inputs:
+            last[t] = i
+    return last
+
+
+class _Walk:
+    """The blocks in order, with the quantized (and float) boundary values so far."""
+
+    def __init__(self, canonical, plan: Plan, feed: dict, wants_float: bool):
+        self.canonical, self.plan = canonical, plan
+        self.types = blockmap.value_types(canonical)
+        self.q, self.f = dict(feed), dict(feed) if wants_float else None
+        self.last = _last_reads(plan.blocks)
+        self.outputs = {o.name for o in canonical.graph.output}
+
+    def advance(self, i: int, model: onnx.ModelProto, graph: gs.Graph) -> None:
+        block = self.plan.blocks[i]
+        quantized = block_runs.emitted(graph, block_runs.subplan(self.plan, set(block.nodes)))
+        self.q.update(block_runs.run(quantized, self.q))
+        if self.f is not None:
+            self.f.update(block_runs.run(model, self.f))
+        for values in (self.q, self.f) if self.f is not None else (self.q,):
+            for t in [t for t in values if self.last.get(t, -1) <= i and t not in self.outputs
+                      and t not in block.outputs]:
+                del values[t]
+
+    def tail(self, i: int):
+        later = self.plan.blocks[i + 1:]
+        return lambda: (blockmap.extract(self.canonical, later, self.types), self.f)
+
+
+def _block_error(graph: gs.Graph, plan: Plan, nodes: set, values: dict, want: dict) -> float:
+    model = block_runs.emitted(graph, block_runs.subplan(plan, nodes))
+    return block_runs.relative_error(block_runs.run(model, values), want)
+
+
+def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
+                progress: bool = True, log=None) -> list:
+    """Replace the codes of the plan's weight specs by reconstructed ones, in place."""
+    start = time.perf_counter()
+    method = _method(cfg.reconstruct)
+    walk = _Walk(canonical, plan, feed, cfg.reconstruct in TORCH_METHODS)
+    sites, shared = {s.node: s for s in plan.convs + plan.linears}, _shared_weights(plan)
+    results = []
+    bar = tqdm(plan.blocks, desc=f"reconstruct ({cfg.reconstruct})", unit="block",
+               disable=not progress)
+    for i, block in enumerate(bar):
+        model = blockmap.extract(canonical, block, walk.types)
+        graph = gs.import_onnx(model)
+        layers = _layers(block, sites, model, shared)
+        if layers:
+            results.append(_reconstruct_block(walk, i, block, model, graph, layers, method, cfg, bar))
+        walk.advance(i, model, graph)
+    plan.notes.append(summary(cfg.reconstruct, results, time.perf_counter() - start))
+    if log:
+        log.info("reconstruct: %d blocks in %.1f s", len(results), time.perf_counter() - start)
+    return results
+
+
+def _reconstruct_block(walk, i, block, model, graph, layers, method, cfg, bar) -> BlockResult:
+    nodes = set(block.nodes)
+    want = block_runs.run(model, walk.q)  # float block on the quantized inputs
+    rtn = _block_error(graph, walk.plan, nodes, walk.q, want)
+    task = BlockTask(block.name, block.kind, model, walk.q, layers,
+                     block_runs.subplan(walk.plan, nodes), cfg.seed, cfg.reconstruct_iters,
+                     walk.f or {}, walk.tail(i) if walk.f is not None else None,
+                     lambda info: bar.set_postfix(info, refresh=False))
+    before = {layer.site.node: layer.site.weight_spec for layer in layers}
+    codes = method(task)
+    for layer in layers:
+        if layer.site.node in codes:
+            layer.site.weight_spec = _codes_spec(layer, layer.stack(codes[layer.site.node]))
+    error = _block_error(graph, walk.plan, nodes, walk.q, want)
+    if error > rtn:  # never worse than rounding to nearest on the calibration data
+        for layer in layers:
+            layer.site.weight_spec = before[layer.site.node].with_(codes=None)
+        error = rtn
+    bar.set_postfix({"block": block.name, "err": f"{rtn:.2e}->{error:.2e}"}, refresh=False)
+    return BlockResult(block.name, len(layers), rtn, error)
+
+
+def summary(method: str, results: list, seconds: float) -> str:
+    if not results:
+        return f"reconstruct {method}: no quantized weights to reconstruct"
+    improved = sum(r.error < r.rtn_error for r in results)
+    ratio = np.exp(np.mean([np.log(max(r.error, 1e-30) / max(r.rtn_error, 1e-30))
+                            for r in results]))
+    return (f"reconstruct {method}: {sum(r.layers for r in results)} layers in "
+            f"{len(results)} blocks, {improved} blocks improved; block output error "
+            f"x{ratio:.2f} of round-to-nearest (geometric mean); {seconds:.1f} s")
