@@ -1,0 +1,279 @@
+"""Store 4-bit weight codes as real ONNX INT4/UINT4 tensors (two codes per byte).
+
+    W_q int8  (codes in [-8, 7])  -> DequantizeLinear(s, z int8)   ->  Conv / MatMul / Gemm
+    W_q INT4  (the same codes)    -> DequantizeLinear(s, z INT4)   ->  Conv / MatMul / Gemm
+    (uint8 codes in [0, 15] with a zero point in range: UINT4)
+
+A post-emission step: weights quantized to 2..4 bits are emitted in 8-bit containers, which
+keeps the file at 8 bits per weight. DequantizeLinear takes INT4/UINT4 from opset 21, so a
+model below 21 is converted with ``onnx.version_converter`` first. The result is kept only
+if, in onnxruntime on a seeded input, the converted model gives the original's outputs
+(optimizations off, opset.py's tolerance), the packed one gives bit-identical outputs to
+the unpacked one (optimizations off) and runs optimized; otherwise the model stays as it
+was and the note says why (``_differs`` says why not bit-identical with optimizations).
+Model-local functions keep their own opset imports (the converter drops them): they are
+copied back with the default domain raised to 21, which onnxruntime requires to match the
+model's (the onnxquant log2 body means the same from 13 to 23). Measurements: docs/int4.md.
+
+Only codes that are initializers of the main graph and feed nothing but DequantizeLinear
+x-inputs are packed. "folded" weights (Cast -> Sub -> Mul) are left alone: onnxruntime folds
+them to float at session load, and Cast from INT4 would gain nothing there.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, numpy_helper, version_converter
+
+from .opset import ATOL, RTOL, model_opset
+
+log = logging.getLogger("onnxquant")
+
+MIN_OPSET = 21  # DequantizeLinear-21: INT4/UINT4 inputs, block_size
+# 8-bit container type: (4-bit type, its numpy dtype, code range)
+_KINDS = {TensorProto.INT8: (TensorProto.INT4, ml_dtypes.int4, -8, 7),
+          TensorProto.UINT8: (TensorProto.UINT4, ml_dtypes.uint4, 0, 15)}
+_NAMES = {TensorProto.INT4: "INT4", TensorProto.UINT4: "UINT4"}
+_SUBGRAPHS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def pack_4bit(model: onnx.ModelProto, name: str = "model") -> tuple[onnx.ModelProto, str | None]:
+    """(model with 4-bit weight codes stored as INT4/UINT4, note for the summary or None when
+    there was nothing to pack). ``model`` is not modified; on any refusal it is returned
+    itself with a note saying why the weights stayed in 8-bit containers."""
+    codes = packable(model.graph)
+    folded = _folded_4bit(model.graph)
+    folded_note = (f"{folded} folded 4-bit weights (Cast -> Sub -> Mul) left in 8-bit "
+                   "containers (onnxruntime folds them to float at load)") if folded else None
+    if not codes:
+        return model, folded_note
+    packed, why = _packed_at_21(model, codes)
+    if why is not None:
+        note = f"{len(codes)} 4-bit weights stay in 8-bit containers: {why}"
+        log.info("%s: %s", name, note)
+        return model, note
+    opset = model_opset(model)
+    how = (f"opset {opset} converted to {MIN_OPSET}, outputs unchanged" if opset < MIN_OPSET
+           else f"opset {opset}")
+    types = "/".join(sorted({_NAMES[t.data_type] for t in packed.graph.initializer
+                             if t.name in codes}))
+    note = f"4-bit weights stored as {types}: {len(codes)} tensors ({how})"
+    log.info("%s: %s", name, note)
+    return packed, note if not folded_note else f"{note}; {folded_note}"
+
+
+def _packed_at_21(model: onnx.ModelProto, codes: list[str]) -> tuple:
+    """(packed copy at opset >= 21, None) or (None, why not): the conversion must keep the
+    outputs, the packed model must dequantize to the same floats and run optimized."""
+    opset = model_opset(model)
+    target, why = (model, None) if opset >= MIN_OPSET else _convert(model)
+    if why is None and opset < MIN_OPSET:
+        why = _differs(model, target, f"opset {opset} -> {MIN_OPSET} changed the outputs",
+                       exact=False)
+    if why is not None:
+        return None, why
+    packed = _copy(target)
+    _pack(packed.graph, codes)
+    min_ir = onnx.helper.find_min_ir_version_for(list(packed.opset_import), True)
+    packed.ir_version = max(packed.ir_version, min_ir)
+    why = (_differs(target, packed, "INT4 weights dequantize differently", exact=True)
+           or _differs(target, packed, "optimized INT4 model gives other outputs", exact=False,
+                       optimized=True))
+    return (packed, None) if why is None else (None, why)
+
+
+def packable(graph: onnx.GraphProto) -> list[str]:
+    """Names of the initializers that are 8-bit weight codes within 4 bits, consumed only as
+    DequantizeLinear x-inputs whose zero points (if any) are initializers within range too."""
+    inits = {t.name: t for t in graph.initializer}
+    uses = _uses(graph)
+    outputs = {o.name for o in graph.output}
+    found = []
+    for tensor_name, tensor in inits.items():
+        kind = _KINDS.get(tensor.data_type)
+        users = uses.get(tensor_name, [])
+        if kind is None or not users or tensor_name in outputs:
+            continue
+        if not all(n is not None and n.op_type == "DequantizeLinear" and i == 0 for n, i in users):
+            continue
+        zeros = [n.input[2] for n, _ in users if len(n.input) > 2 and n.input[2]]
+        if all(_fits(inits.get(t), tensor.data_type, kind) for t in [tensor_name, *zeros]):
+            found.append(tensor_name)
+    return found
+
+
+def _fits(tensor, data_type: int, kind: tuple) -> bool:
+    if tensor is None or tensor.data_type != data_type:
+        return False
+    values = numpy_helper.to_array(tensor)
+    return values.size == 0 or (kind[2] <= values.min() and values.max() <= kind[3])
+
+
+def _uses(graph: onnx.GraphProto) -> dict:
+    """tensor -> [(node, input index)] in the main graph; a use inside a subgraph (If, Loop,
+    Scan bodies read outer names) is recorded as (None, -1)."""
+    uses: dict = {}
+    for node in graph.node:
+        for i, t in enumerate(node.input):
+            uses.setdefault(t, []).append((node, i))
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs] if attr.type in _SUBGRAPHS else []:
+                for t in _names_read(sub):
+                    uses.setdefault(t, []).append((None, -1))
+    return uses
+
+
+def _names_read(graph: onnx.GraphProto) -> set:
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs] if attr.type in _SUBGRAPHS else []:
+                names |= _names_read(sub)
+    return names
+
+
+def _pack(graph: onnx.GraphProto, codes: list[str]) -> None:
+    """Rewrite ``codes`` and their zero points in place as INT4/UINT4."""
+    index = {t.name: i for i, t in enumerate(graph.initializer)}
+    uses = _uses(graph)
+    to_pack = set(codes)
+    zeros = {n.input[2]: None for c in codes for n, _ in uses[c] if len(n.input) > 2 and n.input[2]}
+    for z in zeros:  # a zero point shared with a DequantizeLinear that stays 8-bit: copy it
+        if all(n is not None and n.op_type == "DequantizeLinear" and i == 2
+               and n.input[0] in to_pack for n, i in uses[z]):
+            to_pack.add(z)
+            continue
+        copy = _free_name(graph, f"{z}_4bit")
+        graph.initializer.append(graph.initializer[index[z]])
+        graph.initializer[-1].name = copy
+        index[copy] = len(graph.initializer) - 1
+        to_pack.add(copy)
+        for c in codes:
+            for n, _ in uses[c]:
+                if len(n.input) > 2 and n.input[2] == z:
+                    n.input[2] = copy
+    for t in to_pack:
+        old = graph.initializer[index[t]]
+        four_bit = _KINDS[old.data_type][1]
+        old.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(old).astype(four_bit), t))
+    _drop_value_info(graph, to_pack)
+
+
+def _free_name(graph: onnx.GraphProto, base: str) -> str:
+    taken = {t.name for t in [*graph.initializer, *graph.input, *graph.output]}
+    taken.update(o for n in graph.node for o in n.output)
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _drop_value_info(graph: onnx.GraphProto, names: set) -> None:
+    """Stale 8-bit types of packed tensors (inputs or value_info) would fail the checker."""
+    for field in (graph.value_info, graph.input):
+        keep = [v for v in field if v.name not in names]
+        if len(keep) != len(field):
+            del field[:]
+            field.extend(keep)
+
+
+def _folded_4bit(graph: onnx.GraphProto) -> int:
+    """Cast nodes reading an 8-bit initializer whose codes fit in 4 bits ("folded" format)."""
+    inits = {t.name: t for t in graph.initializer}
+    return sum(1 for n in graph.node if n.op_type == "Cast" and n.input[0] in inits
+               and _fits(inits[n.input[0]], inits[n.input[0]].data_type,
+                         _KINDS.get(inits[n.input[0]].data_type, (0, 0, 1, 0))))
+
+
+def _convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str | None]:
+    """(model at MIN_OPSET with its functions copied back, None) or (None, why not)."""
+    try:
+        converted = version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare C++ errors
+        return None, f"opset {model_opset(model)} -> {MIN_OPSET} conversion failed ({_first_line(exc)})"
+    # keep the model's own value_info: the converter adds ~750 entries (70 kB, mobilevit_xxs)
+    kept = {v.name for v in model.graph.value_info}
+    infos = [v for v in converted.graph.value_info if v.name in kept]
+    del converted.graph.value_info[:]
+    converted.graph.value_info.extend(infos)
+    del converted.functions[:]
+    for f in model.functions:
+        converted.functions.append(f)
+        for entry in converted.functions[-1].opset_import:
+            if entry.domain in ("", "ai.onnx") and entry.version < MIN_OPSET:
+                entry.version = MIN_OPSET
+    min_ir = onnx.helper.find_min_ir_version_for(list(converted.opset_import), True)
+    converted.ir_version = max(converted.ir_version, min_ir)
+    return converted, None
+
+
+def _differs(a: onnx.ModelProto, b: onnx.ModelProto, what: str, exact: bool,
+             optimized: bool = False) -> str | None:
+    """None when onnxruntime gives the same outputs for ``a`` and ``b`` on one seeded input
+    (``exact``: bit-identical, else opset.py's tolerance); else why not (``what``, or the
+    error of the session that failed). ``optimized``: sessions as users run them.
+
+    Why not bit-identical with optimizations: onnxruntime 1.32 fuses a weight-only
+    DequantizeLinear -> MatMul into MatMulNBits (8-bit codes as well as 4-bit), which by
+    default quantizes the activations to int8 (session.qdq_matmulnbits_accuracy_level 4), and
+    its 4-bit and 8-bit kernels round differently (tests/test_storage4.py: 9.5e-7 on outputs
+    of magnitude 2); at opset 21 it also fuses Add + LayerNormalization into
+    SkipLayerNormalization where 17 does not (mobilevit_xxs: 1 ulp). Without optimizations
+    17 vs 21 and INT4 vs int8 containers are bit-identical on every model tried.
+    """
+    try:
+        feed = random_feed(a)
+        out_a = _session(a, optimized).run(None, feed)
+        out_b = _session(b, optimized).run(None, feed)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        return f"onnxruntime cannot run it ({_first_line(exc)})"
+    for x, y in zip(out_a, out_b):
+        if exact and not np.array_equal(x, y, equal_nan=True):
+            return what
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        atol = ATOL * max(1.0, np.abs(x).max(initial=0))
+        if x.shape != y.shape or not np.allclose(x, y, rtol=RTOL, atol=atol, equal_nan=True):
+            return what
+    return None
+
+
+def random_feed(model: onnx.ModelProto, seed: int = 0) -> dict:
+    """Seeded standard-normal float inputs (integer inputs: zeros); symbolic dims are 1."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feed = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        t = inp.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        feed[inp.name] = (rng.standard_normal(shape).astype(dtype)
+                          if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype))
+    return feed
+
+
+def _session(model: onnx.ModelProto, optimized: bool) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not optimized:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]

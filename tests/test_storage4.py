@@ -1,0 +1,248 @@
+"""storage4.pack_4bit: 4-bit codes stored as INT4/UINT4, outputs bit-identical in onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, numpy_helper
+
+import graphs
+from onnxquant.storage4 import pack_4bit, packable, random_feed
+
+FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
+
+
+def _dq_model(opset: int = 21, gemm_codes: tuple = (0, 15), matmul: bool = True,
+              seed: int = 0) -> onnx.ModelProto:
+    """x -> Conv(DQ int8 W) -> depthwise Conv(DQ uint8 W) -> Flatten -> MatMul(DQ int8 W,
+    axis 1) -> Gemm(DQ uint8 W, per tensor, transB) -> y. ``gemm_codes``: the range of the
+    Gemm weight's uint8 codes (and zero point), e.g. (0, 255) for 8-bit codes; without
+    ``matmul`` the MatMul is an Identity-like float MatMul-free path (Flatten -> Gemm)."""
+    rng = np.random.default_rng(seed)
+    lo, hi = gemm_codes
+    w = {
+        "conv_wq": rng.integers(-8, 8, (8, 4, 3, 3)).astype(np.int8),
+        "conv_s": rng.uniform(0.01, 0.1, 8).astype(np.float32),
+        "conv_z": rng.integers(-2, 3, 8).astype(np.int8),
+        "dw_wq": rng.integers(0, 16, (8, 1, 3, 3)).astype(np.uint8),
+        "dw_s": rng.uniform(0.01, 0.1, 8).astype(np.float32),
+        "dw_z": np.full(8, 8, np.uint8),
+        "mm_wq": rng.integers(-8, 8, (288, 64)).astype(np.int8),
+        "mm_s": rng.uniform(0.001, 0.01, 64).astype(np.float32),
+        "mm_z": np.zeros(64, np.int8),
+        "gemm_wq": rng.integers(lo, hi + 1, (10, 64)).astype(np.uint8),
+        "gemm_s": np.float32(0.02),
+        "gemm_z": np.uint8((lo + hi + 1) // 2),
+        "gemm_b": rng.standard_normal(10).astype(np.float32),
+    }
+    mm_line = ("[mm_dq] mm_w = DequantizeLinear<axis=1>(mm_wq, mm_s, mm_z)\n"
+               "            [mm] m = MatMul(f, mm_w)") if matmul else "[mm] m = Slice(f, lo, hi, ax)"
+    if not matmul:  # Slice stands in for the MatMul: 64 of the 288 features
+        w = {k: v for k, v in w.items() if not k.startswith("mm_")}
+        w.update(lo=np.array([0], np.int64), hi=np.array([64], np.int64),
+                 ax=np.array([1], np.int64))
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 10, opset_import: ["" : {opset}]>
+        dq (float[1, 4, 6, 6] x) => (float[1, 10] y) {{
+            [conv_dq] conv_w = DequantizeLinear<axis=0>(conv_wq, conv_s, conv_z)
+            [conv] c = Conv<pads=[1, 1, 1, 1]>(x, conv_w)
+            [dw_dq] dw_w = DequantizeLinear<axis=0>(dw_wq, dw_s, dw_z)
+            [dw] d = Conv<group=8, pads=[1, 1, 1, 1]>(c, dw_w)
+            [flat] f = Flatten<axis=1>(d)
+            {mm_line}
+            [gemm_dq] gemm_w = DequantizeLinear(gemm_wq, gemm_s, gemm_z)
+            [gemm] y = Gemm<transB=1>(m, gemm_w, gemm_b)
+        }}""")
+    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(a), n) for n, a in w.items())
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _types(model: onnx.ModelProto) -> dict:
+    return {t.name: t.data_type for t in model.graph.initializer}
+
+
+def _run(model: onnx.ModelProto, optimized: bool = True) -> list:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not optimized:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), opts,
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, random_feed(model, seed=3))
+
+
+def _bit_identical(a: onnx.ModelProto, b: onnx.ModelProto, optimized: bool = True) -> None:
+    for x, y in zip(_run(a, optimized), _run(b, optimized)):
+        np.testing.assert_array_equal(x, y)
+
+
+def _same_values(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    """Bit-identical without graph optimizations (the dequantized weights are the same);
+    optimized, within 1e-5 of the largest output: onnxruntime turns DequantizeLinear -> MatMul into
+    MatMulNBits, whose 8-bit and 4-bit kernels round differently (storage4._differs)."""
+    _bit_identical(a, b, optimized=False)
+    for x, y in zip(_run(a), _run(b)):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * np.abs(x).max())
+
+
+def test_conv_depthwise_gemm_packed_bit_identical_optimized():
+    model = _dq_model(matmul=False)
+    packed, note = pack_4bit(model, "dq")
+    assert note == "4-bit weights stored as INT4/UINT4: 3 tensors (opset 21)"
+    _bit_identical(model, packed)
+
+
+def test_conv_depthwise_matmul_gemm_packed():
+    model = _dq_model()
+    before = model.SerializeToString()
+    packed, note = pack_4bit(model, "dq")
+    assert model.SerializeToString() == before
+    types = _types(packed)
+    assert types["conv_wq"] == types["conv_z"] == types["mm_wq"] == types["mm_z"] == TensorProto.INT4
+    assert types["dw_wq"] == types["dw_z"] == types["gemm_wq"] == types["gemm_z"] == TensorProto.UINT4
+    assert types["conv_s"] == TensorProto.FLOAT
+    assert note == "4-bit weights stored as INT4/UINT4: 4 tensors (opset 21)"
+    onnx.checker.check_model(packed, full_check=True)
+    _same_values(model, packed)
+
+
+def test_8bit_codes_are_not_packed():
+    model = _dq_model(gemm_codes=(0, 255))
+    assert sorted(packable(model.graph)) == ["conv_wq", "dw_wq", "mm_wq"]
+    packed, note = pack_4bit(model, "dq")
+    assert _types(packed)["gemm_wq"] == _types(packed)["gemm_z"] == TensorProto.UINT8
+    assert note.endswith(": 3 tensors (opset 21)")
+    _same_values(model, packed)
+
+
+def test_all_8bit_returns_input_and_no_note():
+    model = _dq_model()
+    for t in model.graph.initializer:
+        if t.name.endswith("_wq"):
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 2, t.name))
+    assert pack_4bit(model, "dq") == (model, None)
+
+
+def test_codes_read_by_another_op_are_not_packed():
+    model = _dq_model()
+    model.graph.node.append(onnx.helper.make_node("Cast", ["mm_wq"], ["mm_codes_f"], to=1))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("mm_codes_f", 1, [288, 64]))
+    assert "mm_wq" not in packable(model.graph)
+
+
+def test_zero_point_shared_with_8bit_weight_is_copied():
+    """dw_z also serves an 8-bit weight: the 4-bit DequantizeLinear gets a UINT4 copy."""
+    model = _dq_model()
+    big = np.arange(16, dtype=np.uint8).reshape(8, 2) * 16  # codes up to 240
+    model.graph.initializer.append(numpy_helper.from_array(big, "big"))
+    model.graph.node.append(onnx.helper.make_node("DequantizeLinear", ["big", "dw_s", "dw_z"],
+                                                  ["big_f"], axis=0))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("big_f", 1, [8, 2]))
+    assert "big" not in packable(model.graph)
+    packed, _ = pack_4bit(model, "dq")
+    types = _types(packed)
+    assert types["big"] == types["dw_z"] == TensorProto.UINT8
+    assert types["dw_wq"] == types["dw_z_4bit"] == TensorProto.UINT4
+    assert next(n for n in packed.graph.node if n.name == "dw_dq").input[2] == "dw_z_4bit"
+    onnx.checker.check_model(packed, full_check=True)
+    _same_values(model, packed)
+
+
+def test_weight_bytes_halve():
+    model = _dq_model()
+    packed, _ = pack_4bit(model, "dq")
+    codes = sum(numpy_helper.to_array(t).size for t in model.graph.initializer
+                if t.name.endswith(("_wq", "_z")))
+    saved = model.ByteSize() - packed.ByteSize()
+    assert codes // 2 <= saved <= codes // 2 + 64  # 1 byte per 2 codes, a few bytes of headers
+    mm = next(t for t in packed.graph.initializer if t.name == "mm_wq")
+    assert len(mm.raw_data) == 288 * 64 // 2
+
+
+def test_opset_17_is_converted_and_verified():
+    model = _dq_model(opset=17)
+    model.ir_version = 8
+    packed, note = pack_4bit(model, "dq")
+    assert note == "4-bit weights stored as INT4/UINT4: 4 tensors (opset 17 converted to 21, outputs unchanged)"
+    assert {(o.domain, o.version) for o in packed.opset_import} == {("", 21)}
+    assert packed.ir_version >= 10
+    _same_values(model, packed)
+
+
+def test_failed_conversion_keeps_8bit(monkeypatch):
+    from onnxquant import storage4
+
+    def broken(model, version):
+        raise RuntimeError("No Adapter For Foo\nmore text")
+
+    monkeypatch.setattr(storage4.version_converter, "convert_version", broken)
+    model = _dq_model(opset=17)
+    out, note = pack_4bit(model, "dq")
+    assert out is model
+    assert note == ("4 4-bit weights stay in 8-bit containers: opset 17 -> 21 conversion "
+                    "failed (No Adapter For Foo)")
+
+
+def test_quantized_model_with_log2_function():
+    """A real emission at opset 17 (log2 function inside): the function's opset follows."""
+    result = graphs.quantize(graphs.mixed_model(), graphs.calibration(), weight_bits=4,
+                             per_channel=True)
+    model = result.model
+    assert model.functions and any(n.domain == "onnxquant" for n in model.graph.node)
+    before = model.SerializeToString()
+    packed, note = pack_4bit(model, "mixed")
+    assert model.SerializeToString() == before
+    assert note.startswith("4-bit weights stored as UINT4: 4 tensors (opset 17 converted")
+    assert [o.version for f in packed.functions for o in f.opset_import if o.domain == ""] == [21]
+    assert sum(t.data_type in FOUR_BIT for t in packed.graph.initializer) == 8  # codes + zeros
+    onnx.checker.check_model(packed, full_check=True)
+    feed = {"x": graphs.calibration(2, seed=2)}
+    np.testing.assert_array_equal(graphs.run_ort(model, feed)[0], graphs.run_ort(packed, feed)[0])
+
+
+def test_folded_weights_are_left_alone():
+    result = graphs.quantize(graphs.conv_chain_model(), graphs.calibration(), weight_bits=4,
+                             weight_format="folded")
+    out, note = pack_4bit(result.model, "chain")
+    assert out is result.model
+    assert note.startswith("3 folded 4-bit weights (Cast -> Sub -> Mul) left in 8-bit containers")
+
+
+@settings(max_examples=20, deadline=None)
+@given(signed=st.booleans(), rows=st.integers(1, 7), cols=st.integers(1, 9),
+       seed=st.integers(0, 2**31))
+def test_round_trip_of_codes(signed, rows, cols, seed):
+    """Odd element counts too (the last byte holds one code): the packed tensor reads back
+    as the same codes and DequantizeLinear gives the same floats."""
+    rng = np.random.default_rng(seed)
+    dtype, lo, hi = (np.int8, -8, 7) if signed else (np.uint8, 0, 15)
+    codes = rng.integers(lo, hi + 1, (rows, cols)).astype(dtype)
+    zero = rng.integers(lo, hi + 1, cols).astype(dtype)
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 10, opset_import: ["" : 21]>
+        rt (float[{cols}] x) => (float[{rows}, {cols}] y) {{
+            w = DequantizeLinear<axis=1>(w_q, s, z)
+            y = Add(w, x)
+        }}""")
+    model.graph.initializer.extend([numpy_helper.from_array(codes, "w_q"),
+                                    numpy_helper.from_array(np.full(cols, 0.5, np.float32), "s"),
+                                    numpy_helper.from_array(zero, "z")])
+    packed, _ = pack_4bit(model, "rt")
+    w_q = next(t for t in packed.graph.initializer if t.name == "w_q")
+    assert w_q.data_type == (TensorProto.INT4 if signed else TensorProto.UINT4)
+    assert len(w_q.raw_data) == (rows * cols + 1) // 2
+    np.testing.assert_array_equal(numpy_helper.to_array(w_q).astype(np.int8), codes)
+    _bit_identical(model, packed)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_fewer_bits_pack_too(bits):
+    result = graphs.quantize(graphs.conv_chain_model(), graphs.calibration(), weight_bits=bits,
+                             per_channel=True, weight_symmetric=True)
+    packed, note = pack_4bit(result.model, "chain")
+    assert note.startswith("4-bit weights stored as INT4: 3 tensors")
