@@ -188,6 +188,19 @@ def _calibration_model(source: onnx.ModelProto, graph: gs.Graph, plan: Plan) -> 
     return gs.export_onnx(graph.copy(), do_type_check=False)
 
 
+def _pack_4bit(model: onnx.ModelProto, plan: Plan, config: QuantConfig, name: str):
+    """Weights of 4 bits or fewer stored as real INT4/UINT4 (storage4.py): paper target's
+    DequantizeLinear weights (TensorRT takes int4 on few layers; ort's are folded)."""
+    if config.target != "paper" or config.weight_bits > 4 or config.weight_format != "qdq":
+        return model
+    from .storage4 import pack_4bit
+
+    packed, note = pack_4bit(model, name)
+    if note:
+        plan.notes.append(note)
+    return packed
+
+
 def _record_choices(model: onnx.ModelProto, config: QuantConfig, probed: bool) -> None:
     """ort target: what runs in int8, and on what basis, in the model's metadata."""
     if config.target != "ort":
@@ -251,6 +264,7 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
         seconds["reconstruct"] = time.perf_counter() - t2
         t2 = time.perf_counter()
     out, counts = _emit(graph, plan, source)
+    out = _pack_4bit(out, plan, config, _model_name(model))
     _record_choices(out, config, probing)
     if not is_large(out, PROTOBUF_LIMIT):
         onnx.checker.check_model(out, full_check=True)

@@ -76,7 +76,7 @@ def run_gptq(task: BlockTask) -> dict:
     nodes = {n.name for n in task.model.graph.node}
     by_input = {}
     for layer in task.layers:
-        x = by_input.get(layer.site.input)
+        x = by_input.get(layer.site.input, task.inputs.get(layer.site.input))
         if x is None:  # inputs of layers sharing one tensor are computed once, before any
             model = block_runs.emitted(graph, block_runs.subplan(task.plan, nodes, done))
             model = block_runs.with_outputs(model, [layer.site.input])
@@ -159,10 +159,15 @@ class _Walk:
         self.last = _last_reads(plan.blocks)
         self.outputs = {o.name for o in canonical.graph.output}
 
-    def advance(self, i: int, model: onnx.ModelProto, graph: gs.Graph) -> None:
+    def quantized_outputs(self, i: int, graph: gs.Graph) -> dict:
+        """Block ``i``'s outputs with the plan's current specs, on the quantized inputs."""
+        nodes = set(self.plan.blocks[i].nodes)
+        model = block_runs.emitted(graph, block_runs.subplan(self.plan, nodes))
+        return block_runs.run(model, self.q)
+
+    def advance(self, i: int, model: onnx.ModelProto, q_outputs: dict) -> None:
         block = self.plan.blocks[i]
-        quantized = block_runs.emitted(graph, block_runs.subplan(self.plan, set(block.nodes)))
-        self.q.update(block_runs.run(quantized, self.q))
+        self.q.update(q_outputs)
         if self.f is not None:
             self.f.update(block_runs.run(model, self.f))
         for values in (self.q, self.f) if self.f is not None else (self.q,):
@@ -173,11 +178,6 @@ class _Walk:
     def tail(self, i: int):
         later = self.plan.blocks[i + 1:]
         return lambda: (blockmap.extract(self.canonical, later, self.types), self.f)
-
-
-def _block_error(graph: gs.Graph, plan: Plan, nodes: set, values: dict, want: dict) -> float:
-    model = block_runs.emitted(graph, block_runs.subplan(plan, nodes))
-    return block_runs.relative_error(block_runs.run(model, values), want)
 
 
 def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
@@ -195,18 +195,24 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
         graph = gs.import_onnx(model)
         layers = _layers(block, sites, model, shared)
         if layers:
-            results.append(_reconstruct_block(walk, i, block, model, graph, layers, method, cfg, bar))
-        walk.advance(i, model, graph)
+            result, q_outputs = _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar)
+            results.append(result)
+        else:
+            q_outputs = walk.quantized_outputs(i, graph)
+        walk.advance(i, model, q_outputs)
     plan.notes.append(summary(cfg.reconstruct, results, time.perf_counter() - start))
     if log:
         log.info("reconstruct: %d blocks in %.1f s", len(results), time.perf_counter() - start)
     return results
 
 
-def _reconstruct_block(walk, i, block, model, graph, layers, method, cfg, bar) -> BlockResult:
+def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> tuple:
+    """(BlockResult, the block's quantized outputs with the codes kept)."""
+    block = walk.plan.blocks[i]
     nodes = set(block.nodes)
     want = block_runs.run(model, walk.q)  # float block on the quantized inputs
-    rtn = _block_error(graph, walk.plan, nodes, walk.q, want)
+    rtn_outputs = walk.quantized_outputs(i, graph)
+    rtn = block_runs.relative_error(rtn_outputs, want)
     task = BlockTask(block.name, block.kind, model, walk.q, layers,
                      block_runs.subplan(walk.plan, nodes), cfg.seed, cfg.reconstruct_iters,
                      walk.f or {}, walk.tail(i) if walk.f is not None else None,
@@ -216,13 +222,14 @@ def _reconstruct_block(walk, i, block, model, graph, layers, method, cfg, bar) -
     for layer in layers:
         if layer.site.node in codes:
             layer.site.weight_spec = _codes_spec(layer, layer.stack(codes[layer.site.node]))
-    error = _block_error(graph, walk.plan, nodes, walk.q, want)
+    outputs = walk.quantized_outputs(i, graph)
+    error = block_runs.relative_error(outputs, want)
     if error > rtn:  # never worse than rounding to nearest on the calibration data
         for layer in layers:
             layer.site.weight_spec = before[layer.site.node].with_(codes=None)
-        error = rtn
+        error, outputs = rtn, rtn_outputs
     bar.set_postfix({"block": block.name, "err": f"{rtn:.2e}->{error:.2e}"}, refresh=False)
-    return BlockResult(block.name, len(layers), rtn, error)
+    return BlockResult(block.name, len(layers), rtn, error), outputs
 
 
 def summary(method: str, results: list, seconds: float) -> str:

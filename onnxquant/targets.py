@@ -61,6 +61,8 @@ class TargetProfile:
             return (f"target={self.name}: int8 symmetric Q/DQ (weights {cfg.weight_bits}-bit "
                     f"{grain}, {acts}), {softmax}parts {parts}")
         searched = ", searched per layer (--auto)" if cfg.auto else ""
+        if cfg.reconstruct != "none":
+            searched += f", codes by {cfg.reconstruct}"
         return (f"target={self.name}: weights {cfg.weight_bits}-bit {scheme} {grain} "
                 f"({w['fmt']}{searched}), {softmax}parts {parts}")
 

@@ -1,0 +1,185 @@
+"""GPTQ (gptq.py), layer geometry (layers.py) and the --reconstruct driver (reconstruct.py):
+the NumPy algorithm against its own definition, im2col against onnxruntime's Conv, and the
+reconstructed model against round-to-nearest on held-out inputs."""
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+from onnx import helper, numpy_helper
+
+from graphs import calibration, conv_chain_model, mixed_model, quantize, run_ort
+from onnxquant import QuantConfig, gptq, quantizers
+from onnxquant.layers import Layer, conv_columns
+
+
+def _problem(seed, groups=1, rows=6, cols=12, n=400, correlated=True):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((groups, rows, cols))
+    x = rng.standard_normal((groups, cols, n))
+    if correlated:  # inputs that share directions: where error feedback pays
+        x = np.matmul(rng.standard_normal((groups, cols, cols)), x)
+    h = gptq.hessian(x)
+    p = quantizers.uniform_params(w.reshape(-1, cols), 4, symmetric=True, axis=0)
+    scale = p.scale.astype(np.float64).reshape(groups, rows)
+    return w, h, scale, np.zeros_like(scale), p
+
+
+def _dequant(codes, scale, zero):
+    return (codes - zero[..., None]) * scale[..., None]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), groups=st.integers(1, 3), cols=st.integers(1, 20))
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest(seed, groups, cols):
+    """H diagonal: no column's error can be compensated by another: GPTQ = RTN exactly."""
+    w, _, scale, zero, p = _problem(seed, groups, cols=cols)
+    h = np.stack([np.diag(np.random.default_rng(seed).uniform(0.5, 2, cols))] * groups)
+    codes = gptq.gptq(w, h, scale, zero, p.qmin, p.qmax, damp=0.0)
+    np.testing.assert_array_equal(codes, gptq.quantize_rows(w, scale[..., None], zero[..., None],
+                                                            p.qmin, p.qmax))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), block=st.sampled_from([1, 3, 128]),
+       act_order=st.booleans())
+def test_gptq_codes_stay_on_the_grid_and_beat_rounding(seed, block, act_order):
+    w, h, scale, zero, p = _problem(seed, groups=2)
+    codes = gptq.gptq(w, h, scale, zero, p.qmin, p.qmax, block=block, act_order=act_order)
+    assert codes.min() >= p.qmin and codes.max() <= p.qmax
+    np.testing.assert_array_equal(codes, np.round(codes))
+    rtn = gptq.quantize_rows(w, scale[..., None], zero[..., None], p.qmin, p.qmax)
+    err = gptq.layer_error(w, _dequant(codes, scale, zero), h)
+    assert err < gptq.layer_error(w, _dequant(rtn, scale, zero), h)
+
+
+def test_gptq_lazy_blocks_do_not_change_the_result():
+    w, h, scale, zero, p = _problem(7, cols=40)
+    one = gptq.gptq(w, h, scale, zero, p.qmin, p.qmax, block=1)
+    np.testing.assert_array_equal(one, gptq.gptq(w, h, scale, zero, p.qmin, p.qmax, block=16))
+
+
+def test_dead_inputs_get_zero_weight_and_do_not_break_the_factorization():
+    w, h, scale, zero, p = _problem(3, cols=8)
+    h[:, 2, :] = h[:, :, 2] = 0.0  # input 2 never non-zero in calibration
+    codes = gptq.gptq(w, h, scale, zero, p.qmin, p.qmax)
+    assert np.all(codes[:, :, 2] == 0)
+
+
+def _conv_model(cin, cout, k, group, stride, dilation, auto_pad):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((cout, cin // group, k, k)).astype(np.float32)
+    attrs = {"group": group, "strides": [stride] * 2, "dilations": [dilation] * 2}
+    if auto_pad == "NOTSET":
+        attrs["pads"] = [k // 2, 0, k // 2 + 1, 1]
+    else:
+        attrs["auto_pad"] = auto_pad
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, None)],
+                              [helper.make_tensor_value_info("y", 1, None)],
+                              [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), node, w
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 2, 4]),
+       stride=st.sampled_from([1, 2]), dilation=st.sampled_from([1, 2]),
+       auto_pad=st.sampled_from(["NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+def test_im2col_columns_times_stacked_weight_is_the_conv(k, group, stride, dilation, auto_pad):
+    assume(dilation == 1 or not auto_pad.startswith("SAME"))  # onnxruntime refuses these
+    model, node, w = _conv_model(4, 8, k, group, stride, dilation, auto_pad)
+    x = calibration(2, channels=4, seed=5)
+    x = np.concatenate([x, x + 1, x - 1], axis=2)
+    x = np.concatenate([x, x * 0.5], axis=3)  # 12 x 8: non-square
+    (y,) = run_ort(model, {"x": x})
+    layer = Layer(site=None, node=node, weight=w, params=None)
+    cols = layer.columns(x, limit=10**9)
+    got = np.matmul(layer.stack().astype(np.float32), cols)  # [G, R, B * positions]
+    g, r, _ = got.shape
+    got = got.reshape(g * r, x.shape[0], *y.shape[2:]).transpose(1, 0, 2, 3)
+    np.testing.assert_allclose(got, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op, trans_b", [("MatMul", 0), ("Gemm", 0), ("Gemm", 1)])
+def test_linear_stack_is_rows_by_input_and_unstacks(op, trans_b):
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    attrs = {"transB": trans_b} if op == "Gemm" else {}
+    layer = Layer(None, helper.make_node(op, ["x", "w"], ["y"], **attrs), w, None)
+    stacked = layer.stack()
+    x = np.random.default_rng(0).standard_normal((5, w.shape[1] if trans_b else w.shape[0]))
+    want = x @ (w.T if trans_b else w)
+    np.testing.assert_allclose((stacked[0] @ layer.columns(x, 100)[0]).T, want, rtol=1e-5)
+    np.testing.assert_array_equal(layer.unstack(stacked), w)
+
+
+def test_columns_are_subsampled_to_the_limit_with_a_seed():
+    x = calibration(4, channels=4, seed=3)
+    attrs = {"pads": [1, 1, 1, 1]}
+    a = conv_columns(x, attrs, (8, 4, 3, 3), limit=20, seed=1)
+    assert a.shape == (1, 36, 20)
+    np.testing.assert_array_equal(a, conv_columns(x, attrs, (8, 4, 3, 3), limit=20, seed=1))
+
+
+def _err(model, quant, x):
+    (y,), (yq,) = run_ort(model, {"x": x}), run_ort(quant, {"x": x})
+    return float(np.sum((y - yq) ** 2) / np.sum(y ** 2))
+
+
+@pytest.mark.parametrize("make, options", [
+    (conv_chain_model, {"weight_bits": 3, "per_channel": True, "weight_symmetric": True}),
+    (mixed_model, {"weight_bits": 3, "per_channel": True}),
+    (mixed_model, {"target": "tensorrt", "weight_bits": 4, "act_bits": 8}),
+    (mixed_model, {"target": "ort", "weight_bits": 4,
+                   "ort_int8_kinds": ("dense", "pointwise", "stem", "linear")}),
+])
+def test_gptq_beats_round_to_nearest_on_held_out_inputs(make, options):
+    model = make(seed=2)
+    calib, held_out = calibration(64, seed=1), calibration(64, seed=2)
+    rtn = quantize(model, calib, **options)
+    rec = quantize(model, calib, reconstruct="gptq", **options)
+    note = next(n for n in rec.plan.notes if n.startswith("reconstruct gptq"))
+    assert "blocks improved" in note
+    assert _err(model, rec.model, held_out) < _err(model, rtn.model, held_out)
+    onnx.checker.check_model(rec.model, full_check=True)
+
+
+def test_emitted_codes_are_the_reconstructed_ones():
+    model = conv_chain_model(seed=2)
+    res = quantize(model, calibration(32), weight_bits=3, per_channel=True, reconstruct="gptq")
+    inits = {i.name: numpy_helper.to_array(i) for i in res.model.graph.initializer}
+    for site in res.plan.convs:
+        dq = next(n for n in res.model.graph.node
+                  if n.op_type == "DequantizeLinear" and site.weight in n.input[0])
+        np.testing.assert_array_equal(inits[dq.input[0]], site.weight_spec.codes)
+
+
+def test_reconstruct_options_are_validated():
+    with pytest.raises(ValueError, match="reconstruct must be one of"):
+        QuantConfig(reconstruct="obq")
+    with pytest.raises(ValueError, match="reconstruct_iters applies to"):
+        QuantConfig(reconstruct="gptq", reconstruct_iters=10)
+
+
+def test_reconstruct_needs_replayable_calibration():
+    from onnxquant.errors import UserError
+
+    class Reader:
+        def get_next(self):
+            return None
+
+    with pytest.raises(UserError, match="--reconstruct"):
+        quantize(conv_chain_model(), Reader(), reconstruct="gptq")
+
+
+@pytest.mark.parametrize("options, packed", [
+    ({"weight_bits": 4, "per_channel": True, "reconstruct": "gptq"}, True),
+    ({"weight_bits": 5, "per_channel": True}, False),
+    ({"target": "tensorrt", "weight_bits": 4}, False),  # TensorRT: int4 on few layers only
+])
+def test_paper_weights_of_4_bits_or_fewer_are_stored_as_int4(options, packed):
+    model = conv_chain_model(seed=2)
+    res = quantize(model, calibration(16), **options)
+    types = {i.data_type for i in res.model.graph.initializer}
+    assert (onnx.TensorProto.UINT4 in types or onnx.TensorProto.INT4 in types) == packed
+    x = calibration(8, seed=2)
+    assert _err(model, res.model, x) < 0.05
