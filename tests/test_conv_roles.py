@@ -1,6 +1,7 @@
 """find_blocks: conv roles on graphs where the answer is obvious, weights found through
 Identity/Constant, dynamic weights skipped; and the weight schemes emit writes for them."""
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -141,7 +142,7 @@ WEIGHT_SCHEMES = [  # config -> (codes dtype, per channel, bits, symmetric)
     ({"weight_symmetric": True}, np.int8, False, 8, True),
     ({"per_channel": True}, np.uint8, True, 8, False),
     ({"per_channel": True, "weight_symmetric": True}, np.int8, True, 8, True),
-    ({"weight_bits": 4}, np.uint8, False, 4, False),
+    ({"weight_bits": 4}, ml_dtypes.uint4, False, 4, False),  # stored as UINT4 (storage4.py)
 ]
 
 
