@@ -263,6 +263,10 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
         _reconstruct(source, graph, plan, config, calibration, preprocess, progress)
         seconds["reconstruct"] = time.perf_counter() - t2
         t2 = time.perf_counter()
+    if config.weight_bits <= 4 and config.reconstruct == "none":
+        plan.notes.append(f"{config.weight_bits}-bit weights rounded to nearest: "
+                          "--reconstruct gptq usually recovers most of the loss "
+                          "(docs/reconstruct_table.md)")
     out, counts = _emit(graph, plan, source)
     out = _pack_4bit(out, plan, config, _model_name(model))
     _record_choices(out, config, probing)

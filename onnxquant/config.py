@@ -34,7 +34,11 @@ DEFAULT_LOG2_EPS = 2.0**-16
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize. Defaults reproduce the EfficientQuant paper recipe.
+    """How to quantize. Defaults: the EfficientQuant recipe (weight-only convs + log2
+    post-Softmax) with per-channel weights. The paper's exact recipe is ``per_channel=False``
+    (CLI ``--per-tensor``): per-tensor weights lose 20 points of line accuracy on the real
+    PP-OCR recognizer (79.7 % vs 99.0 %, float 99.3 %) and are equal within noise on the
+    reference checkpoints (docs/default_recipe.md).
 
     target: "paper" (weight-only uint8 convs + log2 post-Softmax, runs anywhere),
         "ort" (int8 only where onnxruntime CPU is faster), "tensorrt" (symmetric int8 Q/DQ
@@ -74,7 +78,7 @@ class QuantConfig:
     target: str = "paper"
     weight_bits: int = 8
     weight_symmetric: bool = False
-    per_channel: bool = False
+    per_channel: bool = True
     weight_format: str = "qdq"
     softmax_bits: int = 8
     log2_eps: float = DEFAULT_LOG2_EPS
@@ -145,9 +149,10 @@ class QuantConfig:
         t = self.target
         if self.ort_int8_kinds is not None and t != "ort":
             raise ValueError(f"ort_int8_kinds applies to target 'ort' only, not {t!r}")
-        if t in ("ort", "tensorrt") and (self.per_channel or self.weight_symmetric):
+        if t in ("ort", "tensorrt") and (not self.per_channel or self.weight_symmetric):
             raise ValueError(f"target {t!r} fixes the weight scheme (symmetric per-channel int8 "
-                             "where int8 runs); per_channel/weight_symmetric are for 'paper'")
+                             "where int8 runs); per_channel=False/weight_symmetric are for "
+                             "'paper'")
         if t == "paper" and (self.act_bits != 8 or self.calib_method != "minmax"):
             raise ValueError("act_bits/calib_method apply to quantized activations: targets "
                              "'ort' and 'tensorrt' (the paper recipe quantizes weights only)")

@@ -45,9 +45,9 @@ from onnxquant.errors import UserError
 
 OPSETS = tuple(range(11, 22))
 RECIPES = {
-    "paper": QuantConfig(),
-    "paper_per_channel": QuantConfig(per_channel=True),
-    "paper_symmetric": QuantConfig(weight_symmetric=True),
+    "paper": QuantConfig(per_channel=False),  # the paper's exact (per-tensor) recipe
+    "paper_per_channel": QuantConfig(),  # the default
+    "paper_symmetric": QuantConfig(weight_symmetric=True, per_channel=False),
     "ort_fixed": QuantConfig(target="ort", ort_int8_kinds=("dense", "pointwise", "linear")),
     "tensorrt": QuantConfig(target="tensorrt"),
 }

@@ -13,7 +13,7 @@ from onnxquant.cli import main
     ({"target": "paper", "calib_method": "mse"}, "calib_method"),
     ({"target": "tensorrt", "calib_method": "kl"}, "calib_method"),
     ({"target": "tensorrt", "act_bits": 9}, "act_bits"),
-    ({"target": "ort", "per_channel": True}, "per_channel"),
+    ({"target": "ort", "per_channel": False}, "per_channel"),
     ({"target": "tensorrt", "weight_symmetric": True}, "weight_symmetric"),
     ({"target": "tensorrt", "weight_format": "folded"}, "weight_format"),
     ({"target": "ort", "softmax_bits": 6}, "softmax_bits"),

@@ -37,7 +37,7 @@ def test_block_map_counts(reference):
     assert not plan.unmatched_softmax
 
 
-@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(per_channel=True),
+@pytest.mark.parametrize("config", [QuantConfig(per_channel=False), QuantConfig(),
                                     QuantConfig(weight_symmetric=True, weight_bits=6)],
                          ids=["paper", "per-channel", "sym6"])
 def test_quantized_model_is_valid_and_close(reference, config, rng):

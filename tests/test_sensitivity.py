@@ -56,7 +56,7 @@ def test_a_damaged_conv_ranks_first(conv):
 def _paper_w4():
     from onnxquant import QuantConfig
 
-    return QuantConfig(weight_bits=4)
+    return QuantConfig(weight_bits=4, per_channel=False)  # the paper's per-tensor grid
 
 
 RECIPES = [(mixed_model, {"target": "tensorrt"}),

@@ -50,8 +50,8 @@ def variants():
 
     out = [
         ("float", None, "the exported model"),
-        ("paper", QuantConfig(num_calib=NUM_CALIB),
-         "paper recipe (`QuantConfig()`): uint8 asymmetric per-tensor conv weights "
+        ("paper", QuantConfig(per_channel=False, num_calib=NUM_CALIB),
+         "paper recipe (`QuantConfig(per_channel=False)`): uint8 asymmetric per-tensor conv weights "
          "(weight-only), log2 post-Softmax"),
         ("paper-sym", QuantConfig(weight_symmetric=True, per_channel=True, num_calib=NUM_CALIB),
          "paper recipe with `weight_symmetric=True, per_channel=True`: int8 symmetric "

@@ -32,14 +32,18 @@ TARGET_OPTIONS = {"tensorrt": {}, "ort": {"ort_int8_kinds": ("dense", "pointwise
                                                               "depthwise", "stem", "linear")}}
 
 
-def _configs(targets: list) -> list:
+VARIANTS = {"": {}, " --auto": {"auto": True},
+            " --auto --reconstruct gptq": {"auto": True, "reconstruct": "gptq"}}
+
+
+def _configs(targets: list, variants: list) -> list:
     out = []
     for target in targets:
         for recipe, bits in RECIPES.items():
-            for auto in (False, True):
-                label = f"{target} {recipe}{' --auto' if auto else ''}"
-                out.append((label, QuantConfig(target=target, auto=auto, **bits,
-                                               **TARGET_OPTIONS[target])))
+            for variant in variants:
+                out.append((f"{target} {recipe}{variant}",
+                            QuantConfig(target=target, **VARIANTS[variant], **bits,
+                                        **TARGET_OPTIONS[target])))
     return out
 
 
@@ -130,8 +134,12 @@ def write_report(title: str, script: str, argv, rows: list, out: str) -> None:
 def main(argv=None) -> int:
     p = parser(__doc__, "docs/int8.md", 300)
     p.add_argument("--targets", default="tensorrt,ort")
+    p.add_argument("--variants", default="plain,auto,auto+gptq",
+                   help="comma list from plain, auto, auto+gptq (--auto --reconstruct gptq)")
     args = p.parse_args(argv)
-    rows = all_rows(args, _configs(args.targets.split(",")))
+    names = {"plain": "", "auto": " --auto", "auto+gptq": " --auto --reconstruct gptq"}
+    variants = [names[v] for v in args.variants.split(",")]
+    rows = all_rows(args, _configs(args.targets.split(","), variants))
     write_report("Full-integer recipes (W8A8, W6A6), with and without --auto",
                  "tools/int8_table.py", argv, rows, args.out)
     return 0

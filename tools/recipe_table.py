@@ -36,11 +36,11 @@ JSON_KEYS = {"imagenette/val": "imagenette-val", "imagenet-val/nette": "imagenet
 # The recipes compared with the paper's, as QuantConfig overrides. Add a row for a new
 # option; a row this QuantConfig rejects (field or value unknown) is listed as skipped.
 RECIPES = [
-    ("paper (default)", {}),
-    ("per-channel", {"per_channel": True}),
-    ("symmetric", {"weight_symmetric": True}),
-    ("W6", {"weight_bits": 6}),
-    ("W4", {"weight_bits": 4}),
+    ("paper (per-tensor)", {"per_channel": False}),
+    ("per-channel (default)", {}),
+    ("symmetric", {"weight_symmetric": True, "per_channel": False}),
+    ("W6", {"weight_bits": 6, "per_channel": False}),
+    ("W4", {"weight_bits": 4, "per_channel": False}),
     ("softmax 6-bit", {"softmax_bits": 6}),
     ("softmax 4-bit", {"softmax_bits": 4}),
     ("folded weights", {"weight_format": "folded"}),
@@ -184,7 +184,7 @@ def render(refs, results, skipped, command: str, notes: str) -> str:
         "top-1 equals FP32's; *mean KL* = mean KL(softmax(FP32) ‖ softmax(quantized)); "
         "*quant s* = wall time of quantization including loading and calibration "
         "(onnxruntime: `quant_pre_process` + `quantize_static`).", "",
-        "The paper recipe (`QuantConfig()` defaults): conv weights uint8 asymmetric min-max per "
+        "The paper recipe (`QuantConfig(per_channel=False)`): conv weights uint8 asymmetric min-max per "
         "tensor, weight-only (DequantizeLinear), post-Softmax activations log2 8-bit. The peer "
         "is onnxruntime `quantize_static` (QDQ, per-channel, MinMax, its defaults: int8 "
         "weights and activations of every Conv/MatMul, Softmax output included).", "",

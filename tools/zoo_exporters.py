@@ -61,8 +61,8 @@ SIZES = {"efficientformer_l1": 224}  # fixed input size: its attention bias is b
 EVAL_N, CALIB_N = 8, 8
 FLOAT_RTOL = 1e-4  # relative L2 error a float conversion may add (kernel rounding)
 RECIPES = {  # key: (table heading, QuantConfig arguments)
-    "paper": ("paper", dict()),
-    "paper_pc": ("paper per_channel", dict(per_channel=True)),
+    "paper": ("paper", dict(per_channel=False)),
+    "paper_pc": ("paper per_channel", dict()),
     "ort": ("ort (dense, linear)", dict(target="ort", ort_int8_kinds=("dense", "linear"))),
     "tensorrt": ("tensorrt", dict(target="tensorrt")),
 }
