@@ -238,6 +238,9 @@ def summary(method: str, results: list, seconds: float) -> str:
     improved = sum(r.error < r.rtn_error for r in results)
     ratio = np.exp(np.mean([np.log(max(r.error, 1e-30) / max(r.rtn_error, 1e-30))
                             for r in results]))
+    top = sorted(results, key=lambda r: r.error - r.rtn_error)[:3]
+    gains = ", ".join(f"{r.name} {r.rtn_error:.1e}->{r.error:.1e}" for r in top)
     return (f"reconstruct {method}: {sum(r.layers for r in results)} layers in "
             f"{len(results)} blocks, {improved} blocks improved; block output error "
-            f"x{ratio:.2f} of round-to-nearest (geometric mean); {seconds:.1f} s")
+            f"x{ratio:.2f} of round-to-nearest (geometric mean; largest gains {gains}); "
+            f"{seconds:.1f} s")

@@ -183,3 +183,12 @@ def test_paper_weights_of_4_bits_or_fewer_are_stored_as_int4(options, packed):
     assert (onnx.TensorProto.UINT4 in types or onnx.TensorProto.INT4 in types) == packed
     x = calibration(8, seed=2)
     assert _err(model, res.model, x) < 0.05
+
+
+def test_reconstruction_is_deterministic_and_reports_its_largest_gains():
+    model, calib = mixed_model(seed=4), calibration(32, seed=1)
+    a = quantize(model, calib, weight_bits=3, reconstruct="gptq")
+    b = quantize(model, calib, weight_bits=3, reconstruct="gptq")
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+    note = next(n for n in a.plan.notes if n.startswith("reconstruct gptq"))
+    assert "largest gains" in note and "->" in note
