@@ -41,10 +41,11 @@ def quantize_rows(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int,
 
 
 def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor of H^-1 per group (H already damped)."""
-    hinv = np.linalg.inv(h)
+    """Upper Cholesky factor of H^-1 per group (H already damped), factorized in float32 as
+    the reference implementation does (damping keeps H well conditioned), returned float64."""
+    hinv = np.linalg.inv(h.astype(np.float32))
     hinv = (hinv + np.swapaxes(hinv, 1, 2)) / 2
-    return np.swapaxes(np.linalg.cholesky(hinv), 1, 2)
+    return np.swapaxes(np.linalg.cholesky(hinv), 1, 2).astype(np.float64)
 
 
 def _prepare(w: np.ndarray, h: np.ndarray, damp: float):
@@ -72,21 +73,22 @@ def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin
         order = np.argsort(-np.diagonal(h, axis1=1, axis2=2).mean(axis=0), kind="stable")
         w, h = w[:, :, order], h[:, order][:, :, order]
     u = _inverse_cholesky(h)
-    s, z = scale[..., None].astype(np.float64), zero[..., None].astype(np.float64)
-    codes = np.empty_like(w)
+    s, z = scale[:, None, :].astype(np.float64), zero[:, None, :].astype(np.float64)
+    wt = np.ascontiguousarray(np.swapaxes(w, 1, 2))  # [G, C, R]: one column is contiguous
+    codes = np.empty_like(wt)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        err = np.empty((w.shape[0], w.shape[1], i2 - i1))
+        err = np.empty((wt.shape[0], i2 - i1, wt.shape[2]))
         for i in range(i1, i2):
-            q = quantize_rows(w[:, :, i:i + 1], s, z, qmin, qmax)
-            codes[:, :, i] = q[:, :, 0]
-            e = (w[:, :, i] - (q[:, :, 0] - z[:, :, 0]) * s[:, :, 0]) / u[:, i, i][:, None]
-            w[:, :, i:i2] -= e[:, :, None] * u[:, None, i, i:i2]
-            err[:, :, i - i1] = e
-        w[:, :, i2:] -= np.matmul(err, u[:, i1:i2, i2:])
+            q = quantize_rows(wt[:, i:i + 1], s, z, qmin, qmax)  # [G, 1, R]
+            codes[:, i] = q[:, 0]
+            e = (wt[:, i] - (q[:, 0] - z[:, 0]) * s[:, 0]) / u[:, i, i][:, None]
+            wt[:, i:i2] -= u[:, i, i:i2][:, :, None] * e[:, None, :]
+            err[:, i - i1] = e
+        wt[:, i2:] -= np.matmul(np.swapaxes(u[:, i1:i2, i2:], 1, 2), err)
     out = np.empty_like(codes)
-    out[:, :, order] = codes
-    return out
+    out[:, order] = codes
+    return np.swapaxes(out, 1, 2)
 
 
 def layer_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
