@@ -151,11 +151,18 @@ def print_summary(result: api.Result, cfg: QuantConfig, src: Path, dst: Path, se
 def cmd_quantize(args) -> int:
     cfg = config_from_args(args)
     dst = check_output_path(args.input, args.output)
+    report = check_output_path(args.input, args.report) if args.report else None
+    if report is not None and report.resolve() == dst.resolve():
+        raise UserError(f"{report}: --report is the output model's path; choose another file")
     model = load_model(args.input)
     source, pre = _calibration(args, model)
     start = time.perf_counter()
     result = api.run(model, cfg, source, pre, progress=not args.quiet)
     save_model(result.model, dst)
+    if report is not None:
+        from . import decisions
+
+        decisions.write(report, result.plan, _recipe(result.config or cfg))
     print_summary(result, cfg, Path(args.input), dst, time.perf_counter() - start)
     if args.calib is None and result.plan.calibration_tensors():
         print("onnxquant: warning: no --calib given, calibrated on the 32 bundled ImageNet "
@@ -235,6 +242,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                                    "default: the 32 bundled ImageNet images")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log every pass")
+    p.add_argument("--report", metavar="FILE", help="write what --auto / --reconstruct chose "
+                   "and why (Markdown; JSON if FILE ends in .json)")
     p.add_argument("--version", action="version", version=__version__)
     add_config_arguments(p)
     add_preprocess_arguments(p)

@@ -102,6 +102,7 @@ class Plan:
     canonical: dict = field(default_factory=dict)  # what canonicalization changed, by kind
     blocks: list = field(default_factory=list)  # Block (onnxquant/blocks.py): regions + boundaries
     choices: list = field(default_factory=list)  # search.Choice: what --auto chose and why
+    reconstruction: list = field(default_factory=list)  # reconstruct.BlockResult per block
     stats: dict = field(default_factory=dict)  # tensor name -> (min, max)
 
     def calibration_tensors(self) -> list:

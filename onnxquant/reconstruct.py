@@ -200,6 +200,7 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
         else:
             q_outputs = walk.quantized_outputs(i, graph)
         walk.advance(i, model, q_outputs)
+    plan.reconstruction = results
     plan.notes.append(summary(cfg.reconstruct, results, time.perf_counter() - start))
     if log:
         log.info("reconstruct: %d blocks in %.1f s", len(results), time.perf_counter() - start)
