@@ -84,13 +84,25 @@ def run_gptq(task: BlockTask) -> dict:
             by_input = {layer.site.input: x}
         x = _as_layer_sees(layer, x)
         cols = layer.columns(x, gptq.MAX_SAMPLES, task.seed)
-        scale, zero = layer.grid()
-        codes = gptq.gptq(layer.stack(), gptq.hessian(cols), scale, zero,
-                          layer.params.qmin, layer.params.qmax)
+        codes = _gptq_codes(layer, gptq.hessian(cols))
+        if codes is None:  # H not positive definite even damped: round to nearest
+            continue
         layer.site.weight_spec = _codes_spec(layer, codes)
         out[layer.site.node] = layer.site.weight_spec.codes
         done.add(layer.site.node)
     return out
+
+
+def _gptq_codes(layer: Layer, h: np.ndarray):
+    """GPTQ codes of one layer, with more damping where the factorization fails."""
+    scale, zero = layer.grid()
+    for damp in (gptq.DAMP, 0.1, 1.0):
+        try:
+            return gptq.gptq(layer.stack(), h, scale, zero, layer.params.qmin,
+                             layer.params.qmax, damp=damp)
+        except np.linalg.LinAlgError:
+            continue
+    return None
 
 
 def _as_layer_sees(layer: Layer, x: np.ndarray) -> np.ndarray:

@@ -192,3 +192,20 @@ def test_reconstruction_is_deterministic_and_reports_its_largest_gains():
     assert a.model.SerializeToString() == b.model.SerializeToString()
     note = next(n for n in a.plan.notes if n.startswith("reconstruct gptq"))
     assert "largest gains" in note and "->" in note
+
+
+def test_a_hessian_that_cannot_be_factorized_falls_back_to_more_damping(monkeypatch):
+    calls = []
+    real = gptq.gptq
+
+    def flaky(*args, damp=gptq.DAMP, **kw):
+        calls.append(damp)
+        if damp == gptq.DAMP:
+            raise np.linalg.LinAlgError("not positive definite")
+        return real(*args, damp=damp, **kw)
+
+    monkeypatch.setattr(gptq, "gptq", flaky)
+    model = conv_chain_model(seed=2)
+    res = quantize(model, calibration(16), weight_bits=3, reconstruct="gptq")
+    assert calls[:2] == [gptq.DAMP, 0.1]
+    assert all(s.weight_spec.codes is not None for s in res.plan.convs)
