@@ -188,14 +188,15 @@ def _calibration_model(source: onnx.ModelProto, graph: gs.Graph, plan: Plan) -> 
     return gs.export_onnx(graph.copy(), do_type_check=False)
 
 
-def _pack_4bit(model: onnx.ModelProto, plan: Plan, config: QuantConfig, name: str):
+def _pack_4bit(model: onnx.ModelProto, plan: Plan, config: QuantConfig, name: str, sample):
     """Weights of 4 bits or fewer stored as real INT4/UINT4 (storage4.py): paper target's
-    DequantizeLinear weights (TensorRT takes int4 on few layers; ort's are folded)."""
+    DequantizeLinear weights (TensorRT takes int4 on few layers; ort's are folded).
+    ``sample()``: a calibration feed the checks run on."""
     if config.target != "paper" or config.weight_bits > 4 or config.weight_format != "qdq":
         return model
     from .storage4 import pack_4bit
 
-    packed, note = pack_4bit(model, name)
+    packed, note = pack_4bit(model, name, sample())
     if note:
         plan.notes.append(note)
     return packed
@@ -268,7 +269,8 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
                           "--reconstruct gptq usually recovers most of the loss "
                           "(docs/reconstruct_table.md)")
     out, counts = _emit(graph, plan, source)
-    out = _pack_4bit(out, plan, config, _model_name(model))
+    out = _pack_4bit(out, plan, config, _model_name(model),
+                     lambda: feed or sample_feed(original, calibration, config, preprocess))
     _record_choices(out, config, probing)
     if not is_large(out, PROTOBUF_LIMIT):
         onnx.checker.check_model(out, full_check=True)

@@ -42,17 +42,20 @@ _NAMES = {TensorProto.INT4: "INT4", TensorProto.UINT4: "UINT4"}
 _SUBGRAPHS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
-def pack_4bit(model: onnx.ModelProto, name: str = "model") -> tuple[onnx.ModelProto, str | None]:
+def pack_4bit(model: onnx.ModelProto, name: str = "model",
+              feed: dict | None = None) -> tuple[onnx.ModelProto, str | None]:
     """(model with 4-bit weight codes stored as INT4/UINT4, note for the summary or None when
     there was nothing to pack). ``model`` is not modified; on any refusal it is returned
-    itself with a note saying why the weights stayed in 8-bit containers."""
+    itself with a note saying why the weights stayed in 8-bit containers. ``feed``: the
+    inputs the checks run on (e.g. a calibration sample: models with dynamic sizes may not
+    run at size 1); default ``random_feed``."""
     codes = packable(model.graph)
     folded = _folded_4bit(model.graph)
     folded_note = (f"{folded} folded 4-bit weights (Cast -> Sub -> Mul) left in 8-bit "
                    "containers (onnxruntime folds them to float at load)") if folded else None
     if not codes:
         return model, folded_note
-    packed, why = _packed_at_21(model, codes)
+    packed, why = _packed_at_21(model, codes, feed or random_feed(model))
     if why is not None:
         note = f"{len(codes)} 4-bit weights stay in 8-bit containers: {why}"
         log.info("%s: %s", name, note)
@@ -67,23 +70,23 @@ def pack_4bit(model: onnx.ModelProto, name: str = "model") -> tuple[onnx.ModelPr
     return packed, note if not folded_note else f"{note}; {folded_note}"
 
 
-def _packed_at_21(model: onnx.ModelProto, codes: list[str]) -> tuple:
+def _packed_at_21(model: onnx.ModelProto, codes: list[str], feed: dict) -> tuple:
     """(packed copy at opset >= 21, None) or (None, why not): the conversion must keep the
     outputs, the packed model must dequantize to the same floats and run optimized."""
     opset = model_opset(model)
     target, why = (model, None) if opset >= MIN_OPSET else _convert(model)
     if why is None and opset < MIN_OPSET:
         why = _differs(model, target, f"opset {opset} -> {MIN_OPSET} changed the outputs",
-                       exact=False)
+                       feed, exact=False)
     if why is not None:
         return None, why
     packed = _copy(target)
     _pack(packed.graph, codes)
     min_ir = onnx.helper.find_min_ir_version_for(list(packed.opset_import), True)
     packed.ir_version = max(packed.ir_version, min_ir)
-    why = (_differs(target, packed, "INT4 weights dequantize differently", exact=True)
-           or _differs(target, packed, "optimized INT4 model gives other outputs", exact=False,
-                       optimized=True))
+    why = (_differs(target, packed, "INT4 weights dequantize differently", feed, exact=True)
+           or _differs(target, packed, "optimized INT4 model gives other outputs", feed,
+                       exact=False, optimized=True))
     return (packed, None) if why is None else (None, why)
 
 
@@ -214,7 +217,7 @@ def _convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str | None
     return converted, None
 
 
-def _differs(a: onnx.ModelProto, b: onnx.ModelProto, what: str, exact: bool,
+def _differs(a: onnx.ModelProto, b: onnx.ModelProto, what: str, feed: dict, exact: bool,
              optimized: bool = False) -> str | None:
     """None when onnxruntime gives the same outputs for ``a`` and ``b`` on one seeded input
     (``exact``: bit-identical, else opset.py's tolerance); else why not (``what``, or the
@@ -229,7 +232,6 @@ def _differs(a: onnx.ModelProto, b: onnx.ModelProto, what: str, exact: bool,
     17 vs 21 and INT4 vs int8 containers are bit-identical on every model tried.
     """
     try:
-        feed = random_feed(a)
         out_a = _session(a, optimized).run(None, feed)
         out_b = _session(b, optimized).run(None, feed)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types

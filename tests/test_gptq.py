@@ -43,14 +43,28 @@ def test_gptq_with_uncorrelated_inputs_is_round_to_nearest(seed, groups, cols):
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10**6), block=st.sampled_from([1, 3, 128]),
        act_order=st.booleans())
-def test_gptq_codes_stay_on_the_grid_and_beat_rounding(seed, block, act_order):
+def test_gptq_codes_stay_on_the_grid_and_are_never_much_worse(seed, block, act_order):
     w, h, scale, zero, p = _problem(seed, groups=2)
     codes = gptq.gptq(w, h, scale, zero, p.qmin, p.qmax, block=block, act_order=act_order)
     assert codes.min() >= p.qmin and codes.max() <= p.qmax
     np.testing.assert_array_equal(codes, np.round(codes))
-    rtn = gptq.quantize_rows(w, scale[..., None], zero[..., None], p.qmin, p.qmax)
-    err = gptq.layer_error(w, _dequant(codes, scale, zero), h)
-    assert err < gptq.layer_error(w, _dequant(rtn, scale, zero), h)
+    # greedy: not better on every problem (1 in ~600 of these), never much worse
+    assert _errors(w, h, scale, zero, p, codes) <= 1.1 * _errors(w, h, scale, zero, p)
+
+
+def _errors(w, h, scale, zero, p, codes=None):
+    if codes is None:
+        codes = gptq.quantize_rows(w, scale[..., None], zero[..., None], p.qmin, p.qmax)
+    return gptq.layer_error(w, _dequant(codes, scale, zero), h)
+
+
+def test_gptq_beats_rounding_on_correlated_inputs():
+    ratios = []
+    for seed in range(40):
+        w, h, scale, zero, p = _problem(seed, groups=2)
+        codes = gptq.gptq(w, h, scale, zero, p.qmin, p.qmax)
+        ratios.append(_errors(w, h, scale, zero, p, codes) / _errors(w, h, scale, zero, p))
+    assert np.median(ratios) < 0.8 and np.mean(np.array(ratios) < 1) > 0.9
 
 
 def test_gptq_lazy_blocks_do_not_change_the_result():
