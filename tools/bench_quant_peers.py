@@ -126,7 +126,8 @@ def runs_in_ort(path: Path, calib: Path) -> str | None:
         sess = benchlib.ort_session(path)
         sess.run(None, {sess.get_inputs()[0].name: np.load(calib)[:1]})
     except Exception as exc:  # noqa: BLE001 - reported as the row's error
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return first.replace(str(path.parent) + "/", "")[:200]  # no machine paths in a report
     return None
 
 
