@@ -1,0 +1,309 @@
+"""Learned rounding in torch for ``--reconstruct`` (reconstruct.py calls ``METHODS[name]``).
+
+Every method learns AdaRound's rounding variables V of the block's layers on their fixed
+grids (torch_quant.Rounding, DESIGN.md §9) and returns integer codes per layer:
+
+    adaround  layer by layer: min ||W x - W_soft x||^2 / ||W x||^2 + lambda * R(h, beta) on
+              im2col'd/token rows x of the layer's input, taken from the block run with its
+              earlier layers already rounded (and the block's activation specs applied)
+    brecq     block-wise: all layers' V jointly, min L_block + lambda * R, L_block the
+              relative MSE between the block run in torch (torch_graph) and the float
+              block, both on the quantized boundary inputs; activation specs are
+              fake-quantized in the loop (log2 fixed, straight-through)
+    qdrop     brecq, each activation fake-quant element (and each block input element:
+              quantized or float input) dropped to float with probability 0.5 (QDrop)
+    mgrq      brecq + extra-block global + intra-block local supervision (below)
+
+R(h, beta) = mean(1 - |2h - 1|^beta), beta annealed 20 -> 2 after a 20 % warm-up without
+it. The reconstruction terms are relative (divided by the float target's energy) and R is a
+mean, so one lambda fits every layer size (AdaRound sums both; a sum makes lambda depend on
+the layer's width). AdaRound's lambda 0.01 and lr 1e-2 assume 10k+ steps; for the 100-300
+steps here lr 0.1 and lambda 0.1 (on this normalization) binarize h and give the lowest
+error (docs/reconstruct.md).
+
+MGRQ (arXiv 2406.09229; its exact formulas could not be read, DESIGN.md §9), as built here:
+
+    L = L_block + a * L_global + b * L_local + lambda * R
+
+    L_global = KL(softmax(z_f) || softmax(z_q))   mean over samples
+        z_f: the model's float logits (float model, float input); z_q: the rest of the model
+        after this block (task.tail(), float, in torch) run on the quantized block output.
+        Evaluated every GLOBAL_EVERY iterations on the first GLOBAL_BATCH samples of the batch
+        (the tail is up to the whole network: this bounds its cost).
+    L_local = mean over the block's layers l of
+        sum_c [(mu_q,c - mu_f,c)^2 + (sd_q,c - sd_f,c)^2] / sum_c [mu_f,c^2 + sd_f,c^2]
+        mu, sd: per-output-channel mean and std of layer l's output over the batch and the
+        positions/tokens; q: the quantized block, f: the float block, both on the quantized
+        inputs. Matches each layer's output distribution, not its values.
+
+If the tail has an op torch_graph lacks, or does not reproduce onnxruntime, MGRQ says so
+through ``task.progress`` and runs without L_global. Deterministic for a given seed (one
+torch.Generator draws batches and QDrop masks); CUDA when available.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import block_runs
+from .torch_graph import GraphModule
+from .torch_quant import ActQuant, Rounding, Samples, block_hooks, rows
+
+ITERS = {"adaround": 300, "brecq": 100, "qdrop": 100, "mgrq": 100}  # per layer / per block
+BATCH = 8  # calibration samples per step (block-wise)
+COLUMNS = 1024  # input rows per step (layer-wise), drawn from at most MAX_COLUMNS
+MAX_COLUMNS = 8192
+LR = 0.1  # tuned for budgets of 100-300 steps (docs/reconstruct.md): at 1e-2, 40-60 % of h
+LAMBDA = 0.1  # are still undecided after 300 steps (V moves ~lr per Adam step)
+WARMUP = 0.2
+BETA = (20.0, 2.0)
+DROP = 0.5  # QDrop probability of keeping an element float
+GLOBAL_WEIGHT, LOCAL_WEIGHT = 0.1, 0.1  # a, b of the MGRQ loss (docs/reconstruct.md)
+GLOBAL_EVERY, GLOBAL_BATCH = 4, 4
+LEARN_STEPS = False  # see _block: learned step sizes would not reach the emitted model
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def beta_at(it: int, iters: int, beta=BETA) -> float | None:
+    """None during the warm-up (no regularizer), then beta annealed from beta[0] to beta[1]."""
+    start = int(WARMUP * iters)
+    if it < start:
+        return None
+    t = (it - start) / max(iters - start, 1)
+    return beta[1] + 0.5 * (beta[0] - beta[1]) * (1 + np.cos(t * np.pi))
+
+
+def _regularizer(roundings, beta) -> torch.Tensor | float:
+    if beta is None:
+        return 0.0
+    return LAMBDA * sum(r.regularizer(beta) for r in roundings) / len(roundings)
+
+
+def _relative(out: dict, want: dict) -> torch.Tensor:
+    terms = [((out[k] - w) ** 2).sum() / (w ** 2).sum().clamp_min(1e-30) for k, w in want.items()]
+    return sum(terms) / len(terms)
+
+
+def _tensor(x: np.ndarray, dev) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+
+
+# ---- adaround: layer by layer ------------------------------------------------------------
+
+def adaround(task) -> dict:
+    """Layer-wise AdaRound, layers in graph order."""
+    torch.manual_seed(task.seed)
+    dev = device()
+    gm = GraphModule(task.model).to(dev)
+    feed = Samples(task.inputs, dev).take(None)
+    gen = torch.Generator(device=dev).manual_seed(task.seed)
+    done, codes = {}, {}
+    iters = task.iters or ITERS["adaround"]
+    for layer in task.layers:
+        hooks, inputs, _ = block_hooks(task.plan, task.model, dev, layers=set(done))
+        with torch.no_grad():
+            x = gm.run(feed, [], {r.layer.node.input[1]: r.hard() for r in done.values()},
+                       hooks, inputs, keep=[layer.site.input])[layer.site.input]
+            spec = getattr(layer.site, "input_spec", None)
+            if spec is not None:
+                x = ActQuant(spec, dev).quantize(x)
+        cols = _tensor(layer.columns(x.cpu().numpy(), MAX_COLUMNS, task.seed), dev)
+        r = fit_layer(layer, cols, iters, gen)
+        done[layer.site.node] = r
+        codes[layer.site.node] = r.numpy_codes()
+        _report(task, layer.site.node, iters, r.loss)
+    return codes
+
+
+def fit_layer(layer, cols: torch.Tensor, iters: int, gen, beta=BETA) -> Rounding:
+    """AdaRound of one layer on its input columns ``cols`` [G, C, n]; ``beta``: the
+    annealing range (tests hold it at 20 to show what the regularizer does)."""
+    r = Rounding(layer, cols.device)
+    want = torch.matmul(_tensor(layer.stack().astype(np.float32), cols.device), cols)
+    energy = (want ** 2).mean().clamp_min(1e-30)
+    opt = torch.optim.Adam([r.v], lr=LR)
+    for it in range(iters):
+        j = torch.randint(cols.shape[2], (min(COLUMNS, cols.shape[2]),), generator=gen,
+                          device=cols.device)
+        loss = ((torch.matmul(r.soft_stack(), cols[:, :, j]) - want[:, :, j]) ** 2).mean()
+        loss = loss / energy + _regularizer([r], beta_at(it, iters, beta))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    r.loss = float(loss.detach())
+    return r
+
+
+def _report(task, what: str, it, loss: float) -> None:
+    if task.progress is not None:
+        task.progress({"layer": what, "it": it, "loss": f"{loss:.2e}"})
+
+
+# ---- block-wise: brecq, qdrop, mgrq -------------------------------------------------------
+
+def _float_outputs(task, names=()) -> dict:
+    """The float block's outputs (and ``names``) on the quantized boundary inputs: the
+    target the driver judges by (onnxruntime). BRECQ/QDrop's papers take the float model's
+    output on the float input instead; measured on mobilevit_xxs (docs/reconstruct.md) that
+    target made the driver's error worse than round-to-nearest on every block tried."""
+    model = block_runs.with_outputs(task.model, list(names)) if names else task.model
+    return block_runs.run(model, task.inputs)
+
+
+def _draw(n: int, gen, dev) -> torch.Tensor | None:
+    if n <= BATCH:
+        return None
+    return torch.randperm(n, generator=gen, device=dev)[:BATCH].sort().values
+
+
+def _mix(quantized: dict, floats: dict, gen) -> dict:
+    """QDrop on the block input: each element from the float input with probability DROP."""
+    out = {}
+    for k, q in quantized.items():
+        f = floats.get(k)
+        if f is None or not q.is_floating_point() or f.shape != q.shape:
+            out[k] = q
+            continue
+        out[k] = torch.where(torch.rand(q.shape, generator=gen, device=q.device) < DROP, f, q)
+    return out
+
+
+def _local(out: dict, want: dict, layers) -> torch.Tensor:
+    """L_local: per-channel mean/std of each layer's output against the float one."""
+    terms = []
+    for layer in layers:
+        name = layer.node.output[0]
+        axis = 1 if layer.node.op_type == "Conv" else -1
+        q, f = (t.movedim(axis, -1).reshape(-1, t.shape[axis]) for t in (out[name], want[name]))
+        mq, mf, sq, sf = q.mean(0), f.mean(0), q.std(0), f.std(0)
+        terms.append((((mq - mf) ** 2 + (sq - sf) ** 2).sum()
+                      / (mf ** 2 + sf ** 2).sum().clamp_min(1e-30)))
+    return sum(terms) / len(terms)
+
+
+class _Global:
+    """L_global: the float rest of the model (task.tail()) on the quantized block output."""
+
+    def __init__(self, task, block_float: dict, dev):
+        tail, floats = task.tail()
+        if not tail.graph.node:
+            raise ValueError("last block: no model after it")
+        self.gm = GraphModule(tail).to(dev)  # NotImplementedError: an op it lacks
+        self.block = set(block_float)
+        values = {i: block_float[i] if i in block_float else floats[i] for i in self.gm.inputs}
+        logits = block_runs.run(tail, values)[tail.graph.output[0].name]
+        n = Samples(task.inputs, dev).n
+        self.name, self.samples = tail.graph.output[0].name, Samples(values, dev, n)
+        self.target = torch.log_softmax(_tensor(logits, dev).float(), -1)
+        probe = torch.arange(min(GLOBAL_BATCH, n), device=dev)
+        with torch.no_grad():
+            got = self.gm.run(self.samples.take(probe), [self.name])[self.name]
+        want = rows(_tensor(logits, dev), probe, n)
+        if float((got - want).abs().max()) > 1e-3 * float(want.abs().max()) + 1e-5:
+            raise ValueError("the tail in torch does not reproduce onnxruntime")
+
+    def loss(self, out: dict, idx: torch.Tensor | None) -> torch.Tensor:
+        n = self.samples.n
+        idx = torch.arange(n, device=self.target.device) if idx is None else idx
+        sub = idx[:GLOBAL_BATCH]
+        feed = self.samples.take(sub)
+        for k in self.block & set(out):
+            feed[k] = rows(out[k], torch.arange(len(sub), device=sub.device), len(idx))
+        z = torch.log_softmax(self.gm.run(feed, [self.name])[self.name].float(), -1)
+        p = rows(self.target, sub, n)
+        return (p.exp() * (p - z)).sum(-1).mean()
+
+
+def _global_or_none(task, dev):
+    if task.tail is None or not task.float_inputs:
+        return None
+    try:  # z_f: the float block on the float inputs, then the float tail
+        return _Global(task, block_runs.run(task.model, task.float_inputs), dev)
+    except (NotImplementedError, ValueError, KeyError, IndexError) as err:  # last: IndexError
+        if task.progress is not None:
+            task.progress({"block": task.name, "global": f"off: {str(err)[:60]}"})
+        return None
+
+
+def _block(task, method: str, qdrop=False, local_weight=0.0, global_weight=0.0) -> dict:
+    """Block-wise reconstruction (brecq, qdrop, mgrq). Activation step sizes stay at the
+    calibrated values: the codes are what the driver keeps, and emission writes the
+    calibrated ranges, so weights tuned to learned steps would meet other steps in the
+    output model (LEARN_STEPS=True learns them, LSQ-style, for experiments)."""
+    torch.manual_seed(task.seed)
+    dev = device()
+    gm = GraphModule(task.model).to(dev)
+    locals_ = [layer.node.output[0] for layer in task.layers] if local_weight else []
+    floats = _float_outputs(task, locals_)
+    outputs = [o.name for o in task.model.graph.output
+               if np.issubdtype(floats[o.name].dtype, np.floating)]
+    q_in, f_in = Samples(task.inputs, dev), Samples(task.float_inputs or task.inputs, dev)
+    want_all = Samples(floats, dev, q_in.n)
+    glob = _global_or_none(task, dev) if global_weight else None
+    roundings = [Rounding(layer, dev) for layer in task.layers]
+    hooks, inputs, acts = block_hooks(task.plan, task.model, dev, LEARN_STEPS)
+    gen = torch.Generator(device=dev).manual_seed(task.seed)
+    steps = [a.step for a in acts if isinstance(getattr(a, "step", None), torch.nn.Parameter)]
+    groups = [{"params": [r.v for r in roundings], "lr": LR}]
+    opt = torch.optim.Adam(groups + ([{"params": steps, "lr": 1e-4}] if steps else []))
+    for a in acts:
+        a.generator, a.drop = gen, DROP if qdrop else 0.0
+    iters = task.iters or ITERS[method]
+    n = q_in.n if _batchable(gm, q_in, f_in, floats, outputs, dev) else 1
+    for it in range(iters):
+        idx = _draw(n, gen, dev)
+        feed = _mix(q_in.take(idx), f_in.take(idx), gen) if qdrop else q_in.take(idx)
+        weights = {r.layer.node.input[1]: r.soft() for r in roundings}
+        out = gm.run(feed, outputs, weights, hooks, inputs, keep=locals_)
+        want = want_all.take(idx)
+        loss = _relative({k: out[k] for k in outputs}, {k: want[k] for k in outputs})
+        if local_weight:
+            loss = loss + local_weight * _local(out, want, task.layers)
+        if glob is not None and it % GLOBAL_EVERY == 0:
+            loss = loss + global_weight * glob.loss(out, idx)
+        loss = loss + _regularizer(roundings, beta_at(it, iters))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for a in acts:
+        a.drop = 0.0
+    _report(task, task.name, iters, float(loss.detach()))
+    return {r.layer.site.node: r.numpy_codes() for r in roundings}
+
+
+def _batchable(gm, q_in, f_in, floats, outputs, dev) -> bool:
+    """Whether the block runs on a subset of the samples (rows() rescales what it must):
+    the float block on two samples in torch against onnxruntime's rows of them."""
+    n = f_in.n
+    if q_in.n != n or n < 2:
+        return False
+    if n <= BATCH:
+        return True
+    idx = torch.arange(2, device=dev)
+    with torch.no_grad():
+        got = gm.run(f_in.take(idx), outputs)
+    for k in outputs:
+        want = rows(_tensor(floats[k], dev), idx, n)
+        if got[k].shape != want.shape or float((got[k] - want).abs().max()) > \
+                1e-3 * float(want.abs().max()) + 1e-5:
+            return False
+    return True
+
+
+def brecq(task) -> dict:
+    return _block(task, "brecq")
+
+
+def qdrop(task) -> dict:
+    return _block(task, "qdrop", qdrop=True)
+
+
+def mgrq(task) -> dict:
+    return _block(task, "mgrq", local_weight=LOCAL_WEIGHT, global_weight=GLOBAL_WEIGHT)
+
+
+METHODS = {"adaround": adaround, "brecq": brecq, "qdrop": qdrop, "mgrq": mgrq}

@@ -1,0 +1,115 @@
+"""A differentiable executor of an ONNX (block) model in torch, for reconstruction.
+
+    feed {name: tensor} -> node by node (torch_ops.OPS) -> {output name: tensor}
+                 ^ weights: initializer name -> tensor or callable (learned W_hat)
+                 ^ hooks: tensor name -> fn (fake-quant of a produced tensor, all readers)
+                 ^ input_hooks: (node name, input index) -> fn (fake-quant seen by one reader)
+
+The graph is interpreted node by node, so every intermediate tensor can be read back
+(``keep``) or replaced on the way, and gradients reach whatever the caller substitutes.
+Initializers are buffers (``trainable=True``: float ones become parameters, BatchNorm
+statistics excepted, for tools/onnx2torch_compare.py's gradient check). An input hook
+applied through the same function object to the same tensor runs once per ``run`` and is
+shared by its readers, as emission shares one Q/DQ per tensor (emit.py).
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnx import numpy_helper
+
+from .torch_ops import OPS, attribute
+
+
+def resolve(name: str, alias: dict) -> str:
+    """The initializer behind an Identity chain (torch.onnx de-duplicates equal tensors)."""
+    while name in alias:
+        name = alias[name]
+    return name
+
+
+def missing_ops(model: onnx.ModelProto) -> list:
+    """Op types of ``model`` this executor cannot run."""
+    return sorted({n.op_type for n in model.graph.node
+                   if n.op_type not in OPS and n.op_type != "Constant"})
+
+
+class GraphModule(torch.nn.Module):
+    """Run an ONNX graph in torch, node by node."""
+
+    def __init__(self, model: onnx.ModelProto, trainable: bool = False):
+        super().__init__()
+        self.opset = next((o.version for o in model.opset_import
+                           if o.domain in ("", "ai.onnx")), 13)
+        missing = missing_ops(model)
+        if missing:
+            raise NotImplementedError(f"ops not implemented: {', '.join(missing)}")
+        self.params, self.names = torch.nn.ParameterList(), {}
+        alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
+        stats = {resolve(t, alias) for n in model.graph.node
+                 if n.op_type == "BatchNormalization" for t in n.input[3:5]}
+        for init in model.graph.initializer:
+            value = torch.from_numpy(numpy_helper.to_array(init).copy())
+            if trainable and value.is_floating_point() and init.name not in stats:
+                self.names[init.name] = ("p", len(self.params))
+                self.params.append(torch.nn.Parameter(value))
+            else:
+                self.names[init.name] = ("b", f"buf{len(self.names)}")
+                self.register_buffer(f"buf{len(self.names) - 1}", value)
+        self.nodes = []
+        for node in model.graph.node:
+            attrs = {a.name: attribute(a) for a in node.attribute}
+            attrs["_n_outputs"] = len(node.output)
+            if node.op_type == "Constant":
+                self.register_buffer(f"const{len(self.nodes)}", next(
+                    v if torch.is_tensor(v) else torch.tensor(v) for k, v in attrs.items()
+                    if k != "_n_outputs"))
+            self.nodes.append((node.op_type, node.name, list(node.input), list(node.output),
+                               attrs))
+        self.inputs = [i.name for i in model.graph.input if i.name not in self.names]
+        self.outputs = [o.name for o in model.graph.output]
+
+    def initializer(self, name: str) -> torch.Tensor:
+        kind, key = self.names[name]
+        return self.params[key] if kind == "p" else getattr(self, key)
+
+    def run(self, feed: dict, outputs=None, weights=None, hooks=None, input_hooks=None,
+            keep=()) -> dict:
+        """Values of ``outputs`` (default: the graph's) and of the tensors in ``keep``."""
+        weights, hooks, input_hooks = weights or {}, hooks or {}, input_hooks or {}
+        env = {name: hooks[name](feed[name]) if name in hooks else feed[name]
+               for name in self.inputs}
+        shared = {}  # (hook, tensor) -> hooked value: one fake-quant per tensor, as emitted
+        for k, (op, name, ins, outs, attrs) in enumerate(self.nodes):
+            if op == "Constant":
+                env[outs[0]] = getattr(self, f"const{k}")
+                continue
+            values = [self._value(t, env, weights) for t in ins]
+            for i, t in enumerate(ins):
+                fn = input_hooks.get((name, i))
+                if fn is not None:
+                    if (fn, t) not in shared:
+                        shared[fn, t] = fn(values[i])
+                    values[i] = shared[fn, t]
+            result = OPS[op](attrs, values, self.opset)
+            for out, value in zip(outs, result if isinstance(result, list) else [result]):
+                env[out] = hooks[out](value) if out in hooks else value
+        return {t: env[t] for t in list(outputs or self.outputs) + list(keep)}
+
+    def _value(self, name: str, env: dict, weights: dict):
+        if not name:
+            return None
+        if name in env:
+            return env[name]
+        if name in weights:
+            w = weights[name]
+            return w() if callable(w) else w
+        return self.initializer(name)
+
+    def forward(self, *args):
+        out = list(self.run(dict(zip(self.inputs, args))).values())
+        return out[0] if len(out) == 1 else out
+
+
+OnnxInterpreter = GraphModule  # the name tools/onnx2torch_compare.py reports it under

@@ -1,0 +1,181 @@
+"""Learned rounding in torch (reconstruct_torch.py, torch_quant.py) and the torch executor
+it runs blocks with (torch_graph.py): the executor against onnxruntime on extracted blocks,
+the rounding against its definition, every method against round-to-nearest through the
+driver, determinism, and the codes the driver emits against the torch forward."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+torch = pytest.importorskip("torch")
+
+from graphs import Builder, calibration, mixed_model, quantize, sdpa_model  # noqa: E402
+from onnxquant import QuantConfig, analyze, block_runs, blocks, quantizers  # noqa: E402
+from onnxquant import reconstruct, reconstruct_torch  # noqa: E402
+from onnxquant.layers import Layer  # noqa: E402
+from onnxquant.spec import QuantSpec  # noqa: E402
+from onnxquant.torch_graph import GraphModule  # noqa: E402
+from onnxquant.torch_quant import Rounding, block_hooks  # noqa: E402
+
+pytestmark = pytest.mark.torch
+torch.set_num_threads(2)
+BUNDLED = "models/reference/mobilevit_xxs.imagenette.onnx"
+
+
+def _blocks_and_values(model, x):
+    import onnx_graphsurgeon as gs
+
+    graph, plan = analyze(model)
+    canonical = gs.export_onnx(graph, do_type_check=False)
+    outputs = tuple({t for b in plan.blocks for t in b.outputs})
+    every = blocks.Block("conv_block", "all", inputs=outputs)
+    feed = {canonical.graph.input[0].name: x}
+    values = {**feed, **blocks.block_inputs(canonical, every, feed)}
+    types = blocks.value_types(canonical)
+    return [blocks.extract(canonical, b, types) for b in plan.blocks], values
+
+
+@pytest.mark.parametrize("make", [mixed_model, lambda: sdpa_model("levit", head=True), "bundled"])
+def test_torch_graph_matches_onnxruntime_on_extracted_blocks(make):
+    from conftest import ROOT
+
+    if make == "bundled":
+        import onnx
+
+        model, x = onnx.load(ROOT / BUNDLED), np.random.default_rng(0).random((2, 3, 128, 128))
+    else:
+        model, x = make(), calibration(4, seed=2)
+    extracted, values = _blocks_and_values(model, x.astype(np.float32))
+    assert extracted
+    for block in extracted:
+        feed = {i.name: values[i.name] for i in block.graph.input}
+        want = block_runs.run(block, feed)
+        with torch.no_grad():
+            got = GraphModule(block).run({k: torch.from_numpy(v) for k, v in feed.items()})
+        for name, w in want.items():
+            np.testing.assert_allclose(got[name].numpy(), w, rtol=0,
+                                       atol=1e-4 * max(float(np.abs(w).max()), 1.0))
+
+
+def _layer(seed, rows, cols, bits, symmetric):
+    """A MatMul layer ([in, out] weight) with its min-max grid per output column."""
+    b = Builder(seed)
+    w = (np.random.default_rng(seed).standard_normal((cols, rows)) * 0.3).astype(np.float32)
+    b.add("w", w)
+    b.node("[mm] y = MatMul(x, w)")
+    node = next(n for n in _onnx_nodes(b, cols, rows) if n.name == "mm")
+    spec = QuantSpec(bits=bits, symmetric=symmetric, axis=1)
+
+    class Site:
+        weight_spec, node_name = spec, "mm"
+
+    return Layer(Site(), node, w, spec.uniform_params(w))
+
+
+def _onnx_nodes(b, cols, rows):
+    import onnx
+
+    text = (f"<ir_version: 8, opset_import: [\"\" : 17]> g (float[N,{cols}] x) "
+            f"=> (float[N,{rows}] y) {{ {b.lines[0]} }}")
+    return onnx.parser.parse_model(text).graph.node
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), bits=st.integers(2, 8), symmetric=st.booleans())
+def test_rounding_starts_at_the_weight_and_codes_stay_on_the_grid(seed, bits, symmetric):
+    layer = _layer(seed, 5, 7, bits, symmetric)
+    r = Rounding(layer, "cpu")
+    with torch.no_grad():
+        r.v.add_(torch.randn(r.v.shape, generator=torch.Generator().manual_seed(seed)) * 5)
+    codes = r.numpy_codes()
+    p = layer.params
+    assert codes.dtype == p.zero_point.dtype and codes.min() >= p.qmin and codes.max() <= p.qmax
+    # hard weight = what DequantizeLinear of the codes computes
+    np.testing.assert_array_equal(r.hard().detach().numpy(),
+                                  quantizers.uniform_dequantize(codes, p))
+    fresh = Rounding(layer, "cpu")  # h(V) = fractional part: W_soft = W, hard = RTN (ties aside)
+    inside = np.abs(layer.weight / p.scale + p.zero_point - (p.qmin + p.qmax) / 2) \
+        <= (p.qmax - p.qmin) / 2  # not clipped by the grid
+    np.testing.assert_allclose(fresh.soft().detach().numpy()[inside], layer.weight[inside],
+                               atol=1e-5)
+    rtn = quantizers.uniform_quantize(layer.weight, p)
+    assert np.mean(fresh.numpy_codes() == rtn) > 0.95
+
+
+def test_the_rounding_regularizer_makes_h_binary():
+    """beta annealed 20 -> 2: h ends at 0/1; held at 20 the regularizer barely acts."""
+    layer = _layer(3, 16, 32, 4, True)
+    cols = torch.randn(1, 32, 1024, generator=torch.Generator().manual_seed(0))
+    cols = torch.matmul(torch.randn(32, 32, generator=torch.Generator().manual_seed(1)), cols)
+
+    def undecided(beta):
+        r = reconstruct_torch.fit_layer(layer, cols, 200, torch.Generator().manual_seed(0), beta)
+        h = r.h().detach()
+        return float(((h > 0.01) & (h < 0.99)).float().mean())
+
+    annealed, held = undecided(reconstruct_torch.BETA), undecided((20.0, 20.0))
+    assert annealed < 0.05
+    assert held > annealed + 0.05
+
+
+def _note(res, method):
+    return next(n for n in res.plan.notes if n.startswith(f"reconstruct {method}"))
+
+
+@pytest.mark.parametrize("method", reconstruct_torch.METHODS)
+def test_each_method_is_no_worse_than_round_to_nearest(method):
+    model, calib = mixed_model(seed=2), calibration(16, seed=1)
+    res = quantize(model, calib, weight_bits=4, per_channel=True, weight_symmetric=True,
+                   reconstruct=method, reconstruct_iters=50)
+    note = _note(res, method)
+    ratio = float(note.split("block output error x")[1].split()[0])
+    assert ratio <= 1.0
+    if method != "qdrop":  # QDrop trains for robustness, not the calibration error itself
+        assert int(note.split(" blocks improved")[0].rsplit(", ", 1)[1]) > 0
+
+
+@pytest.mark.parametrize("method", ["qdrop", "mgrq"])
+def test_same_seed_same_bytes(method):
+    model, calib = mixed_model(seed=4), calibration(16, seed=1)
+    cfg = dict(weight_bits=3, per_channel=True, reconstruct=method, reconstruct_iters=20)
+    a, b = quantize(model, calib, **cfg), quantize(model, calib, **cfg)
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+
+
+def test_emitted_codes_give_the_torch_forward(monkeypatch):
+    """The block with the returned codes, emitted and run in onnxruntime, equals the torch
+    executor with those codes' weights and the block's activation specs (log2 included)."""
+    seen = []
+
+    def method(task):
+        codes = reconstruct_torch.brecq(task)
+        seen.append((task, codes, {k: v for k, v in task.inputs.items()}))
+        return codes
+
+    monkeypatch.setattr(reconstruct, "_method", lambda name: method)
+    model, calib = mixed_model(seed=2), calibration(16, seed=1)
+    quantize(model, calib, target="tensorrt", weight_bits=4, reconstruct="brecq",
+             reconstruct_iters=20)
+    import onnx_graphsurgeon as gs
+
+    assert any(t.plan.attention for t, _, _ in seen)
+    for task, codes, inputs in seen:
+        for layer in task.layers:
+            layer.site.weight_spec = reconstruct._codes_spec(
+                layer, layer.stack(codes[layer.site.node]))
+        emitted = block_runs.emitted(gs.import_onnx(task.model), task.plan)
+        want = block_runs.run(emitted, inputs)
+        hooks, input_hooks, _ = block_hooks(task.plan, task.model, "cpu")
+        weights = {layer.node.input[1]: torch.from_numpy(quantizers.uniform_dequantize(
+            codes[layer.site.node], layer.params)) for layer in task.layers}
+        with torch.no_grad():
+            got = GraphModule(task.model).run({k: torch.from_numpy(v) for k, v in inputs.items()},
+                                              weights=weights, hooks=hooks, input_hooks=input_hooks)
+        for name, w in want.items():  # an activation code at a rounding tie may differ
+            close = np.abs(got[name].numpy() - w) <= 1e-4 * max(float(np.abs(w).max()), 1.0)
+            assert close.mean() > 0.99, name
+
+
+def test_config_accepts_the_torch_methods():
+    for method in reconstruct_torch.METHODS:
+        assert QuantConfig(reconstruct=method, reconstruct_iters=5).reconstruct == method
