@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__, api
 from .config import (CALIB_METHODS, INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, RECONSTRUCT_METHODS,
-                     SOFTMAX_QUANTIZERS,
+                     SEARCH_METRICS, SOFTMAX_QUANTIZERS,
                      TARGET_PARTS, TARGETS, WEIGHT_FORMATS, QuantConfig)
 from .errors import UserError
 from .model_io import check_output_path, load_model, save_model
@@ -72,6 +72,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--auto", action="store_true",
                    help="search weight granularity/scheme and activation ranges per layer "
                         "by the error of its block (Q-HyViT)")
+    g.add_argument("--search-metric", choices=SEARCH_METRICS, default=d.search_metric,
+                   help="--auto: block error as plain relative MSE (default) or weighted by "
+                        "the output's sensitivity (fisher; needs torch)")
     g.add_argument("--reconstruct", choices=RECONSTRUCT_METHODS, default=d.reconstruct,
                    help="choose weight codes by reconstruction on the calibration samples: "
                         "gptq (NumPy, seconds), adaround/brecq/qdrop/mgrq (torch); "

@@ -13,6 +13,7 @@ CONV_KINDS = ("dense", "pointwise", "grouped", "depthwise", "stem")
 INT8_KINDS = CONV_KINDS + ("linear",)
 RECONSTRUCT_METHODS = ("none", "gptq", "adaround", "brecq", "qdrop", "mgrq")  # reconstruct.py
 TORCH_RECONSTRUCT = ("adaround", "brecq", "qdrop", "mgrq")
+SEARCH_METRICS = ("mse", "fisher")  # search.py; fisher.py (needs torch)
 
 # What each target quantizes when ``parts`` is not given. The paper quantizes conv weights
 # and post-Softmax activations only. On onnxruntime CPU the log2 fake-quant has no int8
@@ -64,6 +65,9 @@ class QuantConfig:
     calib_method: activation range estimator: minmax, percentile, mse, entropy (ranges.py).
     auto: search, per quantized layer, weight granularity and scheme and the activation
         range estimator by the reconstruction error of its block (search.py, Q-HyViT).
+    search_metric: what --auto minimizes per block: "mse" (relative squared error of the
+        block outputs) or "fisher" (the same, each element weighted by the squared gradient
+        of the model's cross entropy against its own prediction: fisher.py, needs torch).
     reconstruct: how the integer codes of quantized weights are chosen: "none" (round to
         nearest), "gptq" (NumPy, Hessian-guided), "adaround" / "brecq" / "qdrop" / "mgrq"
         (learned rounding in torch, layer- or block-wise); see reconstruct.py. Needs the
@@ -92,6 +96,7 @@ class QuantConfig:
     act_bits: int = 8
     calib_method: str = "minmax"
     auto: bool = False
+    search_metric: str = "mse"
     reconstruct: str = "none"
     reconstruct_iters: int | None = None
     seed: int = 0
@@ -131,6 +136,11 @@ class QuantConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if any(not isinstance(p, str) or not p for p in self.exclude):
             raise ValueError(f"exclude takes non-empty node names or patterns, got {self.exclude!r}")
+        if self.search_metric not in SEARCH_METRICS:
+            raise ValueError(f"search_metric must be one of {SEARCH_METRICS}, "
+                             f"got {self.search_metric!r}")
+        if self.search_metric != "mse" and not self.auto:
+            raise ValueError("search_metric applies to the --auto search: add auto=True")
         if self.reconstruct not in RECONSTRUCT_METHODS:
             raise ValueError(f"reconstruct must be one of {RECONSTRUCT_METHODS}, "
                              f"got {self.reconstruct!r}")

@@ -68,6 +68,12 @@ class _Search:
         names = sorted({t for b in plan.blocks for t in (*b.inputs, *b.outputs)} - set(feed))
         self.values = dict(feed)
         self.values.update(blockmap.block_inputs(canonical, _pseudo_block(names), feed))
+        self.weights = None
+        if cfg.search_metric == "fisher":
+            from .fisher import sensitivities
+
+            outputs = sorted({t for b in plan.blocks for t in b.outputs})
+            self.weights = sensitivities(canonical, outputs, feed)
         self.nodes = {n.name: n for n in gs.import_onnx(canonical).nodes}
         self.sites = {s.node: s for s in plan.convs + plan.linears}
         self.extracted = {}  # the float run being searched, imported once
@@ -82,7 +88,9 @@ class _Search:
         """Relative squared error of the run's outputs, with the plan's current specs."""
         nodes = {n for b in run for n in b.nodes}
         model = block_runs.emitted(self._float_run(run), block_runs.subplan(self.plan, nodes))
-        return block_runs.relative_error(block_runs.run(model, self.values), self.values)
+        got = block_runs.run(model, self.values)
+        weights = self.weights if self.weights and all(k in self.weights for k in got) else None
+        return block_runs.relative_error(got, self.values, weights)
 
 
 def _pseudo_block(names: list) -> blockmap.Block:

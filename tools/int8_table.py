@@ -33,6 +33,7 @@ TARGET_OPTIONS = {"tensorrt": {}, "ort": {"ort_int8_kinds": ("dense", "pointwise
 
 
 VARIANTS = {"": {}, " --auto": {"auto": True},
+            " --auto --search-metric fisher": {"auto": True, "search_metric": "fisher"},
             " --auto --reconstruct gptq": {"auto": True, "reconstruct": "gptq"}}
 
 
@@ -135,9 +136,11 @@ def main(argv=None) -> int:
     p = parser(__doc__, "docs/int8.md", 300)
     p.add_argument("--targets", default="tensorrt,ort")
     p.add_argument("--variants", default="plain,auto,auto+gptq",
-                   help="comma list from plain, auto, auto+gptq (--auto --reconstruct gptq)")
+                   help="comma list from plain, auto, auto+fisher (--auto --search-metric "
+                        "fisher), auto+gptq (--auto --reconstruct gptq)")
     args = p.parse_args(argv)
-    names = {"plain": "", "auto": " --auto", "auto+gptq": " --auto --reconstruct gptq"}
+    names = {"plain": "", "auto": " --auto", "auto+fisher": " --auto --search-metric fisher",
+             "auto+gptq": " --auto --reconstruct gptq"}
     variants = [names[v] for v in args.variants.split(",")]
     rows = all_rows(args, _configs(args.targets.split(","), variants))
     write_report("Full-integer recipes (W8A8, W6A6), with and without --auto",
