@@ -240,15 +240,15 @@ def write_report(out: Path, rows: list, versions: dict, command: str, args) -> N
 
 {benchlib.measured_line(command)}; peers in their own venvs under `{args.work}`.
 
-Every tool gets the same {benchlib.NUM_CALIB} calibration inputs (a .npy file, fed one sample at
-a time): imagenette/train images evenly spread (reference checkpoints), rendered lines seed 1001
-(recognizer). Each quantization runs as its own process (`tools/peer_runner.py RECIPE`):
+Every tool gets the same {benchlib.NUM_CALIB} calibration inputs (a .npy file, fed one sample
+at a time): imagenette/train images evenly spread (reference checkpoints), rendered lines seed
+1001 (recognizer). Each quantization runs as its own process (`tools/peer_runner.py RECIPE`):
 *quantize s* is that process's whole wall time (interpreter start, imports, load, calibration,
-save) on a shared 2-core machine, *peak RSS* the largest
-resident set in its process tree (`/usr/bin/time -f %M`). Scored here in onnxruntime: top-1 on
-{args.limit} imagenette/val images (reference checkpoints), exact-line and character accuracy
-on {args.lines} rendered lines, seed 1 (recognizer); agreement = same top-1 class / same
-decoded line as the float model. {benchlib.CHANGE}.
+save) on a shared 2-core machine, *peak RSS* the largest resident set in its process tree
+(`/usr/bin/time -f %M`). Scored here in onnxruntime: top-1 on {args.limit} imagenette/val
+images (reference checkpoints), exact-line and character accuracy on {args.lines} rendered
+lines, seed 1 (recognizer); agreement = same top-1 class / same decoded line as the float
+model. {benchlib.CHANGE}.
 
 {benchlib.table(rows, COLUMNS)}
 
