@@ -2,7 +2,7 @@
 
     python tools/bench_quant_peers.py [--peers ort,nncf,inc,quark,aimet,onnxquant]
         [--models mobilevit_xxs,mobilevitv2_050,PP-OCRv6_rec_small] [--limit 500]
-        [--lines 300] [--work /tmp/onnxquant-peers] [--out docs/peers.md]
+        [--lines 300] [--work /tmp/onnxquant-peers] [--out docs/peers.md] [--w4]
 
 Each peer is installed from PyPI into its own venv (WORK/PEER: python -m venv, pip install the
 peer + onnxruntime onnx numpy Pillow) and quantizes with tools/peer_runner.py run by that venv's
@@ -13,7 +13,9 @@ onnxruntime: top-1 and agreement with float on imagenette/val for the reference 
 line/char accuracy and agreement on rendered lines for the PP-OCR recognizer. A recipe that
 fails (or writes a model onnxruntime cannot run) is a row with the first line of its error,
 then is retried on the model converted to opset 13 by onnx.version_converter.
-Never run in CI: it installs packages and takes tens of minutes.
+``--w4`` (issue 12): AIMET AdaRound at 4-bit weights / 8-bit activations (100 iterations) and
+onnxquant's W4A8 with and without AdaRound; Quark has no 4-bit integer type (a row says so).
+Never run in CI: it installs packages and takes tens of minutes (an hour with ``--w4``).
 """
 
 from __future__ import annotations
@@ -267,10 +269,12 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=500, help="imagenette/val images per checkpoint")
     p.add_argument("--lines", type=int, default=300, help="rendered lines for the recognizer")
     p.add_argument("--work", default="/tmp/onnxquant-peers", help="peer venvs live here")
-    p.add_argument("--out", default="docs/peers.md")
+    p.add_argument("--out", help="default: docs/peers.md, with --w4 /tmp/peers_w4.md (the "
+                   "W4 table is quoted in docs/peers.md's notes)")
     p.add_argument("--w4", action="store_true", help="4-bit weight AdaRound rows (issue 12) "
-                   "instead of W8A8; write them with --out elsewhere")
+                   "instead of W8A8")
     args = p.parse_args(argv)
+    args.out = args.out or ("/tmp/peers_w4.md" if args.w4 else "docs/peers.md")
     peers = {x: (W4 if args.w4 else {k: v[1] for k, v in PEERS.items()}).get(x, [])
              for x in args.peers.split(",") if x}
     if args.w4:
