@@ -97,8 +97,8 @@ def _pads(attrs: dict, spatial: tuple, kernel: tuple, strides: list, dilations: 
 
 def conv_columns(x: np.ndarray, attrs: dict, w_shape: tuple, limit: int, seed: int = 0):
     """im2col of a Conv input [B, Cin, *spatial] -> [G, Cin/G * prod(k), n]; columns in
-    the order of ``W.reshape(Cout, -1)``; at most ``limit`` positions, spread evenly over
-    the images and drawn at random within each."""
+    the order of ``W.reshape(Cout, -1)``; at most ``limit`` output positions, spread evenly
+    over the images and drawn at random within each (only those are gathered)."""
     kernel = tuple(w_shape[2:])
     nd = len(kernel)
     strides = list(attrs.get("strides", [1] * nd))
@@ -109,16 +109,17 @@ def conv_columns(x: np.ndarray, attrs: dict, w_shape: tuple, limit: int, seed: i
     out = [(xp.shape[2 + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
            for i in range(nd)]
     g = int(attrs.get("group", 1))
+    total = int(np.prod(out))
     per_image = max(limit // len(x), 1)
     rng = np.random.default_rng(seed)
+    offsets = np.array(list(itertools.product(*(range(k) for k in kernel))))  # [K, nd]
     cols = []
     for image in xp:
-        patches = np.stack([image[(slice(None),) + tuple(
-            slice(o * d, o * d + s * (n - 1) + 1, s)
-            for o, d, s, n in zip(offset, dilations, strides, out))]
-            for offset in itertools.product(*(range(k) for k in kernel))], axis=1)
-        patches = patches.reshape(g, -1, int(np.prod(out)))  # [G, Cin/G * prod(k), positions]
-        if patches.shape[2] > per_image:
-            patches = patches[:, :, np.sort(rng.choice(patches.shape[2], per_image, replace=False))]
-        cols.append(patches)
+        picked = (np.arange(total) if total <= per_image
+                  else np.sort(rng.choice(total, per_image, replace=False)))
+        pos = np.stack(np.unravel_index(picked, out), axis=1)  # [n, nd] output positions
+        where = (pos[None, :, :] * np.array(strides)
+                 + offsets[:, None, :] * np.array(dilations))  # [K, n, nd] input positions
+        patches = image[(slice(None),) + tuple(where[..., i] for i in range(nd))]  # [C, K, n]
+        cols.append(patches.reshape(g, -1, len(picked)))
     return np.concatenate(cols, axis=2)
