@@ -1,4 +1,4 @@
-"""Accuracy tier: the paper's exact recipe and the default on the reference mobilevit_xxs, on real images.
+"""Accuracy tier: the paper's recipe and the default on mobilevit_xxs, on real images.
 
 Calibration: 32 images of imagenette/train (spread evenly, as the CLI). Evaluation: the
 500 ImageNet-1k validation images of the Imagenette classes (imagenet-val/nette), never
