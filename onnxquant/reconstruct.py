@@ -69,27 +69,55 @@ def _codes_spec(layer: Layer, stacked_codes: np.ndarray):
     return spec.with_(params=layer.params, codes=codes)
 
 
+SEQUENTIAL_LAYERS = 4  # blocks up to this size: every layer sees its predecessors rounded
+RUNS_PER_BLOCK = 3  # larger blocks: layer inputs computed in this many runs of the block
+BIG_INPUT = 32768  # positions per sample above which layer inputs use fewer samples
+MIN_SAMPLES = 4
+
+
+def _layer_input_samples(task: BlockTask) -> dict:
+    """The boundary inputs the layer-input runs use: all samples, or, where one sample
+    already has more positions than H needs (full-resolution detector maps), the first
+    few (the runs of a large block cost about the whole model each)."""
+    spatial = [int(np.prod(v.shape[2:])) for v in task.inputs.values() if np.ndim(v) >= 3]
+    positions = max(spatial, default=0)
+    if positions < BIG_INPUT:
+        return task.inputs
+    n = max(MIN_SAMPLES, -(-2 * gptq.MAX_SAMPLES // positions))
+    return {k: v[:n] if np.ndim(v) >= 3 else v for k, v in task.inputs.items()}
+
+
+def _chunks(layers: list) -> list:
+    """Consecutive layers whose inputs are computed together (one run of the block)."""
+    size = 1 if len(layers) <= SEQUENTIAL_LAYERS else -(-len(layers) // RUNS_PER_BLOCK)
+    return [layers[i:i + size] for i in range(0, len(layers), size)]
+
+
 def run_gptq(task: BlockTask) -> dict:
-    """GPTQ per layer, in order; returns node -> codes (weight-shaped)."""
+    """GPTQ per layer, in order; returns node -> codes (weight-shaped). A layer's inputs come
+    from the block run with the layers of earlier chunks already rounded (small blocks: every
+    earlier layer)."""
     out, done = {}, set()
     graph = gs.import_onnx(task.model)
     nodes = {n.name for n in task.model.graph.node}
-    by_input = {}
-    for layer in task.layers:
-        x = by_input.get(layer.site.input, task.inputs.get(layer.site.input))
-        if x is None:  # inputs of layers sharing one tensor are computed once, before any
+    inputs, xs, previous = _layer_input_samples(task), {}, []
+    for chunk in _chunks(task.layers):
+        wanted = list(dict.fromkeys(l.site.input for l in chunk if l.site.input not in inputs))
+        # one layer after another reading the same tensor: that tensor is upstream of both
+        reuse = len(previous) == 1 and all(w in xs for w in wanted)
+        previous = chunk
+        if wanted and not reuse:
             model = block_runs.emitted(graph, block_runs.subplan(task.plan, nodes, done))
-            model = block_runs.with_outputs(model, [layer.site.input])
-            x = block_runs.run(model, task.inputs, [layer.site.input])[layer.site.input]
-            by_input = {layer.site.input: x}
-        x = _as_layer_sees(layer, x)
-        cols = layer.columns(x, gptq.MAX_SAMPLES, task.seed)
-        codes = _gptq_codes(layer, gptq.hessian(cols))
-        if codes is None:  # H not positive definite even damped: round to nearest
-            continue
-        layer.site.weight_spec = _codes_spec(layer, codes)
-        out[layer.site.node] = layer.site.weight_spec.codes
-        done.add(layer.site.node)
+            xs = block_runs.run(block_runs.with_outputs(model, wanted), inputs, wanted)
+        for layer in chunk:
+            x = _as_layer_sees(layer, xs.get(layer.site.input, inputs.get(layer.site.input)))
+            codes = _gptq_codes(layer, gptq.hessian(layer.columns(x, gptq.MAX_SAMPLES,
+                                                                   task.seed)))
+            if codes is None:  # H not positive definite even damped: round to nearest
+                continue
+            layer.site.weight_spec = _codes_spec(layer, codes)
+            out[layer.site.node] = layer.site.weight_spec.codes
+        done.update(l.site.node for l in chunk)
     return out
 
 
