@@ -10,7 +10,7 @@ Recipes: W4 / W3 = the paper target with symmetric per-channel weights (stored a
 W4A8 = the tensorrt target (symmetric int8 activations on every conv/linear input, log2
 post-Softmax). Reference checkpoints and the recognizer are scored as in tools/int8_table.py;
 the detector by the IoU of its text maps with float's and the share of rendered lines found
-(``onnxquant.ocr.detector_compare``), calibrated on 16 other rendered pages.
+(``onnxquant.ocr.detector_compare``), calibrated on 8 other rendered pages.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import int8_table  # noqa: E402
 from onnxquant import QuantConfig  # noqa: E402
 from onnxquant.config import RECONSTRUCT_METHODS  # noqa: E402
 
+DET_CALIB = 8  # rendered pages (736 x 992): GPTQ needs few of them (45k positions each)
 RECIPES = {
     "W4": {"weight_bits": 4, "per_channel": True, "weight_symmetric": True},
     "W4A8": {"target": "tensorrt", "weight_bits": 4, "act_bits": 8},
@@ -49,12 +50,12 @@ def detector_rows(cfgs: list, pages: int, work: Path) -> list:
     if not model.is_file():
         return []
     calib = work / "det_calib.npy"
-    np.save(calib, ocr.detector_calibration_array(16, seed=1001))
+    np.save(calib, ocr.detector_calibration_array(DET_CALIB, seed=1001))
     rows = [{"model": "PP-OCRv6_det_small", "recipe": "float", "acc": None, "change": 0.0,
              "agree": 100.0, "seconds": 0.0, "mb": benchlib.file_mb(model)}]
     for label, cfg in cfgs:
         out = work / f"det.{label.replace(' ', '_')}.onnx"
-        seconds = int8_table._quantize(model, replace(cfg, num_calib=16),
+        seconds = int8_table._quantize(model, replace(cfg, num_calib=DET_CALIB),
                                        str(calib), None, out)
         cmp = ocr.detector_compare(str(model), str(out), pages=pages)
         rows[0]["acc"] = cmp.found_a
@@ -70,13 +71,14 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", default="W4,W4A8,W3")
     p.add_argument("--pages", type=int, default=8)
     p.add_argument("--no-detector", action="store_true")
+    p.add_argument("--detector-only", action="store_true")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
     unknown = set(methods) - set(RECONSTRUCT_METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {RECONSTRUCT_METHODS}")
     cfgs = configs(args.recipes.split(","), methods)
-    rows = int8_table.all_rows(args, cfgs)
+    rows = [] if args.detector_only else int8_table.all_rows(args, cfgs)
     if not args.no_detector:
         with tempfile.TemporaryDirectory() as tmp:
             rows += detector_rows(cfgs, args.pages, Path(tmp))
