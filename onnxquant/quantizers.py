@@ -208,3 +208,35 @@ def log2_dequantize(q: np.ndarray, p: Log2Params) -> np.ndarray:
 
 def log2_fake_quant(x: np.ndarray, p: Log2Params) -> np.ndarray:
     return log2_dequantize(log2_quantize(x, p), p)
+
+
+CLIP_RATIOS = np.linspace(1.0, 0.5, 21)  # fractions of the min-max range tried per channel
+CLIP_NORM = 2.4  # error norm of the clipping search (GPTQ's reference grid search)
+
+
+def clipped_params(p: UniformParams, w: np.ndarray) -> UniformParams:
+    """``p``'s grid with each channel's range shrunk to the ratio (of ``CLIP_RATIOS``) that
+    minimizes sum |dequant(quant(w)) - w|^2.4 over that channel (per tensor: one ratio).
+    Low-bit grids gain most: a few outliers no longer stretch every step."""
+    w = np.asarray(w, np.float64)
+    rows = w.reshape(1, -1) if p.axis is None else np.moveaxis(w, p.axis, 0).reshape(
+        w.shape[p.axis], -1)
+    symmetric = p.qmin < 0
+    best = np.full(len(rows), np.inf)
+    scale, zero = p.scale.astype(np.float64).copy(), p.zero_point.astype(np.float64).copy()
+    for ratio in CLIP_RATIOS:
+        if symmetric:
+            s = ratio * np.abs(rows).max(axis=1) / p.qmax
+            z = np.zeros_like(s)
+        else:
+            lo = ratio * np.minimum(rows.min(axis=1), 0)
+            hi = ratio * np.maximum(rows.max(axis=1), 0)
+            s = (hi - lo) / (p.qmax - p.qmin)
+            z = np.clip(np.round(-lo / np.where(s > 0, s, 1)), p.qmin, p.qmax)
+        s = np.where(s > 0, s, 1.0)
+        q = np.clip(np.round(rows / s[:, None]) + z[:, None], p.qmin, p.qmax)
+        err = np.sum(np.abs((q - z[:, None]) * s[:, None] - rows) ** CLIP_NORM, axis=1)
+        better = err < best
+        best[better], scale[better], zero[better] = err[better], s[better], z[better]
+    return UniformParams(scale.astype(np.float32), zero.astype(p.zero_point.dtype),
+                         p.qmin, p.qmax, p.axis)

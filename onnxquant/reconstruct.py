@@ -35,6 +35,7 @@ from .layers import Layer
 from .plan import Plan
 
 METHODS = ("none", "gptq", "adaround", "brecq", "qdrop", "mgrq")
+CLIP_BITS = 4  # grids of this many bits or fewer get per-channel MSE clipping first
 TORCH_METHODS = ("adaround", "brecq", "qdrop", "mgrq")
 
 
@@ -169,7 +170,10 @@ def _layers(block, sites: dict, model: onnx.ModelProto, shared: set) -> list:
         w = onnx.numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
         if w is None or not np.issubdtype(w.dtype, np.floating):
             continue
-        out.append(Layer(site, node, w, spec.with_(codes=None).uniform_params(w)))
+        params = spec.with_(codes=None).uniform_params(w)
+        if spec.bits <= CLIP_BITS and not getattr(site, "int8_output", False):
+            params = quantizers.clipped_params(params, w)  # (QLinearConv: bias-widened scale)
+        out.append(Layer(site, node, w, params))
     return out
 
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from onnxquant import quantizers as Q
 
@@ -129,3 +130,31 @@ def test_widen_for_bias_keeps_int32_bias_codes_in_range():
     assert q.scale[1] == p.scale[1]  # channels that fit keep their scale
     per_tensor = quantizers.widen_for_bias(quantizers.uniform_params(w, 7, True), bias, act_scale)
     assert np.abs(bias / (act_scale * per_tensor.scale[0])).max() <= quantizers.INT32_MAX
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), bits=st.integers(2, 8), symmetric=st.booleans(),
+       per_channel=st.booleans())
+def test_clipped_grid_never_has_more_error_than_min_max(seed, bits, symmetric, per_channel):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_t(3, (6, 5, 3, 3))  # heavy tails: outliers a clipped grid can give up
+    p = Q.uniform_params(w, bits, symmetric, 0 if per_channel else None)
+    c = Q.clipped_params(p, w)
+
+    def err(params):
+        d = Q.uniform_dequantize(Q.uniform_quantize(w, params), params) - w
+        rows = d.reshape(1, -1) if params.axis is None else d.reshape(len(d), -1)
+        return np.sum(np.abs(rows) ** Q.CLIP_NORM, axis=1)
+
+    assert np.all(err(c) <= err(p) * (1 + 1e-5) + 1e-12)
+    assert c.scale.shape == p.scale.shape and c.zero_point.dtype == p.zero_point.dtype
+    if symmetric:
+        assert not c.zero_point.any()
+
+
+def test_clipping_pays_on_heavy_tailed_low_bit_weights():
+    w = np.random.default_rng(0).standard_t(3, (16, 64))
+    p = Q.uniform_params(w, 3, True, 0)
+    c = Q.clipped_params(p, w)
+    mse = [np.mean((Q.uniform_dequantize(Q.uniform_quantize(w, g), g) - w) ** 2) for g in (p, c)]
+    assert mse[1] < 0.8 * mse[0] and np.all(c.scale <= p.scale * (1 + 1e-6))
