@@ -144,21 +144,32 @@ def _canonical(source: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
     return canonical
 
 
-def _auto_search(source, graph, plan, config, calibration, preprocess, progress) -> None:
-    """Strategy (--auto): per-layer granularity, scheme and range by block error."""
+def _block_strategy_inputs(source, graph, config, calibration, preprocess) -> tuple:
+    """(canonical float model, calibration samples) that --auto and --reconstruct run their
+    blocks on: exported and read once for both (decide changes the plan, not the graph)."""
     from . import search
 
-    feed = search.calibration_feed(source, calibration, config, preprocess)
-    search.search(_canonical(source, graph), plan, config, feed, progress, log)
+    why = "--reconstruct fits weights" if config.reconstruct != "none" else \
+        "--auto scores candidates"
+    limit = config.num_calib if config.reconstruct != "none" else search.SEARCH_SAMPLES
+    feed = search.calibration_feed(source, calibration, config, preprocess, limit=limit, why=why)
+    return _canonical(source, graph), feed
 
 
-def _reconstruct(source, graph, plan, config, calibration, preprocess, progress) -> None:
+def _auto_search(canonical, feed: dict, plan, config, progress) -> None:
+    """Strategy (--auto): per-layer granularity, scheme and range by block error, on the
+    first SEARCH_SAMPLES samples."""
+    from . import search
+
+    feed = {k: v[:search.SEARCH_SAMPLES] for k, v in feed.items()}
+    search.search(canonical, plan, config, feed, progress, log)
+
+
+def _reconstruct(canonical, feed: dict, plan, config, progress) -> None:
     """Strategy (--reconstruct): the codes of every quantized weight, block by block."""
-    from . import reconstruct, search
+    from . import reconstruct
 
-    feed = search.calibration_feed(source, calibration, config, preprocess,
-                                   limit=config.num_calib, why="--reconstruct fits weights")
-    reconstruct.reconstruct(_canonical(source, graph), plan, config, feed, progress, log)
+    reconstruct.reconstruct(canonical, plan, config, feed, progress, log)
 
 
 def _probe_int8_kinds(source, graph: gs.Graph, plan: Plan, config: QuantConfig) -> QuantConfig:
@@ -256,12 +267,15 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
         seconds["kernel probe"] = time.perf_counter() - t2
         t2 = time.perf_counter()
     decide(graph, plan, config)
+    if config.auto or config.reconstruct != "none":
+        canonical, samples = _block_strategy_inputs(source, graph, config, calibration,
+                                                    preprocess)
     if config.auto:
-        _auto_search(source, graph, plan, config, calibration, preprocess, progress)
+        _auto_search(canonical, samples, plan, config, progress)
         seconds["auto search"] = time.perf_counter() - t2
         t2 = time.perf_counter()
     if config.reconstruct != "none":
-        _reconstruct(source, graph, plan, config, calibration, preprocess, progress)
+        _reconstruct(canonical, samples, plan, config, progress)
         seconds["reconstruct"] = time.perf_counter() - t2
         t2 = time.perf_counter()
     if config.weight_bits <= 4 and config.reconstruct == "none":

@@ -64,10 +64,9 @@ def run(model: onnx.ModelProto, values: dict, outputs: list | None = None) -> di
 def relative_error(got: dict, want: dict, weights: dict | None = None) -> float:
     """sum ||got - want||^2 / sum ||want||^2 over the tensors of ``got``; with ``weights``
     (per element, e.g. Fisher g^2: fisher.py) each squared term is weighted."""
-    if weights:
-        num = sum(float(np.sum(weights[k] * (g - want[k]) ** 2)) for k, g in got.items())
-        den = sum(float(np.sum(weights[k] * want[k] ** 2)) for k in got)
-        return num / max(den, 1e-30)
-    num = sum(float(np.sum((g - want[k]) ** 2)) for k, g in got.items())
-    den = sum(float(np.sum(want[k] ** 2)) for k in got)
+    def weight(k):
+        return weights[k] if weights else 1
+
+    num = sum(float(np.sum(weight(k) * (g - want[k]) ** 2)) for k, g in got.items())
+    den = sum(float(np.sum(weight(k) * want[k] ** 2)) for k in got)
     return num / max(den, 1e-30)

@@ -26,15 +26,6 @@ def hessian(x: np.ndarray) -> np.ndarray:
     return h * (2.0 / max(x.shape[2], 1))
 
 
-def subsample(x: np.ndarray, limit: int = MAX_SAMPLES, seed: int = 0) -> np.ndarray:
-    """At most ``limit`` sample columns of ``x`` [G, C, n], drawn without replacement."""
-    n = x.shape[2]
-    if n <= limit:
-        return x
-    keep = np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
-    return x[:, :, keep]
-
-
 def quantize_rows(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int):
     """Codes of ``w`` [..., R] with per-row ``scale``/``zero`` [..., R]: round to nearest."""
     return np.clip(np.round(w / scale) + zero, qmin, qmax)

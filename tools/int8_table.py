@@ -48,7 +48,8 @@ def _configs(targets: list, variants: list) -> list:
     return out
 
 
-def _quantize(model, cfg, calib, pre, out: Path) -> float:
+def timed_quantize(model, cfg, calib, pre, out: Path) -> float:
+    """Quantize ``model`` into ``out``; returns the seconds ``onnxquant.run`` took."""
     from onnxquant.model_io import save_model
 
     start = time.perf_counter()
@@ -62,7 +63,7 @@ def reference_rows(ref: dict, configs: list, limit: int, work: Path) -> list:
     models, rows = [], []
     for label, cfg in configs:
         out = work / f"{ref['name']}.{label.replace(' ', '_')}.onnx"
-        seconds = _quantize(ref["path"], cfg, str(benchlib.CALIB), ref["pre"], out)
+        seconds = timed_quantize(ref["path"], cfg, str(benchlib.CALIB), ref["pre"], out)
         models.append(out)
         rows.append({"model": ref["name"], "recipe": label, "seconds": seconds,
                      "mb": benchlib.file_mb(out)})
@@ -85,7 +86,7 @@ def recognizer_rows(configs: list, n_lines: int, work: Path) -> list:
     outs, rows = [], []
     for label, cfg in configs:
         out = work / f"rec.{label.replace(' ', '_')}.onnx"
-        seconds = _quantize(model, cfg, str(calib), None, out)
+        seconds = timed_quantize(model, cfg, str(calib), None, out)
         outs.append(out)
         rows.append({"model": "PP-OCRv6_rec_small", "recipe": label, "seconds": seconds,
                      "mb": benchlib.file_mb(out)})

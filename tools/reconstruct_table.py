@@ -55,7 +55,7 @@ def detector_rows(cfgs: list, pages: int, work: Path) -> list:
              "agree": 100.0, "seconds": 0.0, "mb": benchlib.file_mb(model)}]
     for label, cfg in cfgs:
         out = work / f"det.{label.replace(' ', '_')}.onnx"
-        seconds = int8_table._quantize(model, replace(cfg, num_calib=DET_CALIB),
+        seconds = int8_table.timed_quantize(model, replace(cfg, num_calib=DET_CALIB),
                                        str(calib), None, out)
         cmp = ocr.detector_compare(str(model), str(out), pages=pages)
         rows[0]["acc"] = cmp.found_a
