@@ -140,7 +140,7 @@ class QuantConfig:
             raise ValueError(f"search_metric must be one of {SEARCH_METRICS}, "
                              f"got {self.search_metric!r}")
         if self.search_metric != "mse" and not self.auto:
-            raise ValueError("search_metric applies to the --auto search: add auto=True")
+            raise ValueError("search_metric applies to the --auto search: add --auto (auto=True)")
         if self.reconstruct not in RECONSTRUCT_METHODS:
             raise ValueError(f"reconstruct must be one of {RECONSTRUCT_METHODS}, "
                              f"got {self.reconstruct!r}")
