@@ -1,0 +1,70 @@
+"""--reconstruct gptq on the fuzzer's random hybrid graphs (tests/fuzz_graphs.py): no crash,
+and how often the reconstructed model's output error on the calibration inputs exceeds
+round-to-nearest's by more than 5 % (the driver guarantees improvement per block only).
+
+    python tools/fuzz_reconstruct.py [--seeds 0:60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import fuzz_graphs as fg  # noqa: E402
+
+import onnxquant  # noqa: E402
+from onnxquant import QuantConfig  # noqa: E402
+from onnxquant.errors import UserError  # noqa: E402
+
+RECIPES = (dict(weight_bits=4), dict(target="tensorrt", weight_bits=4))
+
+
+def _error(model, gen, y) -> float:
+    return float(np.sum((fg.run(model, gen.calibration)[0] - y) ** 2))
+
+
+def check(gen, counts: dict) -> None:
+    y = fg.run(gen.model, gen.calibration)[0]
+    for kw in RECIPES:
+        try:
+            rtn, rec = (onnxquant.run(gen.model, QuantConfig(reconstruct=m, **kw),
+                                      gen.calibration, progress=False).model
+                        for m in ("none", "gptq"))
+        except UserError as exc:
+            counts["refused"] += 1
+            print("refused", kw, str(exc)[:160])
+            continue
+        except Exception:  # noqa: BLE001 - a crash is what this looks for
+            counts["crash"] += 1
+            print("CRASH", kw, gen.describe())
+            traceback.print_exc(limit=3)
+            continue
+        counts["ok"] += 1
+        counts["worse"] += _error(rec, gen, y) > 1.05 * _error(rtn, gen, y)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", default="0:60", help="first:last (exclusive)")
+    args = p.parse_args(argv)
+    first, last = map(int, args.seeds.split(":"))
+    counts = dict(ok=0, worse=0, refused=0, crash=0)
+    for seed in range(first, last):
+        gen = fg.generate(seed)
+        try:
+            fg.validate(gen)
+        except fg.GeneratorBug:
+            continue
+        check(gen, counts)
+    print(f"quantized {counts['ok']}, worse than round-to-nearest by > 5 %: "
+          f"{counts['worse']}, refused {counts['refused']}, crashed {counts['crash']}")
+    return 1 if counts["crash"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
