@@ -213,6 +213,21 @@ def _pack_4bit(model: onnx.ModelProto, plan: Plan, config: QuantConfig, name: st
     return packed
 
 
+def _fold_shapes(model: onnx.ModelProto, plan: Plan, config: QuantConfig) -> onnx.ModelProto:
+    """ort target: Reshape shape arithmetic folded to constants (passes/fold_shapes.py)."""
+    if config.target != "ort" or is_large(model):
+        return model
+    from .passes.fold_shapes import fold_reshape_shapes
+
+    folded, count, note = fold_reshape_shapes(model)
+    if count:
+        plan.notes.append(f"{count} Reshape target shapes computed at run time folded to "
+                          "constants (outputs bit-identical at batch 1 and 2)")
+    if note:
+        plan.notes.append(note)
+    return folded
+
+
 def _record_choices(model: onnx.ModelProto, config: QuantConfig, probed: bool) -> None:
     """ort target: what runs in int8, and on what basis, in the model's metadata."""
     if config.target != "ort":
@@ -285,6 +300,7 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
     out, counts = _emit(graph, plan, source)
     out = _pack_4bit(out, plan, config, _model_name(model),
                      lambda: feed or sample_feed(original, calibration, config, preprocess))
+    out = _fold_shapes(out, plan, config)
     _record_choices(out, config, probing)
     if not is_large(out, PROTOBUF_LIMIT):
         onnx.checker.check_model(out, full_check=True)

@@ -13,10 +13,11 @@ The body computes exactly ``quantizers.log2_quantize``/``log2_dequantize``, in f
 
     tables (from the attributes only; folded once by the runtime):
         k = 0 .. 2^bits - 1 (float64);  levels = float(exp((k - z) s ln2))
-        thresholds = float(exp(((k + 0.5) - z) s ln2)), +inf for the last code
+        thresholds = float(exp(((k + 0.5) - z) s ln2)), NaN for the last code
     per element:
         xm = Max(x, eps);  c = Clip(Floor(Log(xm) / (s ln2) + z), 0, 2^bits - 1)
-        q  = c + (xm >= thresholds[c])      # the float32 log estimate is off by < 1 code
+        q  = c + (xm >= thresholds[c])      # the float32 log estimate is off by < 1 code;
+                                            # a comparison with NaN is false (x = +inf)
         y  = levels[q]
 
 Floor of the estimate lands on the true code or one below it as long as the float32 log
@@ -71,7 +72,7 @@ def _table_nodes() -> list:
         _const_ref("z64", "zero_point", "int"), _cast("z64", "z"),
         _const_ref("b64", "bits", "int"), _cast("b64", "b"),
         _const("ln2", LN2), _const("two", 2.0), _const("one", 1.0), _const("zero", 0.0),
-        _const("half", 0.5), _const("inf", float("inf"), f32),
+        _const("half", 0.5), _const("nan", float("nan"), f32),
         mk("Mul", ["s", "ln2"], ["s_ln2"]),
         mk("Pow", ["two", "b"], ["levels_n"]),
         mk("Sub", ["levels_n", "one"], ["qmax"]),
@@ -81,7 +82,7 @@ def _table_nodes() -> list:
         mk("Add", ["k", "half"], ["kh"]), mk("Sub", ["kh", "z"], ["khz"]),
         mk("Mul", ["khz", "s_ln2"], ["th_log"]), mk("Exp", ["th_log"], ["th64"]),
         _cast("th64", "th32", f32), mk("Equal", ["k", "qmax"], ["is_last"]),
-        mk("Where", ["is_last", "inf", "th32"], ["thresholds"]),
+        mk("Where", ["is_last", "nan", "th32"], ["thresholds"]),
         mk("Reciprocal", ["s_ln2"], ["inv64"]), _cast("inv64", "inv", f32),
         _cast("z", "zf", f32), _cast("qmax", "qmaxf", f32), _const("zerof", 0.0, f32),
         _const_ref("eps", "eps", "float"),

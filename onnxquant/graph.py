@@ -54,3 +54,13 @@ def data_inputs(node: gs.Node) -> list:
 SHAPE_ONLY = {"Shape", "Size", "Constant", "ConstantOfShape", "Range"}
 MULTI_DATA = {"Add", "Sub", "Mul", "Div", "MatMul", "Concat", "Sum", "Max", "Min", "Where",
               "Pow", "Einsum", "Gemm"}
+
+
+def unique_name(taken: set, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2`` ... : the first not in ``taken`` (which gets it)."""
+    candidate, i = name, 0
+    while candidate in taken:
+        i += 1
+        candidate = f"{name}_{i}"
+    taken.add(candidate)
+    return candidate

@@ -20,16 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxquant.graph import constant_value
-
-
-def _unique(taken: set, name: str) -> str:
-    candidate, i = name, 0
-    while candidate in taken:
-        i += 1
-        candidate = f"{name}_{i}"
-    taken.add(candidate)
-    return candidate
+from onnxquant.graph import constant_value, unique_name
 
 
 def _foldable(conv: gs.Node, outputs: set):
@@ -56,8 +47,8 @@ def _fold(conv: gs.Node, bn: gs.Node, w, b, consts, taken: set) -> None:
     k = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
     w_new = (w.astype(np.float64) * k.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
     b_new = ((np.asarray(b, np.float64) - mean) * k + beta).astype(w.dtype)
-    conv.inputs[1] = gs.Constant(_unique(taken, f"{conv.name}_W_bn_folded"), w_new)
-    bias = gs.Constant(_unique(taken, f"{conv.name}_B_bn_folded"), b_new)
+    conv.inputs[1] = gs.Constant(unique_name(taken, f"{conv.name}_W_bn_folded"), w_new)
+    bias = gs.Constant(unique_name(taken, f"{conv.name}_B_bn_folded"), b_new)
     if len(conv.inputs) > 2:
         conv.inputs[2] = bias
     else:

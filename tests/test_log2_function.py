@@ -38,10 +38,15 @@ def test_function_equals_reference_exactly(rng, bits, eps):
     x = np.concatenate([rng.random(200_000, np.float32), _softmax_like(rng, 200_000),
                         np.array([0.0, 1.0, eps, np.float32(eps) / 2], np.float32)])
     p = Q.log2_params(float(x.min()), float(x.max()), bits, eps)
+    thresholds = Q.log2_tables(p)[0][:-1]  # every rounding boundary and its float neighbours
+    x = np.concatenate([x, thresholds, np.nextafter(thresholds, np.float32(0)),
+                        np.nextafter(thresholds, np.float32(1)),
+                        np.array([np.inf, 3e38, 7.0], np.float32)])
     model = _model(p)
     onnx.checker.check_model(model, full_check=True)
     y = _run(model, x)
     np.testing.assert_array_equal(y, Q.log2_fake_quant(x, p))
+    assert y[-3] == y[-2] == y[-1] == Q.log2_tables(p)[1][-1]  # above the range: top level
     # the codes, recovered exactly from the dequantized values: 2^(s(q - z)) is injective
     assert len(np.unique(y)) == len(np.unique(Q.log2_quantize(x, p)))
 
