@@ -43,6 +43,9 @@ def as_dict(plan: Plan, recipe: str) -> dict:
                             "errors": c.errors} for c in plan.choices],
         "reconstruction": [{"block": r.name, "layers": r.layers, "rtn_error": r.rtn_error,
                             "error": r.error} for r in plan.reconstruction],
+        "reconstruction_model_check": None if plan.reconstruction_check is None else {
+            "rtn_error": plan.reconstruction_check.rtn_error,
+            "error": plan.reconstruction_check.error, "kept": plan.reconstruction_check.kept},
         "notes": list(plan.notes),
     }
 
@@ -73,6 +76,11 @@ def as_markdown(report: dict) -> str:
                         [[r["block"], r["layers"], f"{r['rtn_error']:.2e}", f"{r['error']:.2e}",
                           f"{r['error'] / max(r['rtn_error'], 1e-30):.2f}"]
                          for r in report["reconstruction"]])
+        check = report["reconstruction_model_check"]
+        if check:
+            lines += ["", f"Whole model output error: round-to-nearest {check['rtn_error']:.2e}, "
+                      f"reconstructed {check['error']:.2e}: codes "
+                      + ("kept" if check["kept"] else "rejected (weights rounded to nearest)")]
         lines.append("")
     lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"

@@ -103,6 +103,7 @@ class Plan:
     blocks: list = field(default_factory=list)  # Block (onnxquant/blocks.py): regions + boundaries
     choices: list = field(default_factory=list)  # search.Choice: what --auto chose and why
     reconstruction: list = field(default_factory=list)  # reconstruct.BlockResult per block
+    reconstruction_check: object = None  # reconstruct.ModelCheck: whole-model acceptance
     stats: dict = field(default_factory=dict)  # tensor name -> (min, max)
 
     def calibration_tensors(self) -> list:

@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings, strategies as st
 from onnx import helper, numpy_helper
 
 from graphs import calibration, conv_chain_model, mixed_model, quantize, run_ort
-from onnxquant import QuantConfig, gptq, quantizers
+from onnxquant import QuantConfig, gptq, quantizers, reconstruct
 from onnxquant.layers import Layer, conv_columns
 
 
@@ -223,3 +223,24 @@ def test_a_hessian_that_cannot_be_factorized_falls_back_to_more_damping(monkeypa
     res = quantize(model, calibration(16), weight_bits=3, reconstruct="gptq")
     assert calls[:2] == [gptq.DAMP, 0.1]
     assert all(s.weight_spec.codes is not None for s in res.plan.convs)
+
+
+def test_codes_worse_than_rounding_for_the_whole_model_are_rejected():
+    """The whole-model check: codes that make the outputs worse than round to nearest on the
+    calibration samples are dropped for the rounded grid (each block alone may look fine)."""
+    model, calib = conv_chain_model(seed=2), calibration(32, seed=1)
+    res = quantize(model, calib, weight_bits=3, per_channel=True, reconstruct="gptq")
+    check = res.plan.reconstruction_check
+    assert check.kept and check.error <= check.rtn_error
+    note = next(n for n in res.plan.notes if n.startswith("reconstruct gptq"))
+    assert "model output error" in note
+    sites = {s.node: s for s in res.plan.convs}
+    rounded = {n: s.weight_spec.with_(codes=None) for n, s in sites.items()}
+    for site in sites.values():  # one step off the reconstructed codes everywhere
+        spec, p = site.weight_spec, site.weight_spec.params
+        site.weight_spec = spec.with_(codes=np.clip(spec.codes.astype(np.int64) + 1, p.qmin,
+                                                    p.qmax).astype(spec.codes.dtype))
+    check = reconstruct._model_check(model, res.plan, {"x": calib}, sites, rounded)
+    assert not check.kept and check.error > check.rtn_error
+    assert all(site.weight_spec is rounded[n] for n, site in sites.items())
+    assert "rejected" in reconstruct.summary("gptq", res.plan.reconstruction, 1.0, check)

@@ -33,6 +33,7 @@ DET_CALIB = 8  # rendered pages (736 x 992): GPTQ needs few of them (45k positio
 RECIPES = {
     "W4": {"weight_bits": 4, "per_channel": True, "weight_symmetric": True},
     "W4A8": {"target": "tensorrt", "weight_bits": 4, "act_bits": 8},
+    "W4A8-auto": {"target": "tensorrt", "weight_bits": 4, "act_bits": 8, "auto": True},
     "W3": {"weight_bits": 3, "per_channel": True, "weight_symmetric": True},
 }
 
