@@ -213,19 +213,30 @@ def _pack_4bit(model: onnx.ModelProto, plan: Plan, config: QuantConfig, name: st
     return packed
 
 
-def _fold_shapes(model: onnx.ModelProto, plan: Plan, config: QuantConfig) -> onnx.ModelProto:
-    """ort target: Reshape shape arithmetic folded to constants (passes/fold_shapes.py)."""
+def _ort_graph(model: onnx.ModelProto, plan: Plan, config: QuantConfig) -> onnx.ModelProto:
+    """ort target: float-graph rewrites onnxruntime CPU runs faster, each checked on the
+    model's outputs: Reshape shape arithmetic folded to constants, timm-style attention fused
+    into MultiHeadAttention, slow Transposes split (passes/fold_shapes.py,
+    fuse_attention_ort.py, split_transposes.py)."""
     if config.target != "ort" or is_large(model):
         return model
     from .passes.fold_shapes import fold_reshape_shapes
+    from .passes.fuse_attention_ort import fuse_attention
+    from .passes.split_transposes import split_transposes
 
-    folded, count, note = fold_reshape_shapes(model)
-    if count:
-        plan.notes.append(f"{count} Reshape target shapes computed at run time folded to "
-                          "constants (outputs bit-identical at batch 1 and 2)")
-    if note:
-        plan.notes.append(note)
-    return folded
+    done = []
+    for rewrite, what in ((fold_reshape_shapes, "Reshape target shapes folded to constants"),
+                          (fuse_attention, "attentions fused into MultiHeadAttention"),
+                          (split_transposes, "slow Transposes split into fast steps")):
+        model, count, note = rewrite(model)
+        if count:
+            done.append(f"{count} {what}")
+        if note:
+            plan.notes.append(note)
+    if done:
+        plan.notes.append("onnxruntime graph: " + "; ".join(done) + " (outputs checked at "
+                          "batch 1 and 2)")
+    return model
 
 
 def _record_choices(model: onnx.ModelProto, config: QuantConfig, probed: bool) -> None:
@@ -300,7 +311,7 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
     out, counts = _emit(graph, plan, source)
     out = _pack_4bit(out, plan, config, _model_name(model),
                      lambda: feed or sample_feed(original, calibration, config, preprocess))
-    out = _fold_shapes(out, plan, config)
+    out = _ort_graph(out, plan, config)
     _record_choices(out, config, probing)
     if not is_large(out, PROTOBUF_LIMIT):
         onnx.checker.check_model(out, full_check=True)
