@@ -177,3 +177,16 @@ def _publish(staged: Path, final: Path) -> None:
     os.umask(umask)
     os.chmod(staged, 0o666 & ~umask)  # temporary files are owner-only
     os.replace(staged, final)
+
+
+def quiet_session(model: onnx.ModelProto, optimized: bool = True):
+    """A CPU onnxruntime session on ``model`` (warnings off); ``optimized=False``: no graph
+    optimization, so every intermediate tensor exists as the graph states it."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not optimized:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])

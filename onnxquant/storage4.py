@@ -27,9 +27,9 @@ import logging
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, numpy_helper, version_converter
 
+from .model_io import quiet_session
 from .opset import ATOL, RTOL, model_opset
 
 log = logging.getLogger("onnxquant")
@@ -232,8 +232,8 @@ def _differs(a: onnx.ModelProto, b: onnx.ModelProto, what: str, feed: dict, exac
     17 vs 21 and INT4 vs int8 containers are bit-identical on every model tried.
     """
     try:
-        out_a = _session(a, optimized).run(None, feed)
-        out_b = _session(b, optimized).run(None, feed)
+        out_a = quiet_session(a, optimized).run(None, feed)
+        out_b = quiet_session(b, optimized).run(None, feed)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         return f"onnxruntime cannot run it ({_first_line(exc)})"
     for x, y in zip(out_a, out_b):
@@ -260,15 +260,6 @@ def random_feed(model: onnx.ModelProto, seed: int = 0) -> dict:
         feed[inp.name] = (rng.standard_normal(shape).astype(dtype)
                           if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype))
     return feed
-
-
-def _session(model: onnx.ModelProto, optimized: bool) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if not optimized:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

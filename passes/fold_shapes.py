@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from onnxquant.graph import unique_name
+from onnxquant.model_io import quiet_session
 
 PROBE_BATCHES = (1, 2, 3)
 CHECK_BATCHES = (1, 2)
@@ -64,22 +64,13 @@ def _feed(inputs, batch: int, rng) -> dict:
     return feed
 
 
-def _session(model: onnx.ModelProto, optimize: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
-
-
 def output_shapes(model: onnx.ModelProto, names: list, inputs) -> list:
     """Each tensor's shape at every PROBE_BATCHES size: [ {name: shape} ]."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
     probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
-    session = _session(probe, optimize=False)
+    session = quiet_session(probe, optimized=False)
     rng = np.random.default_rng(0)
     return [{n: v.shape for n, v in zip(names, session.run(names, _feed(inputs, b, rng)))}
             for b in PROBE_BATCHES]
@@ -127,7 +118,7 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set:
 def same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, inputs, tolerance: float = 0.0) -> bool:
     """Whether ``b`` gives ``a``'s outputs at every CHECK_BATCHES size: bit for bit, or
     within ``tolerance`` of each output's largest magnitude."""
-    sa, sb = _session(a, optimize=True), _session(b, optimize=True)
+    sa, sb = quiet_session(a), quiet_session(b)
     rng = np.random.default_rng(1)
     for batch in CHECK_BATCHES:
         feed = _feed(inputs, batch, rng)
