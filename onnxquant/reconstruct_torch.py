@@ -62,6 +62,8 @@ DROP = 0.5  # QDrop probability of keeping an element float
 GLOBAL_WEIGHT, LOCAL_WEIGHT = 0.1, 0.1  # a, b of the MGRQ loss (docs/reconstruct.md)
 GLOBAL_EVERY, GLOBAL_BATCH = 4, 4
 LEARN_STEPS = False  # see _block: learned step sizes would not reach the emitted model
+START_FROM_GPTQ = {"mgrq"}  # block methods whose roundings start at GPTQ's codes (measured:
+#                             docs/reconstruct.md)
 
 
 def device() -> torch.device:
@@ -244,7 +246,7 @@ def _block(task, method: str, qdrop=False, local_weight=0.0, global_weight=0.0) 
     q_in, f_in = Samples(task.inputs, dev), Samples(task.float_inputs or task.inputs, dev)
     want_all = Samples(floats, dev, q_in.n)
     glob = _global_or_none(task, dev) if global_weight else None
-    roundings = [Rounding(layer, dev) for layer in task.layers]
+    roundings = _roundings(task, method, dev)
     hooks, inputs, acts = block_hooks(task.plan, task.model, dev, LEARN_STEPS)
     gen = torch.Generator(device=dev).manual_seed(task.seed)
     steps = [a.step for a in acts if isinstance(getattr(a, "step", None), torch.nn.Parameter)]
@@ -273,6 +275,17 @@ def _block(task, method: str, qdrop=False, local_weight=0.0, global_weight=0.0) 
         a.drop = 0.0
     _report(task, task.name, iters, float(loss.detach()))
     return {r.layer.site.node: r.numpy_codes() for r in roundings}
+
+
+def _roundings(task, method: str, dev) -> list:
+    """The block's learned roundings, started at GPTQ's codes for methods in START_FROM_GPTQ."""
+    start = {}
+    if method in START_FROM_GPTQ:
+        from .reconstruct import run_gptq
+
+        start = run_gptq(task)
+    return [Rounding(layer, dev, layer.stack(start[layer.site.node])
+                     if layer.site.node in start else None) for layer in task.layers]
 
 
 def _batchable(gm, q_in, f_in, floats, outputs, dev) -> bool:

@@ -4,7 +4,8 @@
                 h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1), zeta 1.1, gamma -0.1
                 W_soft = s (clamp(floor(W/s) + z + h(V), qmin, qmax) - z)
                 codes  = clamp(floor(W/s) + z + [h(V) > 0.5], qmin, qmax)
-                V starts where h(V) = W/s - floor(W/s), so W_soft starts at W (unclipped)
+                V starts where h(V) = W/s - floor(W/s), so W_soft starts at W (unclipped);
+                or at given codes c (GPTQ's): base c or c - 1 (the side W lies on), h 0.1/0.9
     ActQuant    the fake-quant of an activation spec: uniform Q/DQ (round straight-through,
                 step size optionally learned as in LSQ) or the log2 quantizer (fixed tables
                 of quantizers.log2_tables, straight-through); QDrop: each element keeps its
@@ -25,6 +26,18 @@ from . import quantizers
 ZETA, GAMMA = 1.1, -0.1
 
 
+START_H = 0.1  # h of a rounding started at given codes: 0.1 below or 0.9 above 0.5
+
+
+def _start_at(w_steps: np.ndarray, codes: np.ndarray) -> tuple:
+    """(base, h) that decide ``codes`` (relative to the zero point) and leave the other
+    rounding choice on the side of the float weight: base = codes, or codes - 1 where the
+    weight lies below its code (e.g. GPTQ's codes, which may sit a step or more from W/s)."""
+    codes = np.asarray(codes, np.float64)
+    below = w_steps < codes
+    return codes - below, np.where(below, 1.0 - START_H, START_H)
+
+
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
@@ -32,13 +45,16 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 class Rounding(torch.nn.Module):
     """Learned rounding of one Layer (layers.py) as a [G, R, C] stack."""
 
-    def __init__(self, layer, device):
+    def __init__(self, layer, device, start_codes: np.ndarray | None = None):
         super().__init__()
         self.layer = layer
         scale, zero = layer.grid()
         w = layer.stack().astype(np.float64)
-        base = np.floor(w / scale[..., None])
-        frac = np.clip(w / scale[..., None] - base, 0.0, 1.0)
+        if start_codes is None:
+            base = np.floor(w / scale[..., None])
+            frac = np.clip(w / scale[..., None] - base, 0.0, 1.0)
+        else:
+            base, frac = _start_at(w / scale[..., None], start_codes - zero[..., None])
         v = -np.log((ZETA - GAMMA) / (frac - GAMMA) - 1)  # h(V) = frac
         def as_t(a):
             return torch.tensor(np.asarray(a), dtype=torch.float32, device=device)

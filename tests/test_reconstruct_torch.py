@@ -102,6 +102,24 @@ def test_rounding_starts_at_the_weight_and_codes_stay_on_the_grid(seed, bits, sy
     assert np.mean(fresh.numpy_codes() == rtn) > 0.95
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), bits=st.integers(2, 8), shift=st.integers(-2, 2))
+def test_rounding_started_at_given_codes_decides_them(seed, bits, shift):
+    """Started at codes up to two steps from round-to-nearest (GPTQ's may be): the hard
+    codes are those codes, and the other choice lies on the float weight's side."""
+    layer = _layer(seed, 5, 7, bits, True)
+    p = layer.params
+    start = np.clip(quantizers.uniform_quantize(layer.weight, p).astype(np.int64) + shift,
+                    p.qmin, p.qmax)
+    r = Rounding(layer, "cpu", layer.stack(start))
+    np.testing.assert_array_equal(r.numpy_codes(), start)
+    w_steps = layer.stack(layer.weight) / layer.grid()[0][..., None]
+    other = r.base + (r.h() <= 0.5).float()  # the code the rounding can still move to
+    rel = layer.stack(start) - layer.grid()[1][..., None]
+    side = np.sign(other.numpy() - rel)
+    assert np.all(side[w_steps < rel] == -1) and np.all(side[w_steps >= rel] == 1)
+
+
 def test_the_rounding_regularizer_makes_h_binary():
     """beta annealed 20 -> 2: h ends at 0/1; held at 20 the regularizer barely acts."""
     layer = _layer(3, 16, 32, 4, True)
