@@ -6,7 +6,7 @@ run as --reconstruct mgrq with (a, b) in {(0, 0), (0, b), (a, 0), (a, b)} (the f
 BRECQ's loss) at W4 on the reference checkpoints: accuracy, agreement with float, time.
 
     python tools/mgrq_ablation.py [--models mobilevit_xxs] [--limit 1000] [--iters N]
-                                  [--out docs/mgrq_ablation.md]
+                                  [--mgrq-only] [--out docs/mgrq_ablation.md]
 """
 
 from __future__ import annotations
@@ -44,11 +44,13 @@ def _with_terms(quantize):
 def main(argv=None) -> int:
     p = int8_table.parser(__doc__, "docs/mgrq_ablation.md", 300)
     p.add_argument("--iters", type=int, default=None, help="steps per block (default: mgrq's)")
+    p.add_argument("--mgrq-only", action="store_true", help="only the full MGRQ loss")
     args = p.parse_args(argv)
     args.models = args.models or "mobilevit_xxs"
     base = dict(reconstruct_table.RECIPES["W4"], reconstruct="mgrq",
                 reconstruct_iters=args.iters)
-    configs = [(label, QuantConfig(**base)) for label in TERMS]
+    labels = list(TERMS)[-1:] if args.mgrq_only else list(TERMS)
+    configs = [(label, QuantConfig(**base)) for label in labels]
     int8_table.timed_quantize = _with_terms(int8_table.timed_quantize)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
