@@ -14,6 +14,9 @@ grids (torch_quant.Rounding, DESIGN.md §9) and returns integer codes per layer:
               quantized or float input) dropped to float with probability 0.5 (QDrop)
     mgrq      brecq + extra-block global + intra-block local supervision (below)
 
+brecq and mgrq start their roundings at the block's GPTQ codes (START_FROM_GPTQ; reconstruct.
+run_gptq), adaround and qdrop at round-to-nearest, AdaRound's start.
+
 R(h, beta) = mean(1 - |2h - 1|^beta), beta annealed 20 -> 2 after a 20 % warm-up without
 it. The reconstruction terms are relative (divided by the float target's energy) and R is a
 mean, so one lambda fits every layer size (AdaRound sums both; a sum makes lambda depend on
