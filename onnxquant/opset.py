@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import version_converter
 
 from .errors import UserError
+from .model_io import quiet_session
 
 MIN_OPSET = 13
 RTOL, ATOL = 1e-4, 1e-5  # float32 kernels of two opset versions may round differently
@@ -73,7 +73,7 @@ def _input_ranks(model: onnx.ModelProto, names: list, feed: dict | None) -> dict
         del probe.graph.output[:]
         probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in unknown)
         try:
-            ranks.update((n, v.ndim) for n, v in zip(unknown, _session(probe).run(unknown, feed)))
+            ranks.update((n, v.ndim) for n, v in zip(unknown, quiet_session(probe, optimized=False).run(unknown, feed)))
         except Exception:  # noqa: BLE001 - unknown ranks stay unknown: the adapter wraps them
             pass
     return ranks
@@ -94,20 +94,12 @@ def _last_axis_softmax(model: onnx.ModelProto, feed: dict | None) -> onnx.ModelP
     return copy
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
-
-
 def verify_same(original: onnx.ModelProto, converted: onnx.ModelProto, feed: dict,
                 name: str = "model") -> float:
     """Max |difference| of all outputs of the two models on ``feed``; UserError if they differ."""
     try:
-        a = _session(original).run(None, feed)
-        b = _session(converted).run(None, feed)
+        a = quiet_session(original, optimized=False).run(None, feed)
+        b = quiet_session(converted, optimized=False).run(None, feed)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise UserError(f"{name}: onnxruntime cannot run the model to check the opset "
