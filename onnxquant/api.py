@@ -200,14 +200,17 @@ def _calibration_model(source: onnx.ModelProto, graph: gs.Graph, plan: Plan) -> 
 
 
 def _pack_4bit(model: onnx.ModelProto, plan: Plan, config: QuantConfig, name: str, sample):
-    """Weights of 4 bits or fewer stored as real INT4/UINT4 (storage4.py): paper target's
-    DequantizeLinear weights (TensorRT takes int4 on few layers; ort's are folded).
+    """Weights of 4 bits or fewer stored as real INT4/UINT4 (storage4.py): the paper
+    target's DequantizeLinear weights, and block-wise weights on any target (TensorRT's
+    INT4 weight-only layers; its int8 convs keep INT8 codes; ort's weights are folded).
     ``sample()``: a calibration feed the checks run on."""
-    if config.target != "paper" or config.weight_bits > 4 or config.weight_format != "qdq":
+    block_wise_only = config.target != "paper"
+    if config.weight_bits > 4 or config.weight_format != "qdq" or (
+            block_wise_only and config.weight_block_size is None):
         return model
     from .storage4 import pack_4bit
 
-    packed, note = pack_4bit(model, name, sample())
+    packed, note = pack_4bit(model, name, sample(), block_wise_only)
     if note:
         plan.notes.append(note)
     return packed
@@ -257,6 +260,16 @@ def ort_version() -> str:
     return onnxruntime.__version__
 
 
+BLOCK_OPSET = 21  # DequantizeLinear block_size
+
+
+def _opset_needed(config: QuantConfig) -> tuple[int, str]:
+    """(lowest opset the output needs, why) for the summary's conversion note."""
+    if config.weight_block_size is not None:
+        return BLOCK_OPSET, "block-wise DequantizeLinear needs it"
+    return opset.MIN_OPSET, "per-channel Q/DQ and the log2 op need it"
+
+
 def _probing(config: QuantConfig) -> bool:
     return config.target == "ort" and config.ort_int8_kinds is None
 
@@ -272,9 +285,10 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
     config = config or QuantConfig()
     t0 = time.perf_counter()
     original = _as_model(model)
+    minimum, why = _opset_needed(config)
     feed = sample_feed(original, calibration, config, preprocess) \
-        if opset.model_opset(original) < opset.MIN_OPSET else None
-    source, upgrade_note = opset.upgrade(original, _model_name(model), feed)
+        if opset.model_opset(original) < minimum else None
+    source, upgrade_note = opset.upgrade(original, _model_name(model), feed, minimum, why)
     probing = _probing(config)
     graph, plan = analyze(source, replace(config, ort_int8_kinds=INT8_KINDS) if probing else config)
     if upgrade_note:

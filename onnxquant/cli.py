@@ -49,6 +49,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-format", choices=WEIGHT_FORMATS, default=d.weight_format,
                    help="qdq: DequantizeLinear (standard); folded: Cast/Sub/Mul, which "
                         "onnxruntime folds at load: same small file, float speed")
+    g.add_argument("--weight-block-size", type=int, default=d.weight_block_size, metavar="B",
+                   help="MatMul/Gemm weights: one scale per B input channels (e.g. 32) instead "
+                        "of per output channel; weight-only, opset 21 (needs 'linear' in --parts)")
     g.add_argument("--softmax-bits", type=int, default=d.softmax_bits, help="log2 bits (default 8)")
     g.add_argument("--log2-eps", type=float, default=d.log2_eps,
                    help=f"floor for post-Softmax values before log2 (default {DEFAULT_LOG2_EPS:g})")

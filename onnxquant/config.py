@@ -72,6 +72,11 @@ class QuantConfig:
         nearest), "gptq" (NumPy, Hessian-guided), "adaround" / "brecq" / "qdrop" / "mgrq"
         (learned rounding in torch, layer- or block-wise); see reconstruct.py. Needs the
         calibration samples themselves (images, .npy or an array).
+    weight_block_size: MatMul/Gemm weights get one scale per block of this many input
+        channels (K) per output channel instead of one per output channel (DequantizeLinear
+        ``block_size``, opset 21; the model is converted). These linear layers are then
+        weight-only on every target (TensorRT runs INT4 block-wise weights weight-only).
+        Needs "linear" among the quantized parts and weight_format "qdq".
     reconstruct_iters: iteration budget per layer/block of the torch methods (None: the
         method's default).
     seed: seeds every random choice of reconstruction (sampling, QDrop masks, init).
@@ -84,6 +89,7 @@ class QuantConfig:
     weight_symmetric: bool = False
     per_channel: bool = True
     weight_format: str = "qdq"
+    weight_block_size: int | None = None
     softmax_bits: int = 8
     log2_eps: float = DEFAULT_LOG2_EPS
     softmax_quantizer: str = "log2"
@@ -166,6 +172,8 @@ class QuantConfig:
         if t == "paper" and (self.act_bits != 8 or self.calib_method != "minmax"):
             raise ValueError("act_bits/calib_method apply to quantized activations: targets "
                              "'ort' and 'tensorrt' (the paper recipe quantizes weights only)")
+        if self.weight_block_size is not None:
+            self._check_block_size()
         if t == "tensorrt" and self.weight_format != "qdq":
             raise ValueError("target 'tensorrt' needs weight_format 'qdq' (TensorRT reads Q/DQ)")
         softmax_set = (self.softmax_bits != 8 or self.log2_eps != DEFAULT_LOG2_EPS
@@ -173,6 +181,24 @@ class QuantConfig:
         if softmax_set and "softmax" not in self.active_parts:
             raise ValueError(f"softmax_bits/log2_eps/softmax_quantizer set, but target {t!r} "
                              f"with parts {sorted(self.active_parts)} leaves the Softmax float")
+
+    def _check_block_size(self):
+        b, t = self.weight_block_size, self.target
+        if b < 2:
+            raise ValueError(f"weight_block_size must be >= 2, got {b}")
+        if t == "ort":
+            raise ValueError("weight_block_size applies to DequantizeLinear weights: targets "
+                             "'paper' and 'tensorrt' (target 'ort' runs linear layers in "
+                             "dynamic int8 or folds them to float)")
+        if "linear" not in self.active_parts:
+            raise ValueError(f"weight_block_size applies to MatMul/Gemm weights, but parts "
+                             f"{sorted(self.active_parts)} leave them float: add 'linear'")
+        if self.weight_format != "qdq" or not self.per_channel:
+            raise ValueError("weight_block_size needs weight_format 'qdq' and per-channel "
+                             "weights (blocks refine each output channel's scale)")
+        if t == "tensorrt" and self.weight_bits > 4:
+            raise ValueError("target 'tensorrt' takes block-wise weights as INT4 only: "
+                             f"weight_bits <= 4 with weight_block_size, got {self.weight_bits}")
 
     @property
     def active_parts(self) -> frozenset:

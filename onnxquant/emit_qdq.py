@@ -81,7 +81,8 @@ def _params_arrays(p: quantizers.UniformParams, ndim: int, broadcast: bool):
 def store_weight(graph: gs.Graph, base: str, w: np.ndarray, p: quantizers.UniformParams,
                  fmt: str = "qdq", codes: np.ndarray | None = None) -> gs.Variable:
     """Quantize constant ``w`` with ``p`` (or store the given integer ``codes``, e.g. learned
-    rounding); returns the float tensor that replaces it."""
+    rounding); returns the float tensor that replaces it. Block-wise ``p`` needs "qdq" (and
+    opset 21: config.py and api.py see to both)."""
     if codes is None:
         codes = quantizers.uniform_quantize(w, p)
     elif codes.shape != w.shape or not np.issubdtype(codes.dtype, np.integer):
@@ -92,6 +93,8 @@ def store_weight(graph: gs.Graph, base: str, w: np.ndarray, p: quantizers.Unifor
     if fmt == "qdq":
         scale, zero = _params_arrays(p, w.ndim, broadcast=False)
         attrs = {} if p.axis is None else {"axis": int(p.axis)}
+        if p.block_size is not None:  # opset 21: scale shaped like W, ceil(D / B) at axis
+            attrs["block_size"] = int(p.block_size)
         add_node(graph, "DequantizeLinear", tensor_name(graph, base, "DequantizeLinear"),
                  [codes, _const(graph, base, "scale", scale.astype(np.float32)),
                   _const(graph, base, "zero_point", zero)], [out], attrs)

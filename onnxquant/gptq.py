@@ -5,9 +5,9 @@ layer's reconstruction loss ||W X - W_hat X||^2, H = 2/n X X^T (DESIGN.md §9).
 Weights are handled as ``[G, R, C]`` stacks: G independent groups (a grouped or depthwise
 conv has one H per group; dense layers have G = 1), R output rows, C input columns
 (in_channels/group x kh x kw for a conv, K for a linear layer). Scales and zero points are
-fixed beforehand (the spec's min-max parameters, one per row or one per tensor); GPTQ only
-chooses the integer codes. Reference: ``quantize_rows`` is plain rounding to nearest, the
-result GPTQ must beat on ``layer_error``.
+fixed beforehand (the spec's parameters: one per tensor, per row, or per block of columns,
+GPTQ's "static groups"); GPTQ only chooses the integer codes. Reference: ``quantize_rows``
+is plain rounding to nearest, the result GPTQ must beat on ``layer_error``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def hessian(x: np.ndarray) -> np.ndarray:
 
 
 def quantize_rows(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int):
-    """Codes of ``w`` [..., R] with per-row ``scale``/``zero`` [..., R]: round to nearest."""
+    """Codes of ``w`` with ``scale``/``zero`` broadcast against it: round to nearest."""
     return np.clip(np.round(w / scale) + zero, qmin, qmax)
 
 
@@ -55,25 +55,28 @@ def _prepare(w: np.ndarray, h: np.ndarray, damp: float):
 
 def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int,
          qmax: int, damp: float = DAMP, block: int = BLOCK, act_order: bool = True) -> np.ndarray:
-    """Integer codes [G, R, C] for weights ``w`` [G, R, C] given H [G, C, C] and per-row
-    ``scale``/``zero`` [G, R] (a per-tensor scale repeated)."""
+    """Integer codes [G, R, C] for weights ``w`` [G, R, C] given H [G, C, C] and the grid
+    ``scale``/``zero``: [G, R] per row (a per-tensor scale repeated) or [G, R, C] per weight
+    (block-wise scales)."""
     w, h = _prepare(np.asarray(w, np.float64), np.asarray(h, np.float64), damp)
     cols = w.shape[2]
+    s, z = (np.broadcast_to(np.asarray(a, np.float64).reshape(*a.shape[:2], -1), w.shape)
+            for a in (scale, zero))
     order = np.arange(cols)
     if act_order:  # one order for all groups keeps the stacks aligned: the mean of diag H
         order = np.argsort(-np.diagonal(h, axis1=1, axis2=2).mean(axis=0), kind="stable")
-        w, h = w[:, :, order], h[:, order][:, :, order]
+        w, h, s, z = w[:, :, order], h[:, order][:, :, order], s[:, :, order], z[:, :, order]
     u = _inverse_cholesky(h)
-    s, z = scale[:, None, :].astype(np.float64), zero[:, None, :].astype(np.float64)
+    s, z = (np.ascontiguousarray(np.swapaxes(a, 1, 2)) for a in (s, z))  # [G, C, R]
     wt = np.ascontiguousarray(np.swapaxes(w, 1, 2))  # [G, C, R]: one column is contiguous
     codes = np.empty_like(wt)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         err = np.empty((wt.shape[0], i2 - i1, wt.shape[2]))
         for i in range(i1, i2):
-            q = quantize_rows(wt[:, i:i + 1], s, z, qmin, qmax)  # [G, 1, R]
-            codes[:, i] = q[:, 0]
-            e = (wt[:, i] - (q[:, 0] - z[:, 0]) * s[:, 0]) / u[:, i, i][:, None]
+            q = quantize_rows(wt[:, i], s[:, i], z[:, i], qmin, qmax)  # [G, R]
+            codes[:, i] = q
+            e = (wt[:, i] - (q - z[:, i]) * s[:, i]) / u[:, i, i][:, None]
             wt[:, i:i2] -= u[:, i, i:i2][:, :, None] * e[:, None, :]
             err[:, i - i1] = e
         wt[:, i2:] -= np.matmul(np.swapaxes(u[:, i1:i2, i2:], 1, 2), err)

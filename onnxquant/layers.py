@@ -1,8 +1,8 @@
 """Weighted layers as matrices: the geometry reconstruction methods need.
 
 A quantized Conv/MatMul/Gemm weight is viewed as a stack ``[G, R, C]`` (G groups, R output
-rows, C input columns; see gptq.py), its fixed quantization grid as per-row scale and zero
-point ``[G, R]``, and its calibration inputs as columns ``[G, C, n]`` (im2col for convs,
+rows, C input columns; see gptq.py), its fixed quantization grid as the scale and zero point
+of every weight ``[G, R, C]`` (per row, or per block of columns), and its calibration inputs as columns ``[G, C, n]`` (im2col for convs,
 one row per token for linear layers), so that ``W x`` of the layer is ``stack @ columns``
 per group.
 """
@@ -56,13 +56,12 @@ class Layer:
         return s[0].T if self.transposed else s[0]
 
     def grid(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-row scale and zero point [G, R] (a per-tensor one repeated)."""
-        p = self.params
-        rows = self.stack().shape[:2]
-        if p.axis is None:
-            return np.full(rows, p.scale[0], np.float64), np.full(rows, p.zero_point[0], np.float64)
-        return (p.scale.astype(np.float64).reshape(rows),
-                p.zero_point.astype(np.float64).reshape(rows))
+        """Scale and zero point of every weight, [G, R, C] like ``stack`` (float64 holding
+        the float32 scale): per tensor, per row, or per block of columns."""
+        scale, zero = self.params.expanded(self.weight.shape)
+        shape = self.weight.shape
+        return (self.stack(np.broadcast_to(scale, shape)).astype(np.float64),
+                self.stack(np.broadcast_to(zero, shape)).astype(np.float64))
 
     def columns(self, x: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
         """The layer's input ``x`` as sample columns [G, C, n], at most ``limit`` of them."""

@@ -30,9 +30,10 @@ def model_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def upgrade(model: onnx.ModelProto, name: str = "model",
-            feed: dict | None = None) -> tuple[onnx.ModelProto, str | None]:
-    """(model at >= MIN_OPSET, note for the summary or None). ``model`` is not modified.
+def upgrade(model: onnx.ModelProto, name: str = "model", feed: dict | None = None,
+            minimum: int = MIN_OPSET, why: str = "per-channel Q/DQ and the log2 op need it"
+            ) -> tuple[onnx.ModelProto, str | None]:
+    """(model at >= ``minimum``, note for the summary or None). ``model`` is not modified.
 
     ``feed`` (one input batch) lets the ranks of Softmax inputs that shape inference cannot
     tell be measured: the Softmax 11 -> 13 adapter wraps a Softmax of unknown rank in
@@ -40,17 +41,29 @@ def upgrade(model: onnx.ModelProto, name: str = "model",
     ops in mobilevit_xxs); one whose axis is the last is rewritten as axis -1 first.
     """
     opset = model_opset(model)
-    if opset >= MIN_OPSET:
+    if opset >= minimum:
         return model, None
     try:
-        converted = version_converter.convert_version(_last_axis_softmax(model, feed), MIN_OPSET)
+        converted = version_converter.convert_version(_last_axis_softmax(model, feed), minimum)
     except Exception as exc:  # the converter raises bare RuntimeError/ValueError/C++ errors
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise UserError(f"{name}: opset {opset} could not be converted to {MIN_OPSET} ({first}); "
-                        f"re-export the model at opset {MIN_OPSET} or newer") from None
+        raise UserError(f"{name}: opset {opset} could not be converted to {minimum} ({first}); "
+                        f"re-export the model at opset {minimum} or newer") from None
+    restore_functions(converted, model, minimum)
     min_ir = onnx.helper.find_min_ir_version_for(list(converted.opset_import), True)
     converted.ir_version = max(converted.ir_version, min_ir)
-    return converted, f"opset {opset} converted to {MIN_OPSET} (per-channel Q/DQ and the log2 op need it)"
+    return converted, f"opset {opset} converted to {minimum} ({why})"
+
+
+def restore_functions(converted: onnx.ModelProto, model: onnx.ModelProto, version: int) -> None:
+    """Put ``model``'s local functions (which the converter drops) back into ``converted``,
+    their default-domain import raised to ``version`` (onnxruntime wants the model's)."""
+    del converted.functions[:]
+    for f in model.functions:
+        converted.functions.append(f)
+        for entry in converted.functions[-1].opset_import:
+            if entry.domain in ("", "ai.onnx") and entry.version < version:
+                entry.version = version
 
 
 def _softmax_axis(node: onnx.NodeProto) -> int:

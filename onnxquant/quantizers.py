@@ -40,6 +40,24 @@ class UniformParams:
     qmin: int
     qmax: int
     axis: int | None  # None: per-tensor
+    block_size: int | None = None  # blocks of this many along ``axis``, one scale each
+
+    def expanded(self, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point broadcastable to a tensor of ``shape`` (float64): scalars per
+        tensor, one per slice along ``axis``, or repeated over each block."""
+        if self.axis is None:
+            return self.scale.astype(np.float64)[0], self.zero_point.astype(np.float64)[0]
+        if self.block_size is None:
+            bshape = [1] * len(shape)
+            bshape[self.axis] = -1
+            return (self.scale.astype(np.float64).reshape(bshape),
+                    self.zero_point.astype(np.float64).reshape(bshape))
+        n = shape[self.axis]
+
+        def spread(a):
+            return np.repeat(a.astype(np.float64), self.block_size, axis=self.axis).take(
+                np.arange(n), axis=self.axis)
+        return spread(self.scale), spread(self.zero_point)
 
 
 def uniform_range(bits: int, symmetric: bool) -> tuple[int, int, type]:
@@ -52,30 +70,64 @@ def uniform_range(bits: int, symmetric: bool) -> tuple[int, int, type]:
     return 0, 2**bits - 1, np.uint8
 
 
-def _reduce(w: np.ndarray, fn, axis: int | None) -> np.ndarray:
+def grain_rows(w: np.ndarray, axis: int | None, block_size: int | None = None) -> np.ndarray:
+    """``w`` as 2-D rows, one per scale: [1, n] per tensor, [D, n] per slice along ``axis``,
+    or [blocks, block_size] for blocks along ``axis`` (a last partial block padded with
+    zeros, which every grid holds exactly and min-max already includes)."""
     if axis is None:
-        return np.asarray(fn(w), dtype=np.float64).reshape(1)
-    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    return fn(moved, axis=1).astype(np.float64)
+        return w.reshape(1, -1)
+    if block_size is None:
+        return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    moved = np.moveaxis(w, axis, -1)
+    pad = -moved.shape[-1] % block_size
+    moved = np.pad(moved, [(0, 0)] * (moved.ndim - 1) + [(0, pad)])
+    return moved.reshape(-1, block_size)
+
+
+def grain_shape(shape: tuple, axis: int | None, block_size: int | None = None) -> tuple:
+    """Shape of the scale: (1,), (D,), or ``shape`` with ceil(D / block_size) at ``axis``
+    (DequantizeLinear's block-wise layout)."""
+    if axis is None:
+        return (1,)
+    if block_size is None:
+        return (shape[axis],)
+    out = list(shape)
+    out[axis] = -(-shape[axis] // block_size)
+    return tuple(out)
+
+
+def from_rows(values: np.ndarray, shape: tuple, axis: int | None,
+              block_size: int | None = None) -> np.ndarray:
+    """Inverse of ``grain_rows`` for one value per row: into ``grain_shape``."""
+    if axis is None or block_size is None:
+        return values.reshape(grain_shape(shape, axis, block_size))
+    moved = list(np.moveaxis(np.empty(shape, np.int8), axis, -1).shape)
+    moved[-1] = -(-shape[axis] // block_size)
+    return np.moveaxis(values.reshape(moved), -1, axis)
 
 
 def uniform_params(w: np.ndarray, bits: int = 8, symmetric: bool = False,
-                   axis: int | None = None) -> UniformParams:
-    """Min-max parameters for ``w`` (per tensor, or per slice along ``axis``)."""
+                   axis: int | None = None, block_size: int | None = None) -> UniformParams:
+    """Min-max parameters for ``w``: per tensor, per slice along ``axis``, or per block of
+    ``block_size`` elements along ``axis`` (one scale per block and per other index)."""
+    if block_size is not None and (axis is None or block_size < 1):
+        raise ValueError(f"block_size needs an axis and must be >= 1, got {block_size}")
     qmin, qmax, dtype = uniform_range(bits, symmetric)
     w = np.asarray(w, dtype=np.float64)
+    rows = grain_rows(w, axis, block_size)
     if symmetric:
-        amax = _reduce(np.abs(w), np.max, axis)
-        scale = amax / qmax
+        scale = np.abs(rows).max(axis=1) / qmax
         zero = np.zeros_like(scale)
     else:
-        lo = np.minimum(_reduce(w, np.min, axis), 0.0)
-        hi = np.maximum(_reduce(w, np.max, axis), 0.0)
+        lo = np.minimum(rows.min(axis=1), 0.0)
+        hi = np.maximum(rows.max(axis=1), 0.0)
         scale = (hi - lo) / (qmax - qmin)
         zero = np.round(-lo / np.where(scale > 0, scale, 1.0))
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # constant-zero tensor
     zero = np.clip(zero, qmin, qmax).astype(dtype)
-    return UniformParams(scale, zero, qmin, qmax, axis)
+    return UniformParams(from_rows(scale, w.shape, axis, block_size),
+                         from_rows(zero, w.shape, axis, block_size), qmin, qmax, axis,
+                         block_size)
 
 
 INT32_MAX = 2**31 - 1
@@ -99,36 +151,22 @@ def widen_for_bias(p: UniformParams, bias: np.ndarray, act_scale: float) -> Unif
     return UniformParams(widened, p.zero_point, p.qmin, p.qmax, p.axis)
 
 
-def _broadcast(p: UniformParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
-    if p.axis is None:
-        return p.scale.astype(np.float64)[0], p.zero_point.astype(np.float64)[0]
-    shape = [1] * ndim
-    shape[p.axis] = -1
-    return (p.scale.astype(np.float64).reshape(shape),
-            p.zero_point.astype(np.float64).reshape(shape))
-
-
 def uniform_quantize(w: np.ndarray, p: UniformParams) -> np.ndarray:
     """Integer codes of ``w`` in the container dtype of ``p.zero_point``."""
-    s, z = _broadcast(p, np.ndim(w))
+    s, z = p.expanded(np.shape(w))
     q = np.clip(np.round(np.asarray(w, np.float64) / s) + z, p.qmin, p.qmax)
     return q.astype(p.zero_point.dtype)
 
 
 def uniform_dequantize(q: np.ndarray, p: UniformParams) -> np.ndarray:
     """``s * (q - z)`` in float32, as ONNX DequantizeLinear computes it."""
-    if p.axis is None:
-        s, z = p.scale[0], np.float32(p.zero_point[0])
-    else:
-        shape = [1] * q.ndim
-        shape[p.axis] = -1
-        s, z = p.scale.reshape(shape), p.zero_point.astype(np.float32).reshape(shape)
-    return ((q.astype(np.float32) - z) * s).astype(np.float32)
+    s, z = p.expanded(np.shape(q))  # float64 holding the float32 scale exactly
+    return ((q.astype(np.float32) - np.float32(z)) * np.float32(s)).astype(np.float32)
 
 
 def uniform_fake_quant(w: np.ndarray, bits: int = 8, symmetric: bool = False,
-                       axis: int | None = None) -> np.ndarray:
-    p = uniform_params(w, bits, symmetric, axis)
+                       axis: int | None = None, block_size: int | None = None) -> np.ndarray:
+    p = uniform_params(w, bits, symmetric, axis, block_size)
     return uniform_dequantize(uniform_quantize(w, p), p)
 
 
@@ -215,15 +253,18 @@ CLIP_NORM = 2.4  # error norm of the clipping search (GPTQ's reference grid sear
 
 
 def clipped_params(p: UniformParams, w: np.ndarray) -> UniformParams:
-    """``p``'s grid with each channel's range shrunk to the ratio (of ``CLIP_RATIOS``) that
-    minimizes sum |dequant(quant(w)) - w|^2.4 over that channel (per tensor: one ratio).
-    Low-bit grids gain most: a few outliers no longer stretch every step."""
+    """``p``'s grid with each channel's (or block's) range shrunk to the ratio (of
+    ``CLIP_RATIOS``) that minimizes sum |dequant(quant(w)) - w|^2.4 over it (per tensor: one
+    ratio). Low-bit grids gain most: a few outliers no longer stretch every step."""
     w = np.asarray(w, np.float64)
-    rows = w.reshape(1, -1) if p.axis is None else np.moveaxis(w, p.axis, 0).reshape(
-        w.shape[p.axis], -1)
+    rows = grain_rows(w, p.axis, p.block_size)
     symmetric = p.qmin < 0
     best = np.full(len(rows), np.inf)
-    scale, zero = p.scale.astype(np.float64).copy(), p.zero_point.astype(np.float64).copy()
+    scale = p.scale.astype(np.float64).reshape(-1).copy()
+    zero = p.zero_point.astype(np.float64).reshape(-1).copy()
+    if p.block_size is not None:  # rows come in grain_rows' order: the scale moved likewise
+        scale = np.moveaxis(p.scale, p.axis, -1).astype(np.float64).reshape(-1)
+        zero = np.moveaxis(p.zero_point, p.axis, -1).astype(np.float64).reshape(-1)
     for ratio in CLIP_RATIOS:
         if symmetric:
             s = ratio * np.abs(rows).max(axis=1) / p.qmax
@@ -238,5 +279,6 @@ def clipped_params(p: UniformParams, w: np.ndarray) -> UniformParams:
         err = np.sum(np.abs((q - z[:, None]) * s[:, None] - rows) ** CLIP_NORM, axis=1)
         better = err < best
         best[better], scale[better], zero[better] = err[better], s[better], z[better]
-    return UniformParams(scale.astype(np.float32), zero.astype(p.zero_point.dtype),
-                         p.qmin, p.qmax, p.axis)
+    return UniformParams(from_rows(scale.astype(np.float32), w.shape, p.axis, p.block_size),
+                         from_rows(zero.astype(p.zero_point.dtype), w.shape, p.axis,
+                                   p.block_size), p.qmin, p.qmax, p.axis, p.block_size)

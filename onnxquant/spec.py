@@ -1,8 +1,8 @@
 """QuantSpec: how one tensor is quantized. The decide stage writes one per quantized site;
 emission writes exactly what it says and never decides.
 
-    uniform  bits, symmetric (int8 codes, zero point 0) or asymmetric (uint8), per tensor or
-             per channel (``axis``), the activation range it was calibrated to and how that
+    uniform  bits, symmetric (int8 codes, zero point 0) or asymmetric (uint8), per tensor,
+             per channel (``axis``) or per block of ``block_size`` along ``axis``, the activation range it was calibrated to and how that
              range was estimated, the weight storage format, optional explicit integer codes
              (learned rounding) and optional resolved parameters (e.g. a widened scale)
     log2     bits, eps and the calibrated range of the post-Softmax values (quantizers.py)
@@ -25,7 +25,7 @@ class QuantSpec:
     bits: int = 8
     symmetric: bool = False
     axis: int | None = None  # channel axis of a per-channel weight; None: per tensor
-    block_size: int | None = None  # block-wise scales (opset 21); not emitted yet
+    block_size: int | None = None  # scales per block of this many along ``axis`` (opset 21)
     range: tuple | None = None  # activations: calibrated (lo, hi)
     estimator: str = "minmax"  # how ``range`` was estimated
     fmt: str = "qdq"  # weights: DequantizeLinear | folded Cast/Sub/Mul | dynamic int8 MatMul
@@ -51,7 +51,7 @@ class QuantSpec:
         if values is None:
             values = np.asarray(self.range, dtype=np.float64)
         return quantizers.uniform_params(values, self.bits, symmetric=self.symmetric,
-                                         axis=self.axis)
+                                         axis=self.axis, block_size=self.block_size)
 
     def log2_params(self) -> quantizers.Log2Params:
         lo, hi = self.range
@@ -66,6 +66,7 @@ class QuantSpec:
     def describe(self) -> str:
         if self.kind == "log2":
             return f"log2 {self.bits}-bit"
-        grain = "per-tensor" if self.axis is None else "per-channel"
+        grain = ("per-tensor" if self.axis is None else "per-channel" if self.block_size is None
+                 else f"per-block({self.block_size})")
         scheme = "int symmetric" if self.symmetric else "uint asymmetric"
         return f"{scheme} {self.bits}-bit {grain}"

@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, numpy_helper, version_converter
 
 from .model_io import quiet_session
-from .opset import ATOL, RTOL, model_opset
+from .opset import ATOL, RTOL, model_opset, restore_functions
 
 log = logging.getLogger("onnxquant")
 
@@ -42,14 +42,16 @@ _NAMES = {TensorProto.INT4: "INT4", TensorProto.UINT4: "UINT4"}
 _SUBGRAPHS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
-def pack_4bit(model: onnx.ModelProto, name: str = "model",
-              feed: dict | None = None) -> tuple[onnx.ModelProto, str | None]:
+def pack_4bit(model: onnx.ModelProto, name: str = "model", feed: dict | None = None,
+              block_wise_only: bool = False) -> tuple[onnx.ModelProto, str | None]:
     """(model with 4-bit weight codes stored as INT4/UINT4, note for the summary or None when
     there was nothing to pack). ``model`` is not modified; on any refusal it is returned
     itself with a note saying why the weights stayed in 8-bit containers. ``feed``: the
     inputs the checks run on (e.g. a calibration sample: models with dynamic sizes may not
-    run at size 1); default ``random_feed``."""
-    codes = packable(model.graph)
+    run at size 1); default ``random_feed``. ``block_wise_only``: pack only the codes of
+    block-wise DequantizeLinears (TensorRT: INT4 is its block-wise weight-only format, while
+    4-bit codes of its int8 convs must stay INT8)."""
+    codes = packable(model.graph, block_wise_only)
     folded = _folded_4bit(model.graph)
     folded_note = (f"{folded} folded 4-bit weights (Cast -> Sub -> Mul) left in 8-bit "
                    "containers (onnxruntime folds them to float at load)") if folded else None
@@ -90,9 +92,10 @@ def _packed_at_21(model: onnx.ModelProto, codes: list[str], feed: dict) -> tuple
     return (packed, None) if why is None else (None, why)
 
 
-def packable(graph: onnx.GraphProto) -> list[str]:
+def packable(graph: onnx.GraphProto, block_wise_only: bool = False) -> list[str]:
     """Names of the initializers that are 8-bit weight codes within 4 bits, consumed only as
-    DequantizeLinear x-inputs whose zero points (if any) are initializers within range too."""
+    DequantizeLinear x-inputs (with ``block_size`` if ``block_wise_only``) whose zero points
+    (if any) are initializers within range too."""
     inits = {t.name: t for t in graph.initializer}
     uses = _uses(graph)
     outputs = {o.name for o in graph.output}
@@ -104,10 +107,16 @@ def packable(graph: onnx.GraphProto) -> list[str]:
             continue
         if not all(n is not None and n.op_type == "DequantizeLinear" and i == 0 for n, i in users):
             continue
+        if block_wise_only and not all(_block_wise(n) for n, _ in users):
+            continue
         zeros = [n.input[2] for n, _ in users if len(n.input) > 2 and n.input[2]]
         if all(_fits(inits.get(t), tensor.data_type, kind) for t in [tensor_name, *zeros]):
             found.append(tensor_name)
     return found
+
+
+def _block_wise(node: onnx.NodeProto) -> bool:
+    return any(a.name == "block_size" and a.i > 0 for a in node.attribute)
 
 
 def _fits(tensor, data_type: int, kind: tuple) -> bool:
@@ -206,12 +215,7 @@ def _convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str | None
     infos = [v for v in converted.graph.value_info if v.name in kept]
     del converted.graph.value_info[:]
     converted.graph.value_info.extend(infos)
-    del converted.functions[:]
-    for f in model.functions:
-        converted.functions.append(f)
-        for entry in converted.functions[-1].opset_import:
-            if entry.domain in ("", "ai.onnx") and entry.version < MIN_OPSET:
-                entry.version = MIN_OPSET
+    restore_functions(converted, model, MIN_OPSET)
     min_ir = onnx.helper.find_min_ir_version_for(list(converted.opset_import), True)
     converted.ir_version = max(converted.ir_version, min_ir)
     return converted, None

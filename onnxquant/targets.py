@@ -57,6 +57,8 @@ class TargetProfile:
         w = self.weight_scheme(cfg)
         scheme = "symmetric" if w["symmetric"] else "asymmetric"
         grain = "per-channel" if w["per_channel"] else "per-tensor"
+        if cfg.weight_block_size:
+            grain += f", linear layers per block of {cfg.weight_block_size} (weight-only)"
         if self.int8_convs == "all":
             return (f"target={self.name}: int8 symmetric Q/DQ (weights {cfg.weight_bits}-bit "
                     f"{grain}, {acts}), {softmax}parts {parts}")

@@ -51,16 +51,15 @@ class Rounding(torch.nn.Module):
         scale, zero = layer.grid()
         w = layer.stack().astype(np.float64)
         if start_codes is None:
-            base = np.floor(w / scale[..., None])
-            frac = np.clip(w / scale[..., None] - base, 0.0, 1.0)
+            base = np.floor(w / scale)
+            frac = np.clip(w / scale - base, 0.0, 1.0)
         else:
-            base, frac = _start_at(w / scale[..., None], start_codes - zero[..., None])
+            base, frac = _start_at(w / scale, start_codes - zero)
         v = -np.log((ZETA - GAMMA) / (frac - GAMMA) - 1)  # h(V) = frac
         def as_t(a):
             return torch.tensor(np.asarray(a), dtype=torch.float32, device=device)
 
-        self.base, self.s = as_t(base), as_t(layer.params.scale).reshape(scale.shape)[..., None]
-        self.z = as_t(zero[..., None])
+        self.base, self.s, self.z = as_t(base), as_t(scale), as_t(zero)  # scale: float32 values
         self.v = torch.nn.Parameter(as_t(v))
         self.qmin, self.qmax = layer.params.qmin, layer.params.qmax
 

@@ -57,14 +57,16 @@ def test_torch_graph_matches_onnxruntime_on_extracted_blocks(make):
                                        atol=1e-4 * max(float(np.abs(w).max()), 1.0))
 
 
-def _layer(seed, rows, cols, bits, symmetric):
-    """A MatMul layer ([in, out] weight) with its min-max grid per output column."""
+def _layer(seed, rows, cols, bits, symmetric, block=None):
+    """A MatMul layer ([in, out] weight) with its min-max grid per output column, or per
+    ``block`` input rows of each column."""
     b = Builder(seed)
     w = (np.random.default_rng(seed).standard_normal((cols, rows)) * 0.3).astype(np.float32)
     b.add("w", w)
     b.node("[mm] y = MatMul(x, w)")
     node = next(n for n in _onnx_nodes(b, cols, rows) if n.name == "mm")
-    spec = QuantSpec(bits=bits, symmetric=symmetric, axis=1)
+    spec = QuantSpec(bits=bits, symmetric=symmetric, axis=1 if block is None else 0,
+                     block_size=block)
 
     class Site:
         weight_spec, node_name = spec, "mm"
@@ -81,9 +83,10 @@ def _onnx_nodes(b, cols, rows):
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10**6), bits=st.integers(2, 8), symmetric=st.booleans())
-def test_rounding_starts_at_the_weight_and_codes_stay_on_the_grid(seed, bits, symmetric):
-    layer = _layer(seed, 5, 7, bits, symmetric)
+@given(seed=st.integers(0, 10**6), bits=st.integers(2, 8), symmetric=st.booleans(),
+       block=st.sampled_from([None, 3]))
+def test_rounding_starts_at_the_weight_and_codes_stay_on_the_grid(seed, bits, symmetric, block):
+    layer = _layer(seed, 5, 7, bits, symmetric, block)
     r = Rounding(layer, "cpu")
     with torch.no_grad():
         r.v.add_(torch.randn(r.v.shape, generator=torch.Generator().manual_seed(seed)) * 5)
@@ -94,7 +97,8 @@ def test_rounding_starts_at_the_weight_and_codes_stay_on_the_grid(seed, bits, sy
     np.testing.assert_array_equal(r.hard().detach().numpy(),
                                   quantizers.uniform_dequantize(codes, p))
     fresh = Rounding(layer, "cpu")  # h(V) = fractional part: W_soft = W, hard = RTN (ties aside)
-    inside = np.abs(layer.weight / p.scale + p.zero_point - (p.qmin + p.qmax) / 2) \
+    scale, zero = p.expanded(layer.weight.shape)
+    inside = np.abs(layer.weight / scale + zero - (p.qmin + p.qmax) / 2) \
         <= (p.qmax - p.qmin) / 2  # not clipped by the grid
     np.testing.assert_allclose(fresh.soft().detach().numpy()[inside], layer.weight[inside],
                                atol=1e-5)
@@ -103,19 +107,20 @@ def test_rounding_starts_at_the_weight_and_codes_stay_on_the_grid(seed, bits, sy
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10**6), bits=st.integers(2, 8), shift=st.integers(-2, 2))
-def test_rounding_started_at_given_codes_decides_them(seed, bits, shift):
+@given(seed=st.integers(0, 10**6), bits=st.integers(2, 8), shift=st.integers(-2, 2),
+       block=st.sampled_from([None, 3]))
+def test_rounding_started_at_given_codes_decides_them(seed, bits, shift, block):
     """Started at codes up to two steps from round-to-nearest (GPTQ's may be): the hard
     codes are those codes, and the other choice lies on the float weight's side."""
-    layer = _layer(seed, 5, 7, bits, True)
+    layer = _layer(seed, 5, 7, bits, True, block)
     p = layer.params
     start = np.clip(quantizers.uniform_quantize(layer.weight, p).astype(np.int64) + shift,
                     p.qmin, p.qmax)
     r = Rounding(layer, "cpu", layer.stack(start))
     np.testing.assert_array_equal(r.numpy_codes(), start)
-    w_steps = layer.stack(layer.weight) / layer.grid()[0][..., None]
+    w_steps = layer.stack(layer.weight) / layer.grid()[0]
     other = r.base + (r.h() <= 0.5).float()  # the code the rounding can still move to
-    rel = layer.stack(start) - layer.grid()[1][..., None]
+    rel = layer.stack(start) - layer.grid()[1]
     side = np.sign(other.numpy() - rel)
     assert np.all(side[w_steps < rel] == -1) and np.all(side[w_steps >= rel] == 1)
 

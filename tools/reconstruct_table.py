@@ -27,7 +27,7 @@ import benchlib  # noqa: E402
 import int8_table  # noqa: E402
 
 from onnxquant import QuantConfig  # noqa: E402
-from onnxquant.config import RECONSTRUCT_METHODS  # noqa: E402
+from onnxquant.config import PARTS, RECONSTRUCT_METHODS  # noqa: E402
 
 DET_CALIB = 8  # rendered pages (736 x 992): GPTQ needs few of them (45k positions each)
 RECIPES = {
@@ -35,6 +35,13 @@ RECIPES = {
     "W4A8": {"target": "tensorrt", "weight_bits": 4, "act_bits": 8},
     "W4A8-auto": {"target": "tensorrt", "weight_bits": 4, "act_bits": 8, "auto": True},
     "W3": {"weight_bits": 3, "per_channel": True, "weight_symmetric": True},
+    # W4 with the MatMul/Gemm weights too: per output channel, or per block of 32 along K
+    "W4-lin": {"weight_bits": 4, "per_channel": True, "weight_symmetric": True,
+               "parts": frozenset(PARTS)},
+    "W4-lin-b32": {"weight_bits": 4, "per_channel": True, "weight_symmetric": True,
+                   "parts": frozenset(PARTS), "weight_block_size": 32},
+    # W4A8 with its linear layers INT4 block-wise weight-only (TensorRT's INT4)
+    "W4A8-b32": {"target": "tensorrt", "weight_bits": 4, "act_bits": 8, "weight_block_size": 32},
 }
 
 
