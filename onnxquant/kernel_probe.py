@@ -11,10 +11,9 @@ Whole-model timing, not per layer: a one-conv model favours int8 because its flo
 pays the NCHWc layout reorder that a chain of float convs shares (measured on
 mobilevit_xxs: 1x1 convs 1.0-1.6x faster alone, slower in the model).
 
-Timing is wall clock with onnxruntime's default threads (spinning off, DESIGN.md §7): the
-conditions the model is deployed in; the median of back-to-back run pairs cancels most of
-the load other processes put on the machine. (Timing one thread's CPU time instead chose
-int8 1x1 convs for fastvit_t8 that ran 0.94x float on two threads.)
+Timing is this thread's CPU time with one intra-op thread: other processes' load hardly
+moves it, where wall clock under a CPU hog chose "int8 on nothing" in 3 of 3 runs; the
+median of back-to-back run pairs cancels most of what is left.
 A last comparison of the chosen placement against none guards the "never slower" promise.
 All variants share the one calibration of the quantization run (its statistics cover
 every candidate), and are timed on a random input (values do not change kernel speed).

@@ -160,6 +160,22 @@ def test_symmetric_int8_qdq_conv_builds(tmp_path):
 
 @needs_trt
 @pytest.mark.tensorrt
+def test_int4_block_wise_linears_build(tmp_path):
+    """W4A8 with --weight-block-size: INT4 block-wise weight-only linears beside int8 convs."""
+    import graphs
+
+    out = graphs.quantize(graphs.sdpa_model(head=True), graphs.calibration(), target="tensorrt",
+                          weight_bits=4, weight_block_size=4).model
+    int4 = [i.name for i in out.graph.initializer if i.data_type == TensorProto.INT4]
+    assert len(int4) >= 4
+    report = qt.build_engine(_save(out, tmp_path, "int4.onnx"), tmp_path / "int4.engine")
+    dq = sum(n.op_type == "DequantizeLinear" for n in out.graph.node)
+    assert report.dequantize_layers == dq and report.engine_bytes > 0
+    assert report.int8_eligible == ["conv_in", "conv_out"]
+
+
+@needs_trt
+@pytest.mark.tensorrt
 def test_reference_mobilevit_xxs_float_builds(tmp_path):
     from conftest import need_shared
 
