@@ -202,3 +202,28 @@ def test_emitted_codes_give_the_torch_forward(monkeypatch):
 def test_config_accepts_the_torch_methods():
     for method in reconstruct_torch.METHODS:
         assert QuantConfig(reconstruct=method, reconstruct_iters=5).reconstruct == method
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), shape=st.sampled_from([(3, 5, 4, 4), (2, 7, 3), (6, 2)]),
+       offset=st.floats(-10, 10))
+def test_local_moments_are_mean_and_unbiased_std(seed, shape, offset):
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64) + offset
+    dims = [d for d in range(t.ndim) if d != 1]
+    mean, std = reconstruct_torch._moments(t, dims)
+    want_std, want_mean = torch.std_mean(t, dim=dims)
+    torch.testing.assert_close(mean, want_mean)
+    torch.testing.assert_close(std, want_std, rtol=1e-6, atol=1e-9)
+
+
+def test_samples_per_step_shrink_on_full_resolution_maps():
+    class Task:
+        def __init__(self, **shapes):
+            self.inputs = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+
+    size = reconstruct_torch._batch_size
+    assert size(Task(x=(32, 16, 64, 64))) == reconstruct_torch.MIN_BATCH  # 4096 positions
+    assert size(Task(x=(32, 64, 32, 32))) == 8  # 1024 positions: 8 samples per step
+    assert size(Task(x=(32, 64, 16, 16), shape=(4,))) == reconstruct_torch.BATCH
+    assert size(Task(tokens=(512, 16, 64))) == reconstruct_torch.BATCH  # [B * P, N, C]
