@@ -33,6 +33,8 @@ from .config import INT8_KINDS
 TIME_PER_COMPARISON = 0.6  # seconds of timed runs per comparison
 MIN_PAIRS, MAX_PAIRS = 8, 40
 MIN_GAIN = 1.05  # a kind must make the whole model this much faster (timing noise here: ~3 %)
+CLOSE = 0.03  # a median within this of MIN_GAIN is timed again with EXTRA x the pairs
+EXTRA = 2
 
 
 def _session(data: bytes) -> ort.InferenceSession:
@@ -76,12 +78,21 @@ def _compare(variants: _Variants, kinds_a: tuple, kinds_b: tuple) -> float:
     """Median over alternating runs of time(a) / time(b): > 1 when b is faster.
 
     Each ratio pairs two runs taken back to back, so load on the machine hits both alike.
+    A median close to MIN_GAIN, where a few slow runs decide, is measured again with EXTRA
+    times the pairs and decided on all of them (int8 dense convs gain 7-9 % on mobilevit_xxs
+    here: one short comparison under load could drop them, and the cache keeps a choice).
     """
     a, b = variants.session(kinds_a), variants.session(kinds_b)
     pair = _timed(a, variants.feed) + _timed(b, variants.feed)
     pairs = int(np.clip(TIME_PER_COMPARISON / max(pair, 1e-4), MIN_PAIRS, MAX_PAIRS))
-    ratios = [_timed(a, variants.feed) / _timed(b, variants.feed) for _ in range(pairs)]
+    ratios = _ratios(a, b, variants.feed, pairs)
+    if abs(np.median(ratios) - MIN_GAIN) < CLOSE:
+        ratios += _ratios(a, b, variants.feed, EXTRA * pairs)
     return float(np.median(ratios))
+
+
+def _ratios(a, b, feed, pairs: int) -> list:
+    return [_timed(a, feed) / _timed(b, feed) for _ in range(pairs)]
 
 
 def present_kinds(plan) -> list:

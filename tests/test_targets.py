@@ -134,3 +134,35 @@ def test_ort_int8_kinds_option_places_qlinearconv(model_path, calib, tmp_path):
     assert _optimized_ops(result.model, tmp_path)["QLinearConv"] == expected
     with pytest.raises(ValueError, match="unknown int8 kinds"):
         QuantConfig(ort_int8_kinds=("sparse",))
+
+
+@pytest.mark.parametrize("first, later, extra", [
+    (1.04, 1.09, True),   # just below the margin: timed again, decided on all pairs
+    (1.06, 1.00, True),   # just above: timed again too
+    (1.20, 1.00, False),  # clearly faster: decided at once
+    (0.90, 1.50, False),  # clearly slower
+])
+def test_comparisons_near_the_margin_are_timed_again(monkeypatch, first, later, extra):
+    from onnxquant import kernel_probe
+
+    calls = []
+
+    def fake_timed(session, feed):  # time(a) / time(b) = first, then later after the batch
+        calls.append(session)
+        pairs_done = (len(calls) - 2) // 2  # the first two calls size the comparison
+        ratio = first if pairs_done < kernel_probe.MIN_PAIRS else later
+        return ratio if session == "a" else 1.0
+
+    class Variants:
+        feed = {}
+
+        def session(self, kinds):
+            return "a" if kinds == () else "b"
+
+    monkeypatch.setattr(kernel_probe, "_timed", fake_timed)
+    monkeypatch.setattr(kernel_probe, "TIME_PER_COMPARISON", 0.0)  # MIN_PAIRS pairs
+    median = kernel_probe._compare(Variants(), (), ("dense",))
+    pairs = (len(calls) - 2) // 2
+    n = kernel_probe.MIN_PAIRS
+    assert pairs == (n + kernel_probe.EXTRA * n if extra else n)
+    assert median == pytest.approx(later if extra else first)
