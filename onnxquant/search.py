@@ -51,9 +51,11 @@ class Choice:
     errors: dict = field(default_factory=dict)  # candidate -> relative block error
 
 
-def _weight_candidates(spec: QuantSpec, int8: bool) -> dict:
+def _weight_candidates(spec: QuantSpec, symmetric_only: bool) -> dict:
     grains = {"per-channel": spec.axis if spec.axis is not None else 0, "per-tensor": None}
-    schemes = (True,) if int8 else (False, True)
+    if spec.block_size is not None:  # blocks were asked for: only the scheme is searched
+        grains = {f"per-block({spec.block_size})": spec.axis}
+    schemes = (True,) if symmetric_only else (False, True)
     return {f"{'sym' if s else 'asym'} {g}": spec.with_(symmetric=s, axis=a, params=None)
             for g, a in grains.items() for s in schemes}
 
@@ -128,7 +130,9 @@ def _search_block(search: _Search, run: list, block) -> list:
         if site is None or site.weight_spec is None or site.weight_spec.fmt == "dynamic":
             continue
         int8 = site.input_spec is not None
-        choices.append(_try(search, run, site, "weight", _weight_candidates(site.weight_spec, int8)))
+        symmetric = int8 or search.prof.symmetric_only  # TensorRT: INT4 weight-only too
+        choices.append(_try(search, run, site, "weight",
+                            _weight_candidates(site.weight_spec, symmetric)))
         if int8 and site.input_spec.kind == "uniform":
             choices.append(_try(search, run, site, "input", _input_candidates(search, site)))
     return choices

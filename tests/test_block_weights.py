@@ -181,3 +181,18 @@ def test_gptq_through_the_driver_keeps_the_block_grid_and_beats_rounding():
     for name in LINEARS:
         assert {a.name for a in _dq_of(fitted, name).attribute} == {"axis", "block_size"}
     assert error(fitted) < error(rtn)
+
+
+@pytest.mark.parametrize("target, extra", [("tensorrt", {}), ("paper", {"parts": ALL_PARTS})])
+def test_auto_search_keeps_the_blocks_and_tensorrt_symmetric(target, extra):
+    """--auto searches only the scheme of block-wise weights (per-tensor has no blocks), and
+    TensorRT's INT4 weight-only weights stay symmetric (it rejects zero points)."""
+    model, calib = graphs.sdpa_model(head=True), graphs.calibration(16)
+    result = graphs.quantize(model, calib, target=target, weight_bits=4, weight_block_size=4,
+                             auto=True, **extra)
+    inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    for name in LINEARS:
+        dq = _dq_of(result.model, name)
+        assert {a.name for a in dq.attribute} == {"axis", "block_size"}
+        if target == "tensorrt":
+            assert not inits[dq.input[2]].astype(np.int8).any()
