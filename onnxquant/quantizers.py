@@ -84,26 +84,24 @@ def grain_rows(w: np.ndarray, axis: int | None, block_size: int | None = None) -
     return moved.reshape(-1, block_size)
 
 
-def grain_shape(shape: tuple, axis: int | None, block_size: int | None = None) -> tuple:
-    """Shape of the scale: (1,), (D,), or ``shape`` with ceil(D / block_size) at ``axis``
-    (DequantizeLinear's block-wise layout)."""
-    if axis is None:
-        return (1,)
-    if block_size is None:
-        return (shape[axis],)
-    out = list(shape)
-    out[axis] = -(-shape[axis] // block_size)
-    return tuple(out)
-
-
 def from_rows(values: np.ndarray, shape: tuple, axis: int | None,
               block_size: int | None = None) -> np.ndarray:
-    """Inverse of ``grain_rows`` for one value per row: into ``grain_shape``."""
-    if axis is None or block_size is None:
-        return values.reshape(grain_shape(shape, axis, block_size))
-    moved = list(np.moveaxis(np.empty(shape, np.int8), axis, -1).shape)
-    moved[-1] = -(-shape[axis] // block_size)
+    """Inverse of ``grain_rows`` for one value per row: the scale's shape, (1,), (D,), or
+    ``shape`` with ceil(D / block_size) at ``axis`` (DequantizeLinear's block-wise layout)."""
+    if axis is None:
+        return values.reshape(1)
+    if block_size is None:
+        return values.reshape(shape[axis])
+    blocks = -(-shape[axis] // block_size)
+    moved = [d for i, d in enumerate(shape) if i != axis] + [blocks]
     return np.moveaxis(values.reshape(moved), -1, axis)
+
+
+def to_rows(values: np.ndarray, axis: int | None, block_size: int | None = None) -> np.ndarray:
+    """A scale or zero point as one value per row of ``grain_rows`` (float64 copy)."""
+    if block_size is not None:
+        values = np.moveaxis(values, axis, -1)
+    return values.astype(np.float64).reshape(-1)
 
 
 def uniform_params(w: np.ndarray, bits: int = 8, symmetric: bool = False,
@@ -260,11 +258,7 @@ def clipped_params(p: UniformParams, w: np.ndarray) -> UniformParams:
     rows = grain_rows(w, p.axis, p.block_size)
     symmetric = p.qmin < 0
     best = np.full(len(rows), np.inf)
-    scale = p.scale.astype(np.float64).reshape(-1).copy()
-    zero = p.zero_point.astype(np.float64).reshape(-1).copy()
-    if p.block_size is not None:  # rows come in grain_rows' order: the scale moved likewise
-        scale = np.moveaxis(p.scale, p.axis, -1).astype(np.float64).reshape(-1)
-        zero = np.moveaxis(p.zero_point, p.axis, -1).astype(np.float64).reshape(-1)
+    scale, zero = (to_rows(a, p.axis, p.block_size) for a in (p.scale, p.zero_point))
     for ratio in CLIP_RATIOS:
         if symmetric:
             s = ratio * np.abs(rows).max(axis=1) / p.qmax

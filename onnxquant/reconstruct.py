@@ -55,6 +55,11 @@ class BlockTask:
     tail: object = None  # () -> (ModelProto of the later blocks, their float inputs): MGRQ
     progress: object = None  # callable(dict) for the progress bar postfix
 
+    def positions_per_sample(self) -> int:
+        """Spatial positions (or tokens) of one sample of the largest boundary input."""
+        return max((int(np.prod(v.shape[2:])) for v in self.inputs.values()
+                    if np.ndim(v) >= 3), default=0)
+
 
 @dataclass
 class BlockResult:
@@ -89,8 +94,7 @@ def _layer_input_samples(task: BlockTask) -> dict:
     """The boundary inputs the layer-input runs use: all samples, or, where one sample
     already has more positions than H needs (full-resolution detector maps), the first
     few (the runs of a large block cost about the whole model each)."""
-    spatial = [int(np.prod(v.shape[2:])) for v in task.inputs.values() if np.ndim(v) >= 3]
-    positions = max(spatial, default=0)
+    positions = task.positions_per_sample()
     if positions < BIG_INPUT:
         return task.inputs
     n = max(MIN_SAMPLES, -(-2 * gptq.MAX_SAMPLES // positions))

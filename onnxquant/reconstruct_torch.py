@@ -167,9 +167,8 @@ def _batch_size(task) -> int:
     resolution carry 16-64x the positions of a transformer block and took 60 % of MGRQ's
     time on mobilevitv2_050 (docs/reconstruct.md); their loss still averages over 8k+
     positions per step."""
-    positions = max((int(np.prod(v.shape[2:])) for v in task.inputs.values()
-                     if np.ndim(v) >= 3), default=1)
-    return int(np.clip(POSITIONS_PER_STEP // max(positions, 1), MIN_BATCH, BATCH))
+    positions = max(task.positions_per_sample(), 1)
+    return int(np.clip(POSITIONS_PER_STEP // positions, MIN_BATCH, BATCH))
 
 
 def _draw(n: int, batch: int, gen, dev) -> torch.Tensor | None:

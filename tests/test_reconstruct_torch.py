@@ -218,9 +218,10 @@ def test_local_moments_are_mean_and_unbiased_std(seed, shape, offset):
 
 
 def test_samples_per_step_shrink_on_full_resolution_maps():
-    class Task:
-        def __init__(self, **shapes):
-            self.inputs = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    def Task(**shapes):  # noqa: N802 - a BlockTask with only its inputs
+        return reconstruct.BlockTask("b", "conv_block", None,
+                                     {k: np.zeros(s, np.float32) for k, s in shapes.items()},
+                                     [], None)
 
     size = reconstruct_torch._batch_size
     assert size(Task(x=(32, 16, 64, 64))) == reconstruct_torch.MIN_BATCH  # 4096 positions
