@@ -2,9 +2,9 @@
 
 A quantized Conv/MatMul/Gemm weight is viewed as a stack ``[G, R, C]`` (G groups, R output
 rows, C input columns; see gptq.py), its fixed quantization grid as the scale and zero point
-of every weight ``[G, R, C]`` (per row, or per block of columns), and its calibration inputs as columns ``[G, C, n]`` (im2col for convs,
-one row per token for linear layers), so that ``W x`` of the layer is ``stack @ columns``
-per group.
+of every weight ``[G, R, C]`` (per row, or per block of columns), and its calibration inputs
+as columns ``[G, C, n]`` (im2col for convs, one row per token for linear layers), so that
+``W x`` of the layer is ``stack @ columns`` per group.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class Layer:
     def grid(self) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero point of every weight, [G, R, C] like ``stack`` (float64 holding
         the float32 scale): per tensor, per row, or per block of columns."""
-        scale, zero = self.params.expanded(self.weight.shape)
         shape = self.weight.shape
+        scale, zero = self.params.expanded(shape)
         return (self.stack(np.broadcast_to(scale, shape)).astype(np.float64),
                 self.stack(np.broadcast_to(zero, shape)).astype(np.float64))
 
