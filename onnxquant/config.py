@@ -79,6 +79,9 @@ class QuantConfig:
         Needs "linear" among the quantized parts and weight_format "qdq".
     reconstruct_iters: iteration budget per layer/block of the torch methods (None: the
         method's default).
+    reconstruct_holdout: fraction of the calibration samples the methods never fit on; the
+        codes of each block (round to nearest, GPTQ's start, the learned ones) are judged on
+        these (None: 0.25; 0: judge on the fitted samples, as before).
     seed: seeds every random choice of reconstruction (sampling, QDrop masks, init).
     exclude: node names or fnmatch patterns (``"*attn*"``) of Conv/MatMul/Gemm/Softmax
         nodes to keep in float (``onnxquant inspect --sensitivity`` ranks candidates).
@@ -105,6 +108,7 @@ class QuantConfig:
     search_metric: str = "mse"
     reconstruct: str = "none"
     reconstruct_iters: int | None = None
+    reconstruct_holdout: float | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -156,6 +160,12 @@ class QuantConfig:
                                  f"reconstruct={self.reconstruct!r}")
             if self.reconstruct_iters < 1:
                 raise ValueError(f"reconstruct_iters must be >= 1, got {self.reconstruct_iters}")
+        if self.reconstruct_holdout is not None:
+            if self.reconstruct == "none":
+                raise ValueError("reconstruct_holdout applies to --reconstruct: choose a method")
+            if not 0 <= self.reconstruct_holdout < 1:
+                raise ValueError(f"reconstruct_holdout must be in [0, 1), got "
+                                 f"{self.reconstruct_holdout}")
         if self.num_calib < 1 or self.batch_size < 1:
             raise ValueError("num_calib and batch_size must be >= 1")
         self._refuse_ignored_options()

@@ -42,7 +42,7 @@ def as_dict(plan: Plan, recipe: str) -> dict:
         "search_choices": [{"site": c.site, "block": c.block, "role": c.role, "chosen": c.chosen,
                             "errors": c.errors} for c in plan.choices],
         "reconstruction": [{"block": r.name, "layers": r.layers, "rtn_error": r.rtn_error,
-                            "error": r.error} for r in plan.reconstruction],
+                            "error": r.error, "kept": r.kept} for r in plan.reconstruction],
         "reconstruction_model_check": None if plan.reconstruction_check is None else {
             "rtn_error": plan.reconstruction_check.rtn_error,
             "error": plan.reconstruction_check.error, "kept": plan.reconstruction_check.kept},
@@ -71,10 +71,10 @@ def as_markdown(report: dict) -> str:
                          for c in report["search_choices"]])
         lines.append("")
     if report["reconstruction"]:
-        lines += ["## --reconstruct: block output error, round-to-nearest -> reconstructed", ""]
-        lines += _table(["block", "layers", "round to nearest", "reconstructed", "ratio"],
+        lines += ["## --reconstruct: block output error on the judged samples, round-to-nearest -> kept codes", ""]
+        lines += _table(["block", "layers", "round to nearest", "kept", "codes kept", "ratio"],
                         [[r["block"], r["layers"], f"{r['rtn_error']:.2e}", f"{r['error']:.2e}",
-                          f"{r['error'] / max(r['rtn_error'], 1e-30):.2f}"]
+                          r["kept"], f"{r['error'] / max(r['rtn_error'], 1e-30):.2f}"]
                          for r in report["reconstruction"]])
         check = report["reconstruction_model_check"]
         if check:

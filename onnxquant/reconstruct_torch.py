@@ -14,8 +14,9 @@ grids (torch_quant.Rounding, DESIGN.md §9) and returns integer codes per layer:
               quantized or float input) dropped to float with probability 0.5 (QDrop)
     mgrq      brecq + extra-block global + intra-block local supervision (below)
 
-brecq and mgrq start their roundings at the block's GPTQ codes (START_FROM_GPTQ; reconstruct.
-run_gptq), adaround and qdrop at round-to-nearest, AdaRound's start.
+brecq and mgrq start their roundings at the block's GPTQ codes (``task.start``: the driver
+runs GPTQ first for the methods in reconstruct.START_FROM_GPTQ and also judges those codes),
+adaround and qdrop at round-to-nearest, AdaRound's start.
 
 R(h, beta) = mean(1 - |2h - 1|^beta), beta annealed 20 -> 2 after a 20 % warm-up without
 it. The reconstruction terms are relative (divided by the float target's energy) and R is a
@@ -66,9 +67,6 @@ DROP = 0.5  # QDrop probability of keeping an element float
 GLOBAL_WEIGHT, LOCAL_WEIGHT = 0.1, 0.1  # a, b of the MGRQ loss (docs/reconstruct.md)
 GLOBAL_EVERY, GLOBAL_BATCH = 8, 2  # the tail is most of the model: its cost bounded
 LEARN_STEPS = False  # see _block: learned step sizes would not reach the emitted model
-# block methods whose roundings start at GPTQ's codes (docs/reconstruct.md: brecq's loss
-# from round-to-nearest -2.0 / -4.7 points at W4, from GPTQ's codes -0.7 / +0.2)
-START_FROM_GPTQ = {"brecq", "mgrq"}
 
 
 def device() -> torch.device:
@@ -273,7 +271,7 @@ def _block(task, method: str, qdrop=False, local_weight=0.0, global_weight=0.0) 
     q_in, f_in = Samples(task.inputs, dev), Samples(task.float_inputs or task.inputs, dev)
     want_all = Samples(floats, dev, q_in.n)
     glob = _global_or_none(task, dev) if global_weight else None
-    roundings = _roundings(task, method, dev)
+    roundings = _roundings(task, dev)
     hooks, inputs, acts = block_hooks(task.plan, task.model, dev, LEARN_STEPS)
     gen = torch.Generator(device=dev).manual_seed(task.seed)
     steps = [a.step for a in acts if isinstance(getattr(a, "step", None), torch.nn.Parameter)]
@@ -305,15 +303,10 @@ def _block(task, method: str, qdrop=False, local_weight=0.0, global_weight=0.0) 
     return {r.layer.site.node: r.numpy_codes() for r in roundings}
 
 
-def _roundings(task, method: str, dev) -> list:
-    """The block's learned roundings, started at GPTQ's codes for methods in START_FROM_GPTQ."""
-    start = {}
-    if method in START_FROM_GPTQ:
-        from .reconstruct import run_gptq
-
-        start = run_gptq(task)
-    return [Rounding(layer, dev, layer.stack(start[layer.site.node])
-                     if layer.site.node in start else None) for layer in task.layers]
+def _roundings(task, dev) -> list:
+    """The block's learned roundings, started at ``task.start``'s codes where it has them."""
+    return [Rounding(layer, dev, layer.stack(task.start[layer.site.node])
+                     if layer.site.node in task.start else None) for layer in task.layers]
 
 
 def _batchable(gm, q_in, f_in, floats, outputs, dev, batch: int) -> bool:

@@ -1,0 +1,130 @@
+"""Judging reconstructed codes on held-out calibration samples (reconstruct.split_feed,
+reconstruct._reconstruct_block): the methods never see the held-out samples, every block
+keeps the candidate codes (round to nearest, GPTQ's start, the method's) with the lowest
+error on them, and the errors reported are measured on them."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from graphs import calibration, conv_chain_model, mixed_model, quantize, run_ort
+from onnxquant import QuantConfig, reconstruct
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 80), fraction=st.floats(0, 0.95))
+def test_split_feed_holds_out_an_even_share_or_nothing(n, fraction):
+    x = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    fit, held = reconstruct.split_feed({"x": x}, fraction)
+    want = int(n * fraction)
+    if held is None:
+        assert want < reconstruct.MIN_SAMPLES_EACH_SIDE or \
+            n - want < reconstruct.MIN_SAMPLES_EACH_SIDE
+        assert fit["x"] is x
+        return
+    f, h = fit["x"][:, 0].astype(int), held["x"][:, 0].astype(int)
+    assert len(h) == want and len(f) == n - want
+    assert sorted(np.concatenate([f, h]).tolist()) == list(range(n))  # disjoint, complete
+    assert np.all(np.diff(f) > 0) and np.all(np.diff(h) > 0)  # order kept
+    assert h[0] == 0 and h[-1] == n - 1  # spread over the whole set
+    assert np.max(np.diff(h)) <= -(-(n - 1) // (want - 1)) + 1
+
+
+def _fake_method(seen: list, shift: int = 0):
+    """A stand-in method: records the boundary samples it is given and returns the
+    round-to-nearest codes moved by ``shift`` steps (clipped to the grid)."""
+    def method(task):
+        seen.append({k: v.copy() for k, v in task.inputs.items()})
+        out = {}
+        for layer in task.layers:
+            scale, zero = layer.grid()
+            p = layer.params
+            rtn = np.clip(np.round(layer.stack() / scale) + zero, p.qmin, p.qmax)
+            out[layer.site.node] = layer.unstack(np.clip(rtn + shift, p.qmin, p.qmax))
+        return out
+    return method
+
+
+def _with_method(monkeypatch, method):
+    monkeypatch.setattr(reconstruct, "_method", lambda name: method)
+
+
+def test_methods_fit_only_the_samples_not_held_out(monkeypatch):
+    seen = []
+    _with_method(monkeypatch, _fake_method(seen))
+    calib = calibration(32, seed=1)
+    res = quantize(conv_chain_model(seed=2), calib, weight_bits=3, reconstruct="adaround")
+    fit, held = reconstruct.split_feed({"x": calib}, reconstruct.HOLDOUT)
+    np.testing.assert_array_equal(seen[0]["x"], fit["x"])
+    assert len(held["x"]) == 8
+    note = next(n for n in res.plan.notes if n.startswith("reconstruct adaround"))
+    assert "judged on 8 held-out samples (fitted on 24)" in note
+
+
+def test_holdout_zero_fits_and_judges_every_sample(monkeypatch):
+    seen = []
+    _with_method(monkeypatch, _fake_method(seen))
+    calib = calibration(32, seed=1)
+    res = quantize(conv_chain_model(seed=2), calib, weight_bits=3, reconstruct="adaround",
+                   reconstruct_holdout=0.0)
+    np.testing.assert_array_equal(seen[0]["x"], calib)
+    assert any("judged on the 32 fitted samples" in n for n in res.plan.notes)
+
+
+def test_block_errors_are_measured_on_the_held_out_samples(monkeypatch):
+    """The first block reads the model input: its round-to-nearest error must be the RTN
+    model's error at the block's outputs on the held-out samples, computed here apart."""
+    _with_method(monkeypatch, _fake_method([]))
+    model, calib = conv_chain_model(seed=2), calibration(32, seed=1)
+    res = quantize(model, calib, weight_bits=3, reconstruct="adaround")
+    first, result = res.plan.blocks[0], res.plan.reconstruction[0]
+    assert result.name == first.name
+    rtn = quantize(model, calib, weight_bits=3)
+    _, held = reconstruct.split_feed({"x": calib}, reconstruct.HOLDOUT)
+    names = list(first.outputs)
+    want = run_ort(model, {"x": held["x"]}, names)
+    got = run_ort(rtn.model, {"x": held["x"]}, names)
+    error = sum(np.sum((g - w) ** 2) for g, w in zip(got, want)) / \
+        sum(np.sum(w ** 2) for w in want)
+    assert result.rtn_error == pytest.approx(float(error), rel=1e-3)
+
+
+@pytest.mark.parametrize("name, shift", [("adaround", 1), ("adaround", 0), ("brecq", 1),
+                                         ("mgrq", 0)])
+def test_each_block_keeps_the_candidate_with_the_lowest_held_out_error(monkeypatch, name, shift):
+    """Codes one step off everywhere lose to rounding; brecq/mgrq also weigh GPTQ's start."""
+    _with_method(monkeypatch, _fake_method([], shift))
+    res = quantize(mixed_model(seed=2), calibration(32, seed=1), weight_bits=3,
+                   per_channel=True, reconstruct=name)
+    want = {reconstruct.RTN, name} | ({"gptq"} if name in reconstruct.START_FROM_GPTQ else set())
+    for r in res.plan.reconstruction:
+        assert set(r.candidates) == want
+        assert r.kept == min(r.candidates, key=r.candidates.get)
+        assert r.error == r.candidates[r.kept] and r.rtn_error == r.candidates[reconstruct.RTN]
+        if shift:
+            assert r.kept != name
+    kept = {r.kept for r in res.plan.reconstruction}
+    if name == "brecq":  # GPTQ beats rounding at 3 bits on some block of this model
+        assert "gptq" in kept
+
+
+def test_the_kept_codes_are_the_ones_left_in_the_plan(monkeypatch):
+    _with_method(monkeypatch, _fake_method([], 1))
+    res = quantize(mixed_model(seed=2), calibration(32, seed=1), weight_bits=3,
+                   per_channel=True, reconstruct="brecq")
+    assert res.plan.reconstruction_check.kept
+    blocks = {b.name: b for b in res.plan.blocks}
+    sites = {s.node: s for s in res.plan.convs + res.plan.linears}
+    for r in res.plan.reconstruction:
+        assert r.kept != "brecq"  # one step off: never kept
+        block = blocks[r.name]
+        for node in [n for n in block.convs + block.linears if n in sites]:
+            assert (sites[node].weight_spec.codes is None) == (r.kept == reconstruct.RTN)
+
+
+def test_holdout_option_is_validated():
+    with pytest.raises(ValueError, match="reconstruct_holdout applies to --reconstruct"):
+        QuantConfig(reconstruct_holdout=0.25)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"reconstruct_holdout must be in \[0, 1\)"):
+            QuantConfig(reconstruct="gptq", reconstruct_holdout=bad)
