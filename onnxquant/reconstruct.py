@@ -70,11 +70,21 @@ class BlockTask:
     tail: object = None  # () -> (ModelProto of the later blocks, their float inputs): MGRQ
     progress: object = None  # callable(dict) for the progress bar postfix
     start: dict = field(default_factory=dict)  # node -> codes to start from (GPTQ's)
+    learn_steps: frozenset = frozenset()  # activation tensors whose step may be learned
 
     def positions_per_sample(self) -> int:
         """Spatial positions (or tokens) of one sample of the largest boundary input."""
         return max((int(np.prod(v.shape[2:])) for v in self.inputs.values()
                     if np.ndim(v) >= 3), default=0)
+
+
+@dataclass
+class Fit:
+    """A method's result: codes per layer node and, optionally, learned activation step
+    sizes per tensor (written into every spec that quantizes that tensor)."""
+
+    codes: dict
+    steps: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -291,7 +301,7 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
     fit, held = split_feed(feed, holdout)
     walk = _Walk(canonical, plan, fit, held, cfg.reconstruct in TORCH_METHODS)
     sites, shared = {s.node: s for s in plan.convs + plan.linears}, _shared_weights(plan)
-    rounded = {name: site.weight_spec for name, site in sites.items()}
+    original = _snapshot(plan)
     results = []
     bar = tqdm(plan.blocks, desc=f"reconstruct ({cfg.reconstruct})", unit="block",
                disable=not progress)
@@ -305,7 +315,7 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
             results.append(result)
         walk.advance(i, model, graph, judged)
     plan.reconstruction = results
-    plan.reconstruction_check = _model_check(canonical, plan, held or fit, sites, rounded)
+    plan.reconstruction_check = _model_check(canonical, plan, held or fit, original)
     plan.notes.append(summary(cfg.reconstruct, results, time.perf_counter() - start,
                               plan.reconstruction_check, _judged_on(fit, held)))
     if log:
@@ -323,19 +333,57 @@ def _judged_on(fit: dict, held: dict | None) -> str:
 
 
 def _candidates(task: BlockTask, method, name: str) -> dict:
-    """Codes by origin (node -> codes; {}: round to nearest), in order of preference."""
-    out = {RTN: {}}
+    """Fit by origin ({} codes: round to nearest), in order of preference."""
+    out = {RTN: Fit({})}
     if name in START_FROM_GPTQ:
-        task.start = out["gptq"] = run_gptq(task)
-    out[name] = method(task)
+        task.start = run_gptq(task)
+        out["gptq"] = Fit(task.start)
+    fit = method(task)
+    out[name] = fit if isinstance(fit, Fit) else Fit(fit)
     return out
 
 
-def _set_codes(layers: list, codes: dict, rounded: dict) -> None:
+def _apply(layers: list, fit: Fit, rounded: dict, acts: list) -> None:
+    """Put ``fit`` into the plan: its codes (else round to nearest) and its steps (else the
+    calibrated ones) in every activation spec of ``acts`` [(site, attribute, tensor, spec)]."""
     for layer in layers:
         node = layer.site.node
-        layer.site.weight_spec = (_codes_spec(layer, layer.stack(codes[node])) if node in codes
-                                  else rounded[node])
+        layer.site.weight_spec = (_codes_spec(layer, layer.stack(fit.codes[node]))
+                                  if node in fit.codes else rounded[node])
+    for site, attr, tensor, spec in acts:
+        step = fit.steps.get(tensor)
+        setattr(site, attr, spec if step is None else spec.with_(params=_stepped(spec, step)))
+
+
+def _stepped(spec, step) -> quantizers.UniformParams:
+    p = spec.uniform_params()
+    return quantizers.UniformParams(np.full_like(p.scale, step, dtype=np.float32),
+                                    p.zero_point, p.qmin, p.qmax, p.axis)
+
+
+def _activation_specs(plan: Plan) -> list:
+    """(site, attribute, tensor) of every uniform activation spec in the plan."""
+    out = []
+    for site in plan.convs + plan.linears:
+        for attr, tensor in (("input_spec", site.input),
+                             ("output_spec", getattr(site, "output", None))):
+            out.append((site, attr, tensor))
+    out += [(site, "spec", site.skip) for site in plan.residuals]
+    return [(site, attr, t) for site, attr, t in out
+            if getattr(getattr(site, attr, None), "kind", None) == "uniform"]
+
+
+def _learnable_steps(plan: Plan, model: onnx.ModelProto) -> list:
+    """(site, attribute, tensor, spec) of the activation specs whose step a block method may
+    learn: tensors computed inside this block (earlier blocks were judged with the steps of
+    their outputs fixed), none of whose readers is a QLinearConv (its int32 bias was sized
+    for the calibrated input step: decide.py)."""
+    made = {o for n in model.graph.node for o in n.output}
+    specs = _activation_specs(plan)
+    int8 = {t for site, attr, t in specs
+            if attr == "input_spec" and getattr(site, "int8_output", False)}
+    return [(site, attr, t, getattr(site, attr)) for site, attr, t in specs
+            if t in made and t not in int8]
 
 
 def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> tuple:
@@ -348,26 +396,41 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> tuple
                      walk.f or {}, walk.tail(i) if walk.f is not None else None,
                      lambda info: bar.set_postfix(info, refresh=False))
     rounded = {layer.site.node: layer.site.weight_spec.with_(codes=None) for layer in layers}
+    acts = _learnable_steps(walk.plan, model)
+    task.learn_steps = frozenset(t for _, _, t, _ in acts)
     candidates = _candidates(task, method, cfg.reconstruct)
     want = block_runs.run(model, walk.judged)  # float block on the quantized inputs
     errors, outputs = {}, {}
-    for origin, codes in candidates.items():
-        _set_codes(layers, codes, rounded)
+    for origin, fit in candidates.items():
+        _apply(layers, fit, rounded, acts)
         outputs[origin] = walk.quantized_outputs(i, graph, walk.judged)
         errors[origin] = block_runs.relative_error(outputs[origin], want)
     kept = min(errors, key=errors.get)  # ties: the earlier, simpler codes
-    _set_codes(layers, candidates[kept], rounded)
+    _apply(layers, candidates[kept], rounded, acts)
     bar.set_postfix({"block": block.name, "err": f"{errors[RTN]:.2e}->{errors[kept]:.2e}"},
                     refresh=False)
     result = BlockResult(block.name, len(layers), errors[RTN], errors[kept], kept, errors)
     return result, outputs[kept]
 
 
-def _model_check(canonical, plan: Plan, feed: dict, sites: dict, rounded: dict) -> ModelCheck:
-    """Keep the codes only if the whole model's outputs are closer to float with them than
-    with round to nearest, on the same calibration samples. Each block was kept only if it
-    beat rounding on its own outputs, but block errors do not always add up to a better
-    model (tools/fuzz_reconstruct.py: 19 of 120 random graphs ended > 5 % worse)."""
+def _snapshot(plan: Plan) -> list:
+    """(site, attribute, spec) of every weight and uniform activation spec: what
+    reconstruction may change."""
+    out = [(site, "weight_spec", site.weight_spec) for site in plan.convs + plan.linears]
+    return out + [(site, attr, getattr(site, attr)) for site, attr, _ in _activation_specs(plan)]
+
+
+def _restore(snapshot: list) -> None:
+    for site, attr, spec in snapshot:
+        setattr(site, attr, spec)
+
+
+def _model_check(canonical, plan: Plan, feed: dict, original: list) -> ModelCheck:
+    """Keep the codes (and learned steps) only if the whole model's outputs are closer to
+    float with them than with the ``original`` specs (_snapshot: round to nearest,
+    calibrated steps), on ``feed``. Each block was kept only if it beat rounding on its own
+    outputs, but block errors do not always add up to a better model
+    (tools/fuzz_reconstruct.py: 19 of 120 random graphs ended > 5 % worse)."""
     names = [o.name for o in canonical.graph.output]
     want = block_runs.run(canonical, feed, names)
     graph = gs.import_onnx(canonical)
@@ -377,14 +440,12 @@ def _model_check(canonical, plan: Plan, feed: dict, sites: dict, rounded: dict) 
             block_runs.run(block_runs.emitted(graph, plan), feed, names), want)
 
     error = model_error()
-    chosen = {name: site.weight_spec for name, site in sites.items()}
-    for name, site in sites.items():
-        site.weight_spec = rounded[name]
+    chosen = _snapshot(plan)
+    _restore(original)
     rtn = model_error()
     kept = error <= rtn
     if kept:
-        for name, site in sites.items():
-            site.weight_spec = chosen[name]
+        _restore(chosen)
     return ModelCheck(rtn, error, kept)
 
 

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from . import block_runs
+from .reconstruct import Fit
 from .torch_graph import GraphModule
 from .torch_quant import ActQuant, Rounding, Samples, block_hooks, rows
 
@@ -66,7 +67,8 @@ BETA = (20.0, 2.0)
 DROP = 0.5  # QDrop probability of keeping an element float
 GLOBAL_WEIGHT, LOCAL_WEIGHT = 0.1, 0.1  # a, b of the MGRQ loss (docs/reconstruct.md)
 GLOBAL_EVERY, GLOBAL_BATCH = 8, 2  # the tail is most of the model: its cost bounded
-LEARN_STEPS = False  # see _block: learned step sizes would not reach the emitted model
+LEARN_STEPS = True  # block methods learn the activation steps they can write back (_block)
+STEP_LR = 1e-3  # Adam on log(step): about 0.1 % per step, 10 % over 100 steps at most
 
 
 def device() -> torch.device:
@@ -256,11 +258,12 @@ def _global_or_none(task, dev):
         return None
 
 
-def _block(task, method: str, qdrop=False, local_weight=0.0, global_weight=0.0) -> dict:
-    """Block-wise reconstruction (brecq, qdrop, mgrq). Activation step sizes stay at the
-    calibrated values: the codes are what the driver keeps, and emission writes the
-    calibrated ranges, so weights tuned to learned steps would meet other steps in the
-    output model (LEARN_STEPS=True learns them, LSQ-style, for experiments)."""
+def _block(task, method: str, qdrop=False, local_weight=0.0, global_weight=0.0):
+    """Block-wise reconstruction (brecq, qdrop, mgrq). With LEARN_STEPS, the uniform step
+    of each activation tensor in ``task.learn_steps`` (those the driver can write back:
+    quantized inside this block) is learned with the roundings, LSQ-style, and returned
+    with the codes; the driver keeps both only if they beat the other candidates on the
+    held-out samples."""
     torch.manual_seed(task.seed)
     dev = device()
     gm = GraphModule(task.model).to(dev)
@@ -272,12 +275,14 @@ def _block(task, method: str, qdrop=False, local_weight=0.0, global_weight=0.0) 
     want_all = Samples(floats, dev, q_in.n)
     glob = _global_or_none(task, dev) if global_weight else None
     roundings = _roundings(task, dev)
-    hooks, inputs, acts = block_hooks(task.plan, task.model, dev, LEARN_STEPS)
+    hooks, inputs, acts = block_hooks(task.plan, task.model, dev,
+                                      task.learn_steps if LEARN_STEPS else frozenset())
     gen = torch.Generator(device=dev).manual_seed(task.seed)
-    steps = [a.step for a in acts if isinstance(getattr(a, "step", None), torch.nn.Parameter)]
+    learned = {t: a for t, a in acts.items() if a.learned}
     groups = [{"params": [r.v for r in roundings], "lr": LR}]
-    opt = torch.optim.Adam(groups + ([{"params": steps, "lr": 1e-4}] if steps else []))
-    for a in acts:
+    opt = torch.optim.Adam(groups + ([{"params": [a.log_step for a in learned.values()],
+                                       "lr": STEP_LR}] if learned else []))
+    for a in acts.values():
         a.generator, a.drop = gen, DROP if qdrop else 0.0
     iters = task.iters or ITERS[method]
     batch = _batch_size(task)
@@ -297,10 +302,11 @@ def _block(task, method: str, qdrop=False, local_weight=0.0, global_weight=0.0) 
         opt.zero_grad()
         loss.backward()
         opt.step()
-    for a in acts:
+    for a in acts.values():
         a.drop = 0.0
     _report(task, task.name, iters, float(loss.detach()))
-    return {r.layer.site.node: r.numpy_codes() for r in roundings}
+    return Fit({r.layer.site.node: r.numpy_codes() for r in roundings},
+               {t: a.step_value() for t, a in learned.items()})
 
 
 def _roundings(task, dev) -> list:

@@ -113,9 +113,23 @@ class ActQuant(torch.nn.Module):
             self.eps = float(p.eps)
             return
         p = spec.uniform_params()
-        step = torch.tensor(float(p.scale.reshape(-1)[0]), device=device)
-        self.step = torch.nn.Parameter(step) if learn_step else step
+        log_step = torch.tensor(np.log(float(p.scale.reshape(-1)[0])), device=device)
+        self.log_step = torch.nn.Parameter(log_step) if learn_step else log_step
         self.zero, self.qmin, self.qmax = float(p.zero_point.reshape(-1)[0]), p.qmin, p.qmax
+
+    @property
+    def learned(self) -> bool:
+        return isinstance(getattr(self, "log_step", None), torch.nn.Parameter)
+
+    @property
+    def step(self) -> torch.Tensor:
+        """The step size, kept as its log while learned: Adam's updates are then relative
+        (LSQ's gradient scaling solves the same problem of one lr for every magnitude)."""
+        return self.log_step.exp()
+
+    def step_value(self) -> np.float32:
+        """The step as emission writes it (float32)."""
+        return np.float32(self.step.detach().cpu())
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "log2":
@@ -133,18 +147,19 @@ class ActQuant(torch.nn.Module):
         return torch.where(keep, x, y)
 
 
-def block_hooks(plan, model, device, learn_step: bool = False, layers=None) -> tuple:
-    """(hooks, input_hooks, quantizers) for torch_graph.GraphModule.run from the block's
-    specs, placed as emit.py places them: the log2/uniform op on each attention output and
-    a conv's output Q/DQ (every reader), the activation Q/DQ of a conv/linear input and of a
-    residual skip (those readers only; one quantizer per tensor, the first spec's, as
-    emission shares one Q/DQ). ``layers``: the nodes whose input specs apply (default all)."""
+def block_hooks(plan, model, device, learn_steps=frozenset(), layers=None) -> tuple:
+    """(hooks, input_hooks, {tensor: quantizer}) for torch_graph.GraphModule.run from the
+    block's specs, placed as emit.py places them: the log2/uniform op on each attention
+    output and a conv's output Q/DQ (every reader), the activation Q/DQ of a conv/linear
+    input and of a residual skip (those readers only; one quantizer per tensor, the first
+    spec's, as emission shares one Q/DQ). ``learn_steps``: tensors whose uniform step is a
+    parameter (LSQ); ``layers``: the nodes whose input specs apply (default all)."""
     hooks, inputs, by_tensor = {}, {}, {}
     nodes = {n.name: n for n in model.graph.node}
 
     def quantizer(tensor, spec):
         if tensor not in by_tensor:
-            by_tensor[tensor] = ActQuant(spec, device, learn_step)
+            by_tensor[tensor] = ActQuant(spec, device, tensor in learn_steps)
         return by_tensor[tensor]
 
     for site in plan.attention:
@@ -161,7 +176,7 @@ def block_hooks(plan, model, device, learn_step: bool = False, layers=None) -> t
         if site.spec is not None and site.node in nodes:
             index = list(nodes[site.node].input).index(site.skip)
             inputs[site.node, index] = quantizer(site.skip, site.spec)
-    return hooks, inputs, list(by_tensor.values())
+    return hooks, inputs, by_tensor
 
 
 def rows(v, idx: torch.Tensor, n: int):

@@ -237,11 +237,12 @@ def test_codes_worse_than_rounding_for_the_whole_model_are_rejected():
     assert "model output error" in note
     sites = {s.node: s for s in res.plan.convs}
     rounded = {n: s.weight_spec.with_(codes=None) for n, s in sites.items()}
+    original = [(site, "weight_spec", rounded[n]) for n, site in sites.items()]
     for site in sites.values():  # one step off the reconstructed codes everywhere
         spec, p = site.weight_spec, site.weight_spec.params
         site.weight_spec = spec.with_(codes=np.clip(spec.codes.astype(np.int64) + 1, p.qmin,
                                                     p.qmax).astype(spec.codes.dtype))
-    check = reconstruct._model_check(model, res.plan, {"x": calib}, sites, rounded)
+    check = reconstruct._model_check(model, res.plan, {"x": calib}, original)
     assert not check.kept and check.error > check.rtn_error
     assert all(site.weight_spec is rounded[n] for n, site in sites.items())
     assert "rejected" in reconstruct.summary("gptq", res.plan.reconstruction, 1.0, check)

@@ -165,15 +165,17 @@ def test_same_seed_same_bytes(method):
     assert a.model.SerializeToString() == b.model.SerializeToString()
 
 
-def test_emitted_codes_give_the_torch_forward(monkeypatch):
-    """The block with the returned codes, emitted and run in onnxruntime, equals the torch
-    executor with those codes' weights and the block's activation specs (log2 included)."""
+def test_emitted_codes_and_steps_give_the_torch_forward(monkeypatch):
+    """The block with the returned codes and learned activation steps, emitted and run in
+    onnxruntime, equals the torch executor with those codes' weights and the block's
+    activation specs (log2 included)."""
     seen = []
 
     def method(task):
-        codes = reconstruct_torch.brecq(task)
-        seen.append((task, codes, {k: v for k, v in task.inputs.items()}))
-        return codes
+        fit = reconstruct_torch.brecq(task)
+        acts = reconstruct._learnable_steps(task.plan, task.model)
+        seen.append((task, fit, acts, {k: v for k, v in task.inputs.items()}))
+        return fit
 
     monkeypatch.setattr(reconstruct, "_method", lambda name: method)
     model, calib = mixed_model(seed=2), calibration(16, seed=1)
@@ -181,16 +183,20 @@ def test_emitted_codes_give_the_torch_forward(monkeypatch):
              reconstruct_iters=20)
     import onnx_graphsurgeon as gs
 
-    assert any(t.plan.attention for t, _, _ in seen)
-    for task, codes, inputs in seen:
-        for layer in task.layers:
-            layer.site.weight_spec = reconstruct._codes_spec(
-                layer, layer.stack(codes[layer.site.node]))
+    assert any(t.plan.attention for t, *_ in seen)
+    assert any(fit.steps for _, fit, _, _ in seen)
+    for task, fit, acts, inputs in seen:
+        rounded = {layer.site.node: None for layer in task.layers}
+        reconstruct._apply(task.layers, fit, rounded, acts)
+        for tensor, step in fit.steps.items():  # the learned step is the one emitted
+            specs = [spec for site, attr, t, spec in acts if t == tensor]
+            assert specs and all(getattr(site, attr).uniform_params().scale[0] == step
+                                 for site, attr, t, _ in acts if t == tensor)
         emitted = block_runs.emitted(gs.import_onnx(task.model), task.plan)
         want = block_runs.run(emitted, inputs)
         hooks, input_hooks, _ = block_hooks(task.plan, task.model, "cpu")
         weights = {layer.node.input[1]: torch.from_numpy(quantizers.uniform_dequantize(
-            codes[layer.site.node], layer.params)) for layer in task.layers}
+            fit.codes[layer.site.node], layer.params)) for layer in task.layers}
         with torch.no_grad():
             got = GraphModule(task.model).run({k: torch.from_numpy(v) for k, v in inputs.items()},
                                               weights=weights, hooks=hooks, input_hooks=input_hooks)

@@ -1,7 +1,7 @@
-"""Judging reconstructed codes on held-out calibration samples (reconstruct.split_feed,
-reconstruct._reconstruct_block): the methods never see the held-out samples, every block
-keeps the candidate codes (round to nearest, GPTQ's start, the method's) with the lowest
-error on them, and the errors reported are measured on them."""
+"""The --reconstruct driver (reconstruct.py) around its methods: judging codes on held-out
+calibration samples (split_feed, _reconstruct_block: the methods never see them, every block
+keeps the candidate with the lowest error on them, the errors reported are measured on
+them), and which learned activation steps can be written back (_learnable_steps, _apply)."""
 
 import numpy as np
 import pytest
@@ -128,3 +128,44 @@ def test_holdout_option_is_validated():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match=r"reconstruct_holdout must be in \[0, 1\)"):
             QuantConfig(reconstruct="gptq", reconstruct_holdout=bad)
+
+
+def test_learnable_steps_are_made_inside_the_block_and_not_read_by_qlinearconv():
+    res = quantize(mixed_model(seed=2), calibration(16), target="ort",
+                   ort_int8_kinds=("dense", "pointwise", "stem", "linear"))
+    for block in res.plan.blocks:
+        acts = reconstruct._learnable_steps(res.plan, _block_model(res, block))
+        for site, attr, tensor, spec in acts:
+            assert attr != "input_spec" or not site.int8_output  # QLinearConv bias sized on it
+            assert tensor not in block.inputs and spec is getattr(site, attr)
+    every = {t for b in res.plan.blocks
+             for *_, t, _ in reconstruct._learnable_steps(res.plan, _block_model(res, b))}
+    assert "stem_out" in every and "x" not in every and "stem_act_out" not in every
+
+
+def _block_model(res, block):
+    """A stand-in for the extracted block: nodes whose outputs are the block's tensors."""
+    from onnx import helper
+    names = set(block.nodes)
+    outs = [o for n in res.model.graph.node if n.name in names for o in n.output]
+    return helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["i"], [o]) for o in outs], "b", [], []))
+
+
+def test_apply_writes_a_step_into_every_spec_of_its_tensor_and_restores_the_rest():
+    res = quantize(mixed_model(seed=2), calibration(16), target="tensorrt", weight_bits=4)
+    specs = reconstruct._activation_specs(res.plan)
+    tensor = specs[1][2]
+    acts = [(site, attr, t, getattr(site, attr)) for site, attr, t in specs]
+    old = {(id(site), attr): spec for site, attr, _, spec in acts}
+    step = np.float32(0.0123)
+    reconstruct._apply([], reconstruct.Fit({}, {tensor: step}), {}, acts)
+    for site, attr, t, _ in acts:
+        p = getattr(site, attr).uniform_params()
+        if t == tensor:
+            assert p.scale[0] == step and p.zero_point == old[id(site), attr].uniform_params(
+            ).zero_point
+        else:
+            assert getattr(site, attr) is old[id(site), attr]
+    reconstruct._apply([], reconstruct.Fit({}), {}, acts)
+    assert all(getattr(site, attr) is old[id(site), attr] for site, attr, _, _ in acts)
