@@ -86,7 +86,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                    help="iterations per layer/block of the torch methods")
     g.add_argument("--reconstruct-holdout", type=float, default=d.reconstruct_holdout,
                    metavar="F", help="fraction of calibration samples kept out of fitting to "
-                   "judge each block's codes (0.25; 0 judges on the fitted samples)")
+                   "judge each block's codes (torch methods 0.25, gptq 0: judged on the fitted "
+                   "samples)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of reconstruction (0)")
     g.add_argument("--exclude", action="append", default=[], metavar="NODE|PATTERN",
                    help="keep these nodes float (names or fnmatch patterns such as '*attn*'; "

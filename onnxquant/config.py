@@ -81,7 +81,7 @@ class QuantConfig:
         method's default).
     reconstruct_holdout: fraction of the calibration samples the methods never fit on; the
         codes of each block (round to nearest, GPTQ's start, the learned ones) are judged on
-        these (None: 0.25; 0: judge on the fitted samples, as before).
+        these (None: 0.25 for the torch methods, 0 for gptq; 0: judge on the fitted samples).
     seed: seeds every random choice of reconstruction (sampling, QDrop masks, init).
     exclude: node names or fnmatch patterns (``"*attn*"``) of Conv/MatMul/Gemm/Softmax
         nodes to keep in float (``onnxquant inspect --sensitivity`` ranks candidates).

@@ -13,13 +13,15 @@ into ``QuantSpec.codes`` with the grid they were chosen on, and emission writes 
               inputs produced with the block's earlier layers already rounded
     adaround, brecq, qdrop, mgrq   torch (reconstruct_torch.py), when installed
 
-Judging the codes. A quarter of the calibration samples (``reconstruct_holdout``) is held
-out: the methods fit on the rest, and each block keeps whichever of its candidate codes
-gives the lowest block output error on the held-out samples: round to nearest, GPTQ's codes
-(the start of brecq and mgrq) and the method's own. Judged on the fitted samples, learned
-rounding at 3 bits passed every check and still ended 2-8 points below the GPTQ codes it
-started from on held-out images (docs/reconstruct_table.md): it had fitted the 32 images.
-A last check compares the whole model against round to nearest on the held-out samples.
+Judging the codes. For the torch methods a quarter of the calibration samples
+(``reconstruct_holdout``) is held out: the methods fit on the rest, and each block keeps
+whichever of its candidates gives the lowest block output error on the held-out samples:
+round to nearest, GPTQ's codes (the start of brecq and mgrq) and the method's own (codes
+and learned steps). Judged on the fitted samples, learned rounding at 3 bits passed every
+check and still ended 2-8 points below the GPTQ codes it started from on held-out images
+(docs/reconstruct_table.md): it had fitted the 32 images. GPTQ (a one-pass least-squares
+fit, no iterations to overfit with) fits and is judged on every sample by default. A last
+check compares the whole model against round to nearest on the judged samples.
 
 Memory is bounded by the boundary values live at a block (tensors no later block reads are
 dropped). The summary reports, per method, the block output error of round-to-nearest and
@@ -49,7 +51,8 @@ TORCH_METHODS = ("adaround", "brecq", "qdrop", "mgrq")
 # block methods whose roundings start at GPTQ's codes (docs/reconstruct.md: brecq's loss
 # from round-to-nearest -2.0 / -4.7 points at W4, from GPTQ's codes -0.7 / +0.2)
 START_FROM_GPTQ = ("brecq", "mgrq")
-HOLDOUT = 0.25  # default share of the calibration samples held out to judge codes
+HOLDOUT = {"gptq": 0.0}  # default share of calibration samples held out to judge codes ...
+HOLDOUT_LEARNED = 0.25  # ... and for the methods that learn by gradient descent
 MIN_SAMPLES_EACH_SIDE = 2  # fewer fitted or held-out samples: judge on the fitted ones
 RTN = "round to nearest"
 
@@ -297,7 +300,9 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
     """Replace the codes of the plan's weight specs by reconstructed ones, in place."""
     start = time.perf_counter()
     method = _method(cfg.reconstruct)
-    holdout = HOLDOUT if cfg.reconstruct_holdout is None else cfg.reconstruct_holdout
+    holdout = cfg.reconstruct_holdout
+    if holdout is None:
+        holdout = HOLDOUT.get(cfg.reconstruct, HOLDOUT_LEARNED)
     fit, held = split_feed(feed, holdout)
     walk = _Walk(canonical, plan, fit, held, cfg.reconstruct in TORCH_METHODS)
     sites, shared = {s.node: s for s in plan.convs + plan.linears}, _shared_weights(plan)
@@ -317,18 +322,19 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
     plan.reconstruction = results
     plan.reconstruction_check = _model_check(canonical, plan, held or fit, original)
     plan.notes.append(summary(cfg.reconstruct, results, time.perf_counter() - start,
-                              plan.reconstruction_check, _judged_on(fit, held)))
+                              plan.reconstruction_check, _judged_on(fit, held, holdout)))
     if log:
         log.info("reconstruct: %d blocks in %.1f s", len(results), time.perf_counter() - start)
     return results
 
 
-def _judged_on(fit: dict, held: dict | None) -> str:
+def _judged_on(fit: dict, held: dict | None, holdout: float) -> str:
     def count(values):
         return min(v.shape[0] for v in values.values())
 
     if held is None:
-        return f"the {count(fit)} fitted samples (too few to hold any out)"
+        return f"the {count(fit)} fitted samples" + (" (too few to hold any out)"
+                                                     if holdout else "")
     return f"{count(held)} held-out samples (fitted on {count(fit)})"
 
 

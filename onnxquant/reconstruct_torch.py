@@ -9,7 +9,9 @@ grids (torch_quant.Rounding, DESIGN.md §9) and returns integer codes per layer:
     brecq     block-wise: all layers' V jointly, min L_block + lambda * R, L_block the
               relative MSE between the block run in torch (torch_graph) and the float
               block, both on the quantized boundary inputs; activation specs are
-              fake-quantized in the loop (log2 fixed, straight-through)
+              fake-quantized in the loop (log2 fixed, straight-through), and the uniform
+              steps of the activations made inside the block are learned with V (LSQ,
+              Adam on log(step), STEP_LR) and returned for emission
     qdrop     brecq, each activation fake-quant element (and each block input element:
               quantized or float input) dropped to float with probability 0.5 (QDrop)
     mgrq      brecq + extra-block global + intra-block local supervision (below)
@@ -39,6 +41,8 @@ MGRQ (arXiv 2406.09229; its exact formulas could not be read, DESIGN.md §9), as
         mu, sd: per-output-channel mean and std of layer l's output over the batch and the
         positions/tokens; q: the quantized block, f: the float block, both on the quantized
         inputs. Matches each layer's output distribution, not its values.
+        LOCAL_TERM = "mse" replaces it by the mean over layers of each layer's relative
+        output MSE (BRECQ-style per-layer supervision inside the block), for ablation.
 
 If the tail has an op torch_graph lacks, or does not reproduce onnxruntime, MGRQ says so
 through ``task.progress`` and runs without L_global. Deterministic for a given seed (one
@@ -66,6 +70,7 @@ WARMUP = 0.2
 BETA = (20.0, 2.0)
 DROP = 0.5  # QDrop probability of keeping an element float
 GLOBAL_WEIGHT, LOCAL_WEIGHT = 0.1, 0.1  # a, b of the MGRQ loss (docs/reconstruct.md)
+LOCAL_TERM = "moments"  # or "mse" (docs/mgrq_ablation.md)
 GLOBAL_EVERY, GLOBAL_BATCH = 8, 2  # the tail is most of the model: its cost bounded
 LEARN_STEPS = True  # block methods learn the activation steps they can write back (_block)
 STEP_LR = 1e-3  # Adam on log(step): about 0.1 % per step, 10 % over 100 steps at most
@@ -190,7 +195,15 @@ def _mix(quantized: dict, floats: dict, gen) -> dict:
 
 
 def _local(out: dict, want: dict, layers) -> torch.Tensor:
-    """L_local: per-channel mean/std of each layer's output against the float one."""
+    """L_local as LOCAL_TERM says: the moments of each layer's output, or its values."""
+    if LOCAL_TERM == "mse":
+        return _relative({l.node.output[0]: out[l.node.output[0]] for l in layers},
+                         {l.node.output[0]: want[l.node.output[0]] for l in layers})
+    return _local_moments(out, want, layers)
+
+
+def _local_moments(out: dict, want: dict, layers) -> torch.Tensor:
+    """Per-channel mean/std of each layer's output against the float one."""
     terms = []
     for layer in layers:
         name = layer.node.output[0]

@@ -54,19 +54,21 @@ def test_methods_fit_only_the_samples_not_held_out(monkeypatch):
     _with_method(monkeypatch, _fake_method(seen))
     calib = calibration(32, seed=1)
     res = quantize(conv_chain_model(seed=2), calib, weight_bits=3, reconstruct="adaround")
-    fit, held = reconstruct.split_feed({"x": calib}, reconstruct.HOLDOUT)
+    fit, held = reconstruct.split_feed({"x": calib}, reconstruct.HOLDOUT_LEARNED)
     np.testing.assert_array_equal(seen[0]["x"], fit["x"])
     assert len(held["x"]) == 8
     note = next(n for n in res.plan.notes if n.startswith("reconstruct adaround"))
     assert "judged on 8 held-out samples (fitted on 24)" in note
 
 
-def test_holdout_zero_fits_and_judges_every_sample(monkeypatch):
+@pytest.mark.parametrize("name, holdout", [("adaround", 0.0), ("gptq", None)])
+def test_holdout_zero_fits_and_judges_every_sample(monkeypatch, name, holdout):
+    """Asked for, or GPTQ's default."""
     seen = []
     _with_method(monkeypatch, _fake_method(seen))
     calib = calibration(32, seed=1)
-    res = quantize(conv_chain_model(seed=2), calib, weight_bits=3, reconstruct="adaround",
-                   reconstruct_holdout=0.0)
+    res = quantize(conv_chain_model(seed=2), calib, weight_bits=3, reconstruct=name,
+                   reconstruct_holdout=holdout)
     np.testing.assert_array_equal(seen[0]["x"], calib)
     assert any("judged on the 32 fitted samples" in n for n in res.plan.notes)
 
@@ -80,7 +82,7 @@ def test_block_errors_are_measured_on_the_held_out_samples(monkeypatch):
     first, result = res.plan.blocks[0], res.plan.reconstruction[0]
     assert result.name == first.name
     rtn = quantize(model, calib, weight_bits=3)
-    _, held = reconstruct.split_feed({"x": calib}, reconstruct.HOLDOUT)
+    _, held = reconstruct.split_feed({"x": calib}, reconstruct.HOLDOUT_LEARNED)
     names = list(first.outputs)
     want = run_ort(model, {"x": held["x"]}, names)
     got = run_ort(rtn.model, {"x": held["x"]}, names)

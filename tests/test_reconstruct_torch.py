@@ -234,3 +234,24 @@ def test_samples_per_step_shrink_on_full_resolution_maps():
     assert size(Task(x=(32, 64, 32, 32))) == 8  # 1024 positions: 8 samples per step
     assert size(Task(x=(32, 64, 16, 16), shape=(4,))) == reconstruct_torch.BATCH
     assert size(Task(tokens=(512, 16, 64))) == reconstruct_torch.BATCH  # [B * P, N, C]
+
+
+@pytest.mark.parametrize("term", ["moments", "mse"])
+def test_local_term_is_zero_at_float_and_grows_with_the_error(monkeypatch, term):
+    """Both local terms vanish when every layer output equals float's; the per-layer MSE
+    is the mean of the layers' relative squared errors."""
+    class Layer:
+        def __init__(self, name, op):
+            self.node = type("N", (), {"output": [name], "op_type": op})()
+
+    layers = [Layer("a", "Conv"), Layer("b", "MatMul")]
+    g = torch.Generator().manual_seed(0)
+    want = {"a": torch.randn(2, 3, 4, 4, generator=g), "b": torch.randn(2, 5, 6, generator=g)}
+    noise = {k: 0.1 * torch.randn(v.shape, generator=g) for k, v in want.items()}
+    monkeypatch.setattr(reconstruct_torch, "LOCAL_TERM", term)
+    assert float(reconstruct_torch._local(want, want, layers)) == pytest.approx(0, abs=1e-6)
+    got = float(reconstruct_torch._local({k: want[k] + noise[k] for k in want}, want, layers))
+    assert got > 0
+    if term == "mse":
+        rel = [float((noise[k] ** 2).sum() / (want[k] ** 2).sum()) for k in want]
+        assert got == pytest.approx(np.mean(rel), rel=1e-5)

@@ -59,6 +59,19 @@ def timed_quantize(model, cfg, calib, pre, out: Path) -> float:
     return seconds
 
 
+def per_label(setup: dict):
+    """Make ``timed_quantize`` call ``setup[label]()`` before quantizing a config of that
+    label (label -> callable): ablations switch module constants per row this way."""
+    global timed_quantize
+    quantize = timed_quantize
+
+    def timed(model, cfg, calib, pre, out: Path) -> float:
+        by_file = {label.replace(" ", "_"): label for label in setup}
+        setup[by_file[out.name.split(".", 1)[1].rsplit(".onnx", 1)[0]]]()
+        return quantize(model, cfg, calib, pre, out)
+    timed_quantize = timed
+
+
 def reference_rows(ref: dict, configs: list, limit: int, work: Path) -> list:
     models, rows = [], []
     for label, cfg in configs:
