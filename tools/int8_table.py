@@ -123,6 +123,7 @@ def parser(doc: str, out: str, lines: int):
     p = benchlib.reference_parser(doc, out)
     p.add_argument("--lines", type=int, default=lines)
     p.add_argument("--no-recognizer", action="store_true")
+    p.add_argument("--no-references", action="store_true", help="skip the reference checkpoints")
     return p
 
 
@@ -130,7 +131,7 @@ def all_rows(args, configs: list) -> list:
     """Every reference checkpoint, then the recognizer, with every config."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for ref in benchlib.selected_references(args):
+        for ref in [] if args.no_references else benchlib.selected_references(args):
             rows += reference_rows(ref, configs, args.limit, Path(tmp))
         if not args.no_recognizer:
             rows += recognizer_rows(configs, args.lines, Path(tmp))
