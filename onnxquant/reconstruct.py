@@ -39,7 +39,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from . import block_runs, gptq, quantizers
+from . import block_runs, fits, gptq, quantizers
 from . import blocks as blockmap
 from .errors import UserError
 from .layers import Layer
@@ -82,15 +82,6 @@ class BlockTask:
 
 
 @dataclass
-class Fit:
-    """A method's result: codes per layer node and, optionally, learned activation step
-    sizes per tensor (written into every spec that quantizes that tensor)."""
-
-    codes: dict
-    steps: dict = field(default_factory=dict)
-
-
-@dataclass
 class BlockResult:
     name: str
     layers: int
@@ -107,12 +98,6 @@ class ModelCheck:
     rtn_error: float  # every weight rounded to nearest
     error: float  # with the reconstructed codes
     kept: bool  # error <= rtn_error: the codes are kept
-
-
-def _codes_spec(layer: Layer, stacked_codes: np.ndarray):
-    spec = layer.site.weight_spec
-    codes = layer.unstack(stacked_codes).astype(layer.params.zero_point.dtype)
-    return spec.with_(params=layer.params, codes=codes)
 
 
 SEQUENTIAL_LAYERS = 4  # blocks up to this size: every layer sees its predecessors rounded
@@ -160,7 +145,7 @@ def run_gptq(task: BlockTask) -> dict:
                                                                    task.seed)))
             if codes is None:  # H not positive definite even damped: round to nearest
                 continue
-            layer.site.weight_spec = _codes_spec(layer, codes)
+            layer.site.weight_spec = fits.codes_spec(layer, codes)
             out[layer.site.node] = layer.site.weight_spec.codes
         done.update(l.site.node for l in chunk)
     return out
@@ -306,7 +291,7 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
     fit, held = split_feed(feed, holdout)
     walk = _Walk(canonical, plan, fit, held, cfg.reconstruct in TORCH_METHODS)
     sites, shared = {s.node: s for s in plan.convs + plan.linears}, _shared_weights(plan)
-    original = _snapshot(plan)
+    original = fits.snapshot(plan)
     results = []
     bar = tqdm(plan.blocks, desc=f"reconstruct ({cfg.reconstruct})", unit="block",
                disable=not progress)
@@ -340,56 +325,13 @@ def _judged_on(fit: dict, held: dict | None, holdout: float) -> str:
 
 def _candidates(task: BlockTask, method, name: str) -> dict:
     """Fit by origin ({} codes: round to nearest), in order of preference."""
-    out = {RTN: Fit({})}
+    out = {RTN: fits.Fit({})}
     if name in START_FROM_GPTQ:
         task.start = run_gptq(task)
-        out["gptq"] = Fit(task.start)
+        out["gptq"] = fits.Fit(task.start)
     fit = method(task)
-    out[name] = fit if isinstance(fit, Fit) else Fit(fit)
+    out[name] = fit if isinstance(fit, fits.Fit) else fits.Fit(fit)
     return out
-
-
-def _apply(layers: list, fit: Fit, rounded: dict, acts: list) -> None:
-    """Put ``fit`` into the plan: its codes (else round to nearest) and its steps (else the
-    calibrated ones) in every activation spec of ``acts`` [(site, attribute, tensor, spec)]."""
-    for layer in layers:
-        node = layer.site.node
-        layer.site.weight_spec = (_codes_spec(layer, layer.stack(fit.codes[node]))
-                                  if node in fit.codes else rounded[node])
-    for site, attr, tensor, spec in acts:
-        step = fit.steps.get(tensor)
-        setattr(site, attr, spec if step is None else spec.with_(params=_stepped(spec, step)))
-
-
-def _stepped(spec, step) -> quantizers.UniformParams:
-    p = spec.uniform_params()
-    return quantizers.UniformParams(np.full_like(p.scale, step, dtype=np.float32),
-                                    p.zero_point, p.qmin, p.qmax, p.axis)
-
-
-def _activation_specs(plan: Plan) -> list:
-    """(site, attribute, tensor) of every uniform activation spec in the plan."""
-    out = []
-    for site in plan.convs + plan.linears:
-        for attr, tensor in (("input_spec", site.input),
-                             ("output_spec", getattr(site, "output", None))):
-            out.append((site, attr, tensor))
-    out += [(site, "spec", site.skip) for site in plan.residuals]
-    return [(site, attr, t) for site, attr, t in out
-            if getattr(getattr(site, attr, None), "kind", None) == "uniform"]
-
-
-def _learnable_steps(plan: Plan, model: onnx.ModelProto) -> list:
-    """(site, attribute, tensor, spec) of the activation specs whose step a block method may
-    learn: tensors computed inside this block (earlier blocks were judged with the steps of
-    their outputs fixed), none of whose readers is a QLinearConv (its int32 bias was sized
-    for the calibrated input step: decide.py)."""
-    made = {o for n in model.graph.node for o in n.output}
-    specs = _activation_specs(plan)
-    int8 = {t for site, attr, t in specs
-            if attr == "input_spec" and getattr(site, "int8_output", False)}
-    return [(site, attr, t, getattr(site, attr)) for site, attr, t in specs
-            if t in made and t not in int8]
 
 
 def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> tuple:
@@ -402,38 +344,26 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> tuple
                      walk.f or {}, walk.tail(i) if walk.f is not None else None,
                      lambda info: bar.set_postfix(info, refresh=False))
     rounded = {layer.site.node: layer.site.weight_spec.with_(codes=None) for layer in layers}
-    acts = _learnable_steps(walk.plan, model)
+    acts = fits.learnable_steps(walk.plan, model)
     task.learn_steps = frozenset(t for _, _, t, _ in acts)
     candidates = _candidates(task, method, cfg.reconstruct)
     want = block_runs.run(model, walk.judged)  # float block on the quantized inputs
     errors, outputs = {}, {}
     for origin, fit in candidates.items():
-        _apply(layers, fit, rounded, acts)
+        fits.apply(layers, fit, rounded, acts)
         outputs[origin] = walk.quantized_outputs(i, graph, walk.judged)
         errors[origin] = block_runs.relative_error(outputs[origin], want)
     kept = min(errors, key=errors.get)  # ties: the earlier, simpler codes
-    _apply(layers, candidates[kept], rounded, acts)
+    fits.apply(layers, candidates[kept], rounded, acts)
     bar.set_postfix({"block": block.name, "err": f"{errors[RTN]:.2e}->{errors[kept]:.2e}"},
                     refresh=False)
     result = BlockResult(block.name, len(layers), errors[RTN], errors[kept], kept, errors)
     return result, outputs[kept]
 
 
-def _snapshot(plan: Plan) -> list:
-    """(site, attribute, spec) of every weight and uniform activation spec: what
-    reconstruction may change."""
-    out = [(site, "weight_spec", site.weight_spec) for site in plan.convs + plan.linears]
-    return out + [(site, attr, getattr(site, attr)) for site, attr, _ in _activation_specs(plan)]
-
-
-def _restore(snapshot: list) -> None:
-    for site, attr, spec in snapshot:
-        setattr(site, attr, spec)
-
-
 def _model_check(canonical, plan: Plan, feed: dict, original: list) -> ModelCheck:
     """Keep the codes (and learned steps) only if the whole model's outputs are closer to
-    float with them than with the ``original`` specs (_snapshot: round to nearest,
+    float with them than with the ``original`` specs (fits.snapshot: round to nearest,
     calibrated steps), on ``feed``. Each block was kept only if it beat rounding on its own
     outputs, but block errors do not always add up to a better model
     (tools/fuzz_reconstruct.py: 19 of 120 random graphs ended > 5 % worse)."""
@@ -446,12 +376,12 @@ def _model_check(canonical, plan: Plan, feed: dict, original: list) -> ModelChec
             block_runs.run(block_runs.emitted(graph, plan), feed, names), want)
 
     error = model_error()
-    chosen = _snapshot(plan)
-    _restore(original)
+    chosen = fits.snapshot(plan)
+    fits.restore(original)
     rtn = model_error()
     kept = error <= rtn
     if kept:
-        _restore(chosen)
+        fits.restore(chosen)
     return ModelCheck(rtn, error, kept)
 
 

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from . import block_runs
-from .reconstruct import Fit
+from .fits import Fit
 from .torch_graph import GraphModule
 from .torch_quant import ActQuant, Rounding, Samples, block_hooks, rows
 

@@ -1,14 +1,14 @@
 """The --reconstruct driver (reconstruct.py) around its methods: judging codes on held-out
 calibration samples (split_feed, _reconstruct_block: the methods never see them, every block
 keeps the candidate with the lowest error on them, the errors reported are measured on
-them), and which learned activation steps can be written back (_learnable_steps, _apply)."""
+them), and which learned activation steps can be written back (fits.learnable_steps, fits.apply)."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from graphs import calibration, conv_chain_model, mixed_model, quantize, run_ort
-from onnxquant import QuantConfig, reconstruct
+from onnxquant import QuantConfig, fits, reconstruct
 
 
 @settings(max_examples=60, deadline=None)
@@ -136,12 +136,12 @@ def test_learnable_steps_are_made_inside_the_block_and_not_read_by_qlinearconv()
     res = quantize(mixed_model(seed=2), calibration(16), target="ort",
                    ort_int8_kinds=("dense", "pointwise", "stem", "linear"))
     for block in res.plan.blocks:
-        acts = reconstruct._learnable_steps(res.plan, _block_model(res, block))
+        acts = fits.learnable_steps(res.plan, _block_model(res, block))
         for site, attr, tensor, spec in acts:
             assert attr != "input_spec" or not site.int8_output  # QLinearConv bias sized on it
             assert tensor not in block.inputs and spec is getattr(site, attr)
     every = {t for b in res.plan.blocks
-             for *_, t, _ in reconstruct._learnable_steps(res.plan, _block_model(res, b))}
+             for *_, t, _ in fits.learnable_steps(res.plan, _block_model(res, b))}
     assert "stem_out" in every and "x" not in every and "stem_act_out" not in every
 
 
@@ -156,12 +156,12 @@ def _block_model(res, block):
 
 def test_apply_writes_a_step_into_every_spec_of_its_tensor_and_restores_the_rest():
     res = quantize(mixed_model(seed=2), calibration(16), target="tensorrt", weight_bits=4)
-    specs = reconstruct._activation_specs(res.plan)
+    specs = fits.activation_specs(res.plan)
     tensor = specs[1][2]
     acts = [(site, attr, t, getattr(site, attr)) for site, attr, t in specs]
     old = {(id(site), attr): spec for site, attr, _, spec in acts}
     step = np.float32(0.0123)
-    reconstruct._apply([], reconstruct.Fit({}, {tensor: step}), {}, acts)
+    fits.apply([], fits.Fit({}, {tensor: step}), {}, acts)
     for site, attr, t, _ in acts:
         p = getattr(site, attr).uniform_params()
         if t == tensor:
@@ -169,5 +169,5 @@ def test_apply_writes_a_step_into_every_spec_of_its_tensor_and_restores_the_rest
             ).zero_point
         else:
             assert getattr(site, attr) is old[id(site), attr]
-    reconstruct._apply([], reconstruct.Fit({}), {}, acts)
+    fits.apply([], fits.Fit({}), {}, acts)
     assert all(getattr(site, attr) is old[id(site), attr] for site, attr, _, _ in acts)

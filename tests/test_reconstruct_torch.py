@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from graphs import Builder, calibration, mixed_model, quantize, sdpa_model  # noqa: E402
 from onnxquant import QuantConfig, analyze, block_runs, blocks, quantizers  # noqa: E402
-from onnxquant import reconstruct, reconstruct_torch  # noqa: E402
+from onnxquant import fits, reconstruct, reconstruct_torch  # noqa: E402
 from onnxquant.layers import Layer  # noqa: E402
 from onnxquant.spec import QuantSpec  # noqa: E402
 from onnxquant.torch_graph import GraphModule  # noqa: E402
@@ -173,7 +173,7 @@ def test_emitted_codes_and_steps_give_the_torch_forward(monkeypatch):
 
     def method(task):
         fit = reconstruct_torch.brecq(task)
-        acts = reconstruct._learnable_steps(task.plan, task.model)
+        acts = fits.learnable_steps(task.plan, task.model)
         seen.append((task, fit, acts, {k: v for k, v in task.inputs.items()}))
         return fit
 
@@ -187,7 +187,7 @@ def test_emitted_codes_and_steps_give_the_torch_forward(monkeypatch):
     assert any(fit.steps for _, fit, _, _ in seen)
     for task, fit, acts, inputs in seen:
         rounded = {layer.site.node: None for layer in task.layers}
-        reconstruct._apply(task.layers, fit, rounded, acts)
+        fits.apply(task.layers, fit, rounded, acts)
         for tensor, step in fit.steps.items():  # the learned step is the one emitted
             specs = [spec for site, attr, t, spec in acts if t == tensor]
             assert specs and all(getattr(site, attr).uniform_params().scale[0] == step
