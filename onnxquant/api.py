@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import emit, functions, opset
+from . import emit, functions, opset, targets
 from .calibrate import collect_stats, sample_feed
 from .decide import decide
 from .config import INT8_KINDS, QuantConfig
@@ -204,7 +204,7 @@ def _pack_4bit(model: onnx.ModelProto, plan: Plan, config: QuantConfig, name: st
     target's DequantizeLinear weights, and block-wise weights on any target (TensorRT's
     INT4 weight-only layers; its int8 convs keep INT8 codes; ort's weights are folded).
     ``sample()``: a calibration feed the checks run on."""
-    block_wise_only = config.target != "paper"
+    block_wise_only = targets.profile(config).int4_weights == "block_wise"
     if config.weight_bits > 4 or config.weight_format != "qdq" or (
             block_wise_only and config.weight_block_size is None):
         return model

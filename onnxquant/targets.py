@@ -34,6 +34,8 @@ class TargetProfile:
     activation_symmetric: bool
     # constraints the output must satisfy (checked in decide.py)
     symmetric_only: bool = False  # no uint8 / non-zero zero points anywhere
+    # storage (api.py): which weight codes of 4 bits or fewer are written as INT4/UINT4
+    int4_weights: str = "all"  # "all" DequantizeLinear weights | "block_wise" only
 
     def weight_scheme(self, cfg: QuantConfig) -> dict:
         """Scheme of weight-only weights: bits, symmetric, per channel, storage format."""
@@ -78,11 +80,14 @@ PROFILES = {
                          int8_linears="dynamic", residual_skips=False, weight_symmetric=False,
                          weight_per_channel=True, weight_format="folded",
                          # AVX2 u8s8 kernels can saturate 16-bit sums with 8-bit weights
-                         int8_weight_bits=7, activation_symmetric=False),
+                         int8_weight_bits=7, activation_symmetric=False,
+                         int4_weights="block_wise"),
     "tensorrt": TargetProfile("tensorrt", int8_convs="all", int8_conv_outputs=False,
                               int8_linears="static", residual_skips=True, weight_symmetric=True,
                               weight_per_channel=True, weight_format=None, int8_weight_bits=None,
-                              activation_symmetric=True, symmetric_only=True),
+                              activation_symmetric=True, symmetric_only=True,
+                              # TensorRT takes INT4 as weight-only block-wise layers only
+                              int4_weights="block_wise"),
 }
 
 
