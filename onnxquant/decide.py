@@ -97,10 +97,9 @@ def _linear(graph_nodes, site: LinearSite, prof, cfg, stats) -> None:
     axis = 1 if site.op == "MatMul" or not node.attrs.get("transB", 0) else 0
     site.weight_spec = _weight_only(prof, cfg, axis)
     if cfg.weight_block_size is not None and constant_value(node.inputs[1]).ndim == 2:
-        # blocks along K (the other axis): weight-only everywhere, as TensorRT's INT4 is
+        # blocks along K (the other axis); select_sites made these layers weight-only
         site.weight_spec = site.weight_spec.with_(axis=1 - axis,
                                                   block_size=cfg.weight_block_size)
-        site.int8_input = False
     if site.int8_input:
         site.input_spec = _activation(stats, site.input, True, cfg)
 

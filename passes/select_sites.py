@@ -74,7 +74,17 @@ def _exclude(ctx) -> None:
     ctx.plan.notes.append(f"kept float by --exclude: {excluded} node(s)")
 
 
-def _mark(plan, cfg) -> None:
+def _block_wise(graph: gs.Graph, site, cfg) -> bool:
+    """A linear layer whose weight gets block-wise scales (decide.py): weight-only on every
+    target, as TensorRT's INT4 block-wise layers are."""
+    if cfg.weight_block_size is None:
+        return False
+    node = next((n for n in graph.nodes if n.name == site.node), None)
+    w = constant_value(node.inputs[1]) if node is not None and len(node.inputs) > 1 else None
+    return w is not None and w.ndim == 2
+
+
+def _mark(plan, cfg, graph: gs.Graph) -> None:
     """Where to quantize, from the target profile's ``where`` fields and the parts."""
     prof, parts = profile(cfg), cfg.active_parts
     for site in plan.attention:
@@ -91,7 +101,8 @@ def _mark(plan, cfg) -> None:
         site.quantize = "linear" in parts
         site.dynamic = (site.quantize and prof.int8_linears == "dynamic" and site.op == "MatMul"
                         and "linear" in kinds)
-        site.int8_input = site.quantize and prof.int8_linears == "static"
+        site.int8_input = (site.quantize and prof.int8_linears == "static"
+                           and not _block_wise(graph, site, cfg))
 
 
 def run(graph: gs.Graph, ctx) -> int:
@@ -100,7 +111,7 @@ def run(graph: gs.Graph, ctx) -> int:
     Idempotent: strategies that change the config (the kernel probe) call it again."""
     cfg = ctx.config
     ctx.plan.notes = [n for n in ctx.plan.notes if not n.startswith(_OWN_NOTES)]
-    _mark(ctx.plan, cfg)
+    _mark(ctx.plan, cfg, graph)
     _skip_non_finite(graph, ctx)
     _exclude(ctx)
     quantized_convs = {c.node for c in ctx.plan.convs if c.int8_input}
