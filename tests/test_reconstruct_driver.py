@@ -171,3 +171,26 @@ def test_apply_writes_a_step_into_every_spec_of_its_tensor_and_restores_the_rest
             assert getattr(site, attr) is old[id(site), attr]
     fits.apply([], fits.Fit({}), {}, acts)
     assert all(getattr(site, attr) is old[id(site), attr] for site, attr, _, _ in acts)
+
+
+def test_gptq_start_is_fitted_on_every_sample_and_the_method_on_the_rest(monkeypatch):
+    """brecq/mgrq start at GPTQ's codes fitted on all calibration samples (held-out ones
+    included); the learned rounding itself sees only the fitted ones."""
+    seen, starts = [], []
+    fake = _fake_method(seen)
+
+    def method(task):
+        starts.append(dict(task.start))
+        return fake(task)
+
+    model, calib = mixed_model(seed=2), calibration(32, seed=1)
+    plain = quantize(model, calib, weight_bits=3, per_channel=True, reconstruct="gptq")
+    first = plain.plan.blocks[0]
+    want = {s.node: s.weight_spec.codes for s in plain.plan.convs + plain.plan.linears
+            if s.node in first.convs + first.linears}
+    _with_method(monkeypatch, method)
+    quantize(model, calib, weight_bits=3, per_channel=True, reconstruct="brecq")
+    assert want and set(starts[0]) == set(want)
+    for node, codes in want.items():
+        np.testing.assert_array_equal(starts[0][node], codes)
+    assert len(seen[0]["x"]) == 24
