@@ -45,7 +45,9 @@ def as_dict(plan: Plan, recipe: str) -> dict:
                             "error": r.error, "kept": r.kept} for r in plan.reconstruction],
         "reconstruction_model_check": None if plan.reconstruction_check is None else {
             "rtn_error": plan.reconstruction_check.rtn_error,
-            "error": plan.reconstruction_check.error, "kept": plan.reconstruction_check.kept},
+            "error": plan.reconstruction_check.error, "kept": plan.reconstruction_check.kept,
+            "start_error": plan.reconstruction_check.start_error,
+            "kept_start": plan.reconstruction_check.kept_start},
         "notes": list(plan.notes),
     }
 
@@ -80,7 +82,10 @@ def as_markdown(report: dict) -> str:
         if check:
             lines += ["", f"Whole model output error: round-to-nearest {check['rtn_error']:.2e}, "
                       f"reconstructed {check['error']:.2e}: codes "
-                      + ("kept" if check["kept"] else "rejected (weights rounded to nearest)")]
+                      + ("kept" if check["kept"] else "rejected (weights rounded to nearest)")
+                      + ("" if check.get("start_error") is None else
+                         f"; every block at GPTQ's start {check['start_error']:.2e}"
+                         + (": GPTQ's codes kept" if check.get("kept_start") else ""))]
         lines.append("")
     lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"

@@ -194,3 +194,23 @@ def test_gptq_start_is_fitted_on_every_sample_and_the_method_on_the_rest(monkeyp
     for node, codes in want.items():
         np.testing.assert_array_equal(starts[0][node], codes)
     assert len(seen[0]["x"]) == 24
+
+
+def test_the_model_check_falls_back_to_gptqs_start_when_it_is_closer_to_float():
+    """Per-block choices that add up to a worse model than every block at GPTQ's start
+    give way to the start (and to rounding when that is better still)."""
+    model, calib = conv_chain_model(seed=2), calibration(32, seed=1)
+    res = quantize(model, calib, weight_bits=3, per_channel=True, reconstruct="gptq")
+    sites = [s for s in res.plan.convs]
+    gptq = [(site, "weight_spec", site.weight_spec) for site in sites]
+    rounded = [(site, "weight_spec", site.weight_spec.with_(codes=None)) for site in sites]
+    for site in sites:  # a poor per-block choice: two steps off everywhere
+        spec, p = site.weight_spec, site.weight_spec.params
+        site.weight_spec = spec.with_(codes=np.clip(spec.codes.astype(np.int64) + 2, p.qmin,
+                                                    p.qmax).astype(spec.codes.dtype))
+    check = reconstruct._model_check(model, res.plan, {"x": calib}, rounded, gptq)
+    assert check.kept and check.kept_start
+    assert check.start_error < check.error and check.start_error < check.rtn_error
+    assert all(site.weight_spec is spec for site, _, spec in gptq)
+    note = reconstruct.summary("brecq", res.plan.reconstruction, 1.0, check)
+    assert "GPTQ's codes kept in every block" in note
