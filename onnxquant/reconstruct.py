@@ -373,9 +373,8 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar, starts) 
         fits.apply(layers, fit, rounded, acts)
         outputs[origin] = walk.quantized_outputs(i, graph, walk.judged)
         errors[origin] = block_runs.relative_error(outputs[origin], want)
-    if "gptq" in candidates:
-        fits.apply(layers, candidates["gptq"], rounded, acts)
-        starts.update({layer.site.node: layer.site.weight_spec for layer in layers})
+        if origin == "gptq":
+            starts.update({layer.site.node: layer.site.weight_spec for layer in layers})
     kept = min(errors, key=errors.get)  # ties: the earlier, simpler codes
     fits.apply(layers, candidates[kept], rounded, acts)
     bar.set_postfix({"block": block.name, "err": f"{errors[RTN]:.2e}->{errors[kept]:.2e}"},
@@ -401,20 +400,16 @@ def _model_check(canonical, plan: Plan, feed: dict, original: list,
         return block_runs.relative_error(
             block_runs.run(block_runs.emitted(graph, plan), feed, names), want)
 
-    error, chosen = model_error(), fits.snapshot(plan)
-    start_error = None
-    if start:
-        fits.restore(start)
-        start_error = model_error()
-    fits.restore(original)
-    rtn = model_error()
-    best = min(e for e in (error, start_error, rtn) if e is not None)
-    if error == best:
-        fits.restore(chosen)
-    elif start_error == best:
-        fits.restore(start)
-    return ModelCheck(rtn, error, best < rtn or error == best, start_error,
-                      start_error == best and error != best)
+    models = {"chosen": fits.snapshot(plan), "start": start, RTN: original}  # preference
+    errors = {}
+    for name, specs in models.items():
+        if specs:
+            fits.restore(specs)
+            errors[name] = model_error()
+    kept = min(errors, key=errors.get)  # ties: the earlier
+    fits.restore(models[kept])
+    return ModelCheck(errors[RTN], errors["chosen"], kept != RTN, errors.get("start"),
+                      kept == "start")
 
 
 def summary(method: str, results: list, seconds: float, check: ModelCheck | None = None,
