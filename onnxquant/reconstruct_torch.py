@@ -17,8 +17,9 @@ grids (torch_quant.Rounding, DESIGN.md §9) and returns integer codes per layer:
     mgrq      brecq + extra-block global + intra-block local supervision (below)
 
 brecq and mgrq start their roundings at the block's GPTQ codes (``task.start``: the driver
-runs GPTQ first for the methods in reconstruct.START_FROM_GPTQ and also judges those codes),
-adaround and qdrop at round-to-nearest, AdaRound's start.
+runs GPTQ first for every torch method, judges those codes too, and hands them as the start
+to the methods in reconstruct.START_FROM_GPTQ), adaround and qdrop at round-to-nearest,
+AdaRound's start.
 
 R(h, beta) = mean(1 - |2h - 1|^beta), beta annealed 20 -> 2 after a 20 % warm-up without
 it. The reconstruction terms are relative (divided by the float target's energy) and R is a
