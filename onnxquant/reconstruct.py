@@ -14,7 +14,7 @@ into ``QuantSpec.codes`` with the grid they were chosen on, and emission writes 
     adaround, brecq, qdrop, mgrq   torch (reconstruct_torch.py), when installed
 
 Judging the codes. For the torch methods a quarter of the calibration samples
-(``reconstruct_holdout``) is held out: the methods fit on the rest, and each block keeps
+(``QuantConfig.holdout``) is held out: the methods fit on the rest, and each block keeps
 whichever of its candidates gives the lowest block output error on the held-out samples:
 round to nearest, GPTQ's codes (brecq's and mgrq's start, fitted on every sample: GPTQ
 at 3 bits needs all of them) and the method's own (codes and learned steps). Judged on the fitted samples, learned rounding at 3 bits passed every
@@ -54,8 +54,6 @@ TORCH_METHODS = ("adaround", "brecq", "qdrop", "mgrq")
 # torch method has GPTQ's codes among the candidates its blocks are judged on (adaround
 # and qdrop from round-to-nearest read 44.7 % and 0 % of the recognizer's lines at W4)
 START_FROM_GPTQ = ("brecq", "mgrq")
-HOLDOUT = {"gptq": 0.0}  # default share of calibration samples held out to judge codes ...
-HOLDOUT_LEARNED = 0.25  # ... and for the methods that learn by gradient descent
 MIN_SAMPLES_EACH_SIDE = 2  # fewer fitted or held-out samples: judge on the fitted ones
 RTN = "round to nearest"
 
@@ -299,9 +297,7 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
     """Replace the codes of the plan's weight specs by reconstructed ones, in place."""
     start = time.perf_counter()
     method = _method(cfg.reconstruct)
-    holdout = cfg.reconstruct_holdout
-    if holdout is None:
-        holdout = HOLDOUT.get(cfg.reconstruct, HOLDOUT_LEARNED)
+    holdout = cfg.holdout
     fit, held = split_feed(feed, holdout)
     walk = _Walk(canonical, plan, feed, (fit, held) if held is not None else None,
                  cfg.reconstruct in TORCH_METHODS)

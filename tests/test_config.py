@@ -57,3 +57,12 @@ def test_ort_choice_is_recorded_in_the_metadata():
     assert meta["onnxquant.ort_int8_basis"] == "given"
     paper = quantize(mixed_model(), calibration())
     assert not any(p.key.startswith("onnxquant.") for p in paper.model.metadata_props)
+
+
+def test_holdout_defaults_by_method():
+    """None: the torch methods hold a quarter out, GPTQ none; a given share is kept."""
+    assert QuantConfig(reconstruct="gptq").holdout == 0.0
+    assert {QuantConfig(reconstruct=m).holdout for m in ("adaround", "brecq", "qdrop", "mgrq")} == {0.25}
+    assert QuantConfig(reconstruct="brecq", reconstruct_holdout=0.0).holdout == 0.0
+    assert QuantConfig(reconstruct="gptq", reconstruct_holdout=0.5).holdout == 0.5
+    assert QuantConfig().holdout == 0.0

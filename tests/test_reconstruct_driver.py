@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from graphs import calibration, conv_chain_model, mixed_model, quantize, run_ort
 from onnxquant import QuantConfig, fits, reconstruct
+from onnxquant.config import HOLDOUT_DEFAULTS
 
 
 @settings(max_examples=60, deadline=None)
@@ -54,7 +55,7 @@ def test_methods_fit_only_the_samples_not_held_out(monkeypatch):
     _with_method(monkeypatch, _fake_method(seen))
     calib = calibration(32, seed=1)
     res = quantize(conv_chain_model(seed=2), calib, weight_bits=3, reconstruct="adaround")
-    fit, held = reconstruct.split_feed({"x": calib}, reconstruct.HOLDOUT_LEARNED)
+    fit, held = reconstruct.split_feed({"x": calib}, HOLDOUT_DEFAULTS["adaround"])
     np.testing.assert_array_equal(seen[0]["x"], fit["x"])
     assert len(held["x"]) == 8
     note = next(n for n in res.plan.notes if n.startswith("reconstruct adaround"))
@@ -82,7 +83,7 @@ def test_block_errors_are_measured_on_the_held_out_samples(monkeypatch):
     first, result = res.plan.blocks[0], res.plan.reconstruction[0]
     assert result.name == first.name
     rtn = quantize(model, calib, weight_bits=3)
-    _, held = reconstruct.split_feed({"x": calib}, reconstruct.HOLDOUT_LEARNED)
+    _, held = reconstruct.split_feed({"x": calib}, HOLDOUT_DEFAULTS["adaround"])
     names = list(first.outputs)
     want = run_ort(model, {"x": held["x"]}, names)
     got = run_ort(rtn.model, {"x": held["x"]}, names)
