@@ -14,7 +14,8 @@ line/char accuracy and agreement on rendered lines for the PP-OCR recognizer. A 
 fails (or writes a model onnxruntime cannot run) is a row with the first line of its error,
 then is retried on the model converted to opset 13 by onnx.version_converter.
 ``--w4`` (issue 12): AIMET AdaRound at 4-bit weights / 8-bit activations (100 iterations) and
-onnxquant's W4A8 with and without AdaRound; Quark has no 4-bit integer type (a row says so).
+onnxquant's W4A8 with round to nearest, AdaRound (100 iterations), GPTQ and MGRQ (their
+defaults); Quark has no 4-bit integer type (a row says so).
 Never run in CI: it installs packages and takes tens of minutes (an hour with ``--w4``).
 """
 
@@ -48,7 +49,8 @@ PEERS = {
 }
 # --w4 (issue 12): 4-bit weights, 8-bit activations, AdaRound at 100 iterations (DESIGN.md 6)
 W4 = {"aimet": ["aimet-w4a8", "aimet-adaround-w4a8"], "quark": [],
-      "onnxquant": ["onnxquant-tensorrt-w4a8", "onnxquant-tensorrt-w4a8-adaround"]}
+      "onnxquant": ["onnxquant-tensorrt-w4a8", "onnxquant-tensorrt-w4a8-adaround",
+                    "onnxquant-tensorrt-w4a8-gptq", "onnxquant-tensorrt-w4a8-mgrq"]}
 W4_MISSING = {"quark": "no 4-bit integer weights in amd-quark 0.13 ONNX (int8/16/32, fp16/bf16, "
                        "BFP, MX; MATMUL_NBITS is MatMul weight-only): no AdaRound row"}
 SHOWN = ("onnxruntime", "onnx", "numpy", "nncf", "onnx-neural-compressor", "amd-quark",

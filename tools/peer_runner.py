@@ -141,6 +141,10 @@ RECIPES = {
     "onnxquant-tensorrt-w4a8": lambda m, f, o: onnxquant_recipe(m, f, o, weight_bits=4),
     "onnxquant-tensorrt-w4a8-adaround": lambda m, f, o: onnxquant_recipe(
         m, f, o, weight_bits=4, reconstruct="adaround", reconstruct_iters=100),
+    "onnxquant-tensorrt-w4a8-gptq": lambda m, f, o: onnxquant_recipe(
+        m, f, o, weight_bits=4, reconstruct="gptq"),
+    "onnxquant-tensorrt-w4a8-mgrq": lambda m, f, o: onnxquant_recipe(
+        m, f, o, weight_bits=4, reconstruct="mgrq"),
 }
 
 
