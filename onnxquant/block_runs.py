@@ -70,3 +70,38 @@ def relative_error(got: dict, want: dict, weights: dict | None = None) -> float:
     num = sum(float(np.sum(weight(k) * (g - want[k]) ** 2)) for k, g in got.items())
     den = sum(float(np.sum(weight(k) * want[k] ** 2)) for k in got)
     return num / max(den, 1e-30)
+
+
+def _floating(v) -> bool:
+    dtype = v.dtype
+    return dtype.is_floating_point if hasattr(dtype, "is_floating_point") else \
+        np.issubdtype(dtype, np.floating)
+
+
+def sample_count(values: dict) -> int:
+    """Samples in boundary ``values``: the gcd of the float values' leading dims (a value
+    may hold n x k rows, sample-major: MobileViT's [B * patches, tokens, C])."""
+    dims = [int(v.shape[0]) for v in values.values() if _floating(v) and v.ndim]
+    return int(np.gcd.reduce(dims)) if dims else 1
+
+
+def rows(v, idx, n: int):
+    """Samples ``idx`` of a boundary value (NumPy array or torch tensor) holding ``n``
+    samples along dim 0, or n x k rows, sample-major. Shape vectors (integer 1-D) whose
+    first entry is a multiple of n get it rescaled: exporters bake the batch into Concat'ed
+    Reshape targets ([B, C, -1], [B * C * ..., 2, 2]). Anything else is passed whole."""
+    b = len(idx)
+    if _floating(v) and v.ndim and v.shape[0] % n == 0:
+        k = v.shape[0] // n
+        return v.reshape(n, k, *v.shape[1:])[idx].reshape(b * k, *v.shape[1:])
+    if not _floating(v) and v.ndim == 1 and v.shape[0] and v[0] > 0 and v[0] % n == 0:
+        out = v.clone() if hasattr(v, "clone") else v.copy()
+        out[0] = v[0] // n * b
+        return out
+    return v
+
+
+def take(values: dict, idx, n: int | None = None) -> dict:
+    """``rows`` of every boundary value (``n``: default ``sample_count``)."""
+    n = n or sample_count(values)
+    return {k: rows(v, idx, n) for k, v in values.items()}

@@ -225,37 +225,50 @@ def _last_reads(blocks: list) -> dict:
     return last
 
 
-def split_feed(feed: dict, fraction: float) -> tuple:
-    """(samples the methods fit on, held-out samples that judge the codes, or None where
-    either side would have fewer than MIN_SAMPLES_EACH_SIDE). The held-out samples are
-    spread evenly over the set: calibration images come in folder (class) order."""
-    n = min(v.shape[0] for v in feed.values())
+def split_indices(n: int, fraction: float) -> tuple | None:
+    """(indices of the samples the methods fit on, of the held-out samples that judge the
+    codes), or None where either side would have fewer than MIN_SAMPLES_EACH_SIDE. The
+    held-out samples are spread evenly over the set: calibration images come in folder
+    (class) order."""
     held = int(n * fraction)
     if held < MIN_SAMPLES_EACH_SIDE or n - held < MIN_SAMPLES_EACH_SIDE:
-        return feed, None
+        return None
     mask = np.zeros(n, bool)
     mask[np.round(np.linspace(0, n - 1, held)).astype(int)] = True
-    return {k: v[:n][~mask] for k, v in feed.items()}, {k: v[:n][mask] for k, v in feed.items()}
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def split_feed(feed: dict, fraction: float) -> tuple:
+    """(fitted samples, held-out samples or None) of a model feed (``split_indices``)."""
+    n = block_runs.sample_count(feed)
+    split = split_indices(n, fraction)
+    if split is None:
+        return feed, None
+    return tuple(block_runs.take(feed, idx, n) for idx in split)
 
 
 class _Walk:
-    """The blocks in order, with the boundary values so far: quantized on the samples the
-    methods fit (q), on the held-out ones that judge codes (h) and on all of them (a: GPTQ's
-    codes, fitted on every sample), float on the fitted ones (f, MGRQ's global term); a, f
-    only for the torch methods (``learned``). Without a held-out split q is every sample and
-    h, a are unused."""
+    """The blocks in order, with the boundary values so far: quantized on every sample (a),
+    float on the fitted ones (f, MGRQ's global term; ``learned`` methods only). The fitted
+    (q) and held-out (h) samples are rows of a (``split``: their indices): one run of each
+    block on all samples serves the methods (q), the judge (h) and GPTQ's codes, fitted on
+    every sample (a). Without a split q is a and h is None."""
 
-    def __init__(self, canonical, plan: Plan, feed: dict, held_out: tuple | None,
+    def __init__(self, canonical, plan: Plan, feed: dict, split: tuple | None,
                  learned: bool):
-        self.canonical, self.plan = canonical, plan
+        self.canonical, self.plan, self.split = canonical, plan, split
         self.types = blockmap.value_types(canonical)
-        fit, held = held_out if held_out else (feed, None)
-        self.q = dict(fit)
-        self.h = dict(held) if held is not None else None
-        self.a = dict(feed) if held is not None and learned else None
-        self.f = dict(fit) if learned else None
+        self.n = block_runs.sample_count(feed)
+        self.a = dict(feed)
+        self._slice()
+        self.f = dict(self.q) if learned else None
         self.last = _last_reads(plan.blocks)
         self.outputs = {o.name for o in canonical.graph.output}
+
+    def _slice(self) -> None:
+        fit, held = self.split or (None, None)
+        self.q = self.a if fit is None else block_runs.take(self.a, fit, self.n)
+        self.h = None if held is None else block_runs.take(self.a, held, self.n)
 
     @property
     def judged(self) -> dict:
@@ -263,7 +276,7 @@ class _Walk:
 
     @property
     def every_sample(self) -> dict:
-        return self.q if self.a is None else self.a
+        return self.a
 
     def quantized_outputs(self, i: int, graph: gs.Graph, values: dict) -> dict:
         """Block ``i``'s outputs with the plan's current specs, on quantized ``values``."""
@@ -271,21 +284,17 @@ class _Walk:
         model = block_runs.emitted(graph, block_runs.subplan(self.plan, nodes))
         return block_runs.run(model, values)
 
-    def advance(self, i: int, model: onnx.ModelProto, graph: gs.Graph,
-                judged_outputs: dict | None = None) -> None:
-        """Move past block ``i`` with its specs as they are now (``judged_outputs``: its
-        quantized outputs on the judged samples, when already computed)."""
+    def advance(self, i: int, model: onnx.ModelProto, graph: gs.Graph) -> None:
+        """Move past block ``i`` with its specs as they are now."""
         block = self.plan.blocks[i]
-        judged = judged_outputs or self.quantized_outputs(i, graph, self.judged)
-        for values in (v for v in (self.q, self.a) if v is not None and v is not self.judged):
-            values.update(self.quantized_outputs(i, graph, values))
-        self.judged.update(judged)
+        self.a.update(self.quantized_outputs(i, graph, self.a))
         if self.f is not None:
             self.f.update(block_runs.run(model, self.f))
-        for values in (v for v in (self.q, self.h, self.a, self.f) if v is not None):
+        for values in (v for v in (self.a, self.f) if v is not None):
             for t in [t for t in values if self.last.get(t, -1) <= i and t not in self.outputs
                       and t not in block.outputs]:
                 del values[t]
+        self._slice()
 
     def tail(self, i: int):
         later = self.plan.blocks[i + 1:]
@@ -298,9 +307,9 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
     start = time.perf_counter()
     method = _method(cfg.reconstruct)
     holdout = cfg.holdout
-    fit, held = split_feed(feed, holdout)
-    walk = _Walk(canonical, plan, feed, (fit, held) if held is not None else None,
+    walk = _Walk(canonical, plan, feed, split_indices(block_runs.sample_count(feed), holdout),
                  cfg.reconstruct in TORCH_METHODS)
+    fit, held = dict(walk.q), walk.h and dict(walk.h)  # model inputs: the model check
     sites, shared = {s.node: s for s in plan.convs + plan.linears}, _shared_weights(plan)
     original = fits.snapshot(plan)
     results, starts = [], {}  # starts: node -> weight spec with GPTQ's start codes
@@ -310,12 +319,10 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
         model = blockmap.extract(canonical, block, walk.types)
         graph = gs.import_onnx(model)
         layers = _layers(block, sites, model, shared)
-        judged = None
         if layers:
-            result, judged = _reconstruct_block(walk, i, model, graph, layers, method, cfg,
-                                                bar, starts)
-            results.append(result)
-        walk.advance(i, model, graph, judged)
+            results.append(_reconstruct_block(walk, i, model, graph, layers, method, cfg,
+                                              bar, starts))
+        walk.advance(i, model, graph)
     plan.reconstruction = results
     at_start = [(site, attr, starts.get(site.node, spec) if attr == "weight_spec" else spec)
                 for site, attr, spec in original] if starts else None
@@ -355,9 +362,8 @@ def _candidates(task: BlockTask, method, name: str, every_sample: dict) -> dict:
     return out
 
 
-def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar, starts) -> tuple:
-    """(BlockResult, the block's quantized outputs on the judged samples with the kept
-    codes): the candidate codes with the lowest block output error on the judged samples.
+def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar, starts) -> BlockResult:
+    """The candidate codes with the lowest block output error on the judged samples.
     GPTQ's start codes, where the method has one, go into ``starts`` (the model check)."""
     block = walk.plan.blocks[i]
     nodes = set(block.nodes)
@@ -370,19 +376,18 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar, starts) 
     task.learn_steps = frozenset(t for _, _, t, _ in acts)
     candidates = _candidates(task, method, cfg.reconstruct, walk.every_sample)
     want = block_runs.run(model, walk.judged)  # float block on the quantized inputs
-    errors, outputs = {}, {}
+    errors = {}
     for origin, fit in candidates.items():
         fits.apply(layers, fit, rounded, acts)
-        outputs[origin] = walk.quantized_outputs(i, graph, walk.judged)
-        errors[origin] = block_runs.relative_error(outputs[origin], want)
+        errors[origin] = block_runs.relative_error(
+            walk.quantized_outputs(i, graph, walk.judged), want)
         if origin == "gptq":
             starts.update({layer.site.node: layer.site.weight_spec for layer in layers})
     kept = min(errors, key=errors.get)  # ties: the earlier, simpler codes
     fits.apply(layers, candidates[kept], rounded, acts)
     bar.set_postfix({"block": block.name, "err": f"{errors[RTN]:.2e}->{errors[kept]:.2e}"},
                     refresh=False)
-    result = BlockResult(block.name, len(layers), errors[RTN], errors[kept], kept, errors)
-    return result, outputs[kept]
+    return BlockResult(block.name, len(layers), errors[RTN], errors[kept], kept, errors)
 
 
 def _model_check(canonical, plan: Plan, feed: dict, original: list,

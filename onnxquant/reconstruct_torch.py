@@ -61,7 +61,8 @@ import torch
 from . import block_runs
 from .fits import Fit
 from .torch_graph import GraphModule
-from .torch_quant import ActQuant, Rounding, Samples, block_hooks, rows
+from .block_runs import rows
+from .torch_quant import ActQuant, Rounding, Samples, block_hooks
 
 ITERS = {"adaround": 300, "brecq": 100, "qdrop": 100, "mgrq": 60}  # per layer / per block
 BATCH = 8  # calibration samples per step (block-wise) ...

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import quantizers
+from . import block_runs, quantizers
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -179,32 +179,15 @@ def block_hooks(plan, model, device, learn_steps=frozenset(), layers=None) -> tu
     return hooks, inputs, by_tensor
 
 
-def rows(v, idx: torch.Tensor, n: int):
-    """Samples ``idx`` of a boundary value holding ``n`` samples along dim 0 (or n x k rows,
-    sample-major: MobileViT's [B * patches, tokens, C]). Shape vectors (int64 1-D) whose
-    first entry is a multiple of n get it rescaled: exporters bake the batch into Concat'ed
-    Reshape targets ([B, C, -1], [B * C * ..., 2, 2]). Anything else is passed whole."""
-    b = len(idx)
-    if v.is_floating_point() and v.dim() and v.shape[0] % n == 0:
-        k = v.shape[0] // n
-        return v.reshape(n, k, *v.shape[1:])[idx].reshape(b * k, *v.shape[1:])
-    if not v.is_floating_point() and v.dim() == 1 and v.numel() and v[0] > 0 and v[0] % n == 0:
-        out = v.clone()
-        out[0] = v[0] // n * b
-        return out
-    return v
-
-
 class Samples:
     """Boundary values (name -> array over the calibration samples) as torch tensors."""
 
     def __init__(self, values: dict, device, n: int | None = None):
         self.values = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
                        for k, v in values.items()}
-        dims = [v.shape[0] for v in self.values.values() if v.is_floating_point() and v.dim()]
-        self.n = n or (int(np.gcd.reduce(dims)) if dims else 1)  # samples: gcd of leading dims
+        self.n = n or block_runs.sample_count(self.values)
 
     def take(self, idx: torch.Tensor | None) -> dict:
         if idx is None:
             return dict(self.values)
-        return {k: rows(v, idx, self.n) for k, v in self.values.items()}
+        return block_runs.take(self.values, idx, self.n)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from graphs import calibration, conv_chain_model, mixed_model, quantize, run_ort
-from onnxquant import QuantConfig, fits, reconstruct
+from onnxquant import QuantConfig, block_runs, fits, reconstruct
 from onnxquant.config import HOLDOUT_DEFAULTS
 
 
@@ -215,3 +215,20 @@ def test_the_model_check_falls_back_to_gptqs_start_when_it_is_closer_to_float():
     assert all(site.weight_spec is spec for site, _, spec in gptq)
     note = reconstruct.summary("brecq", res.plan.reconstruction, 1.0, check)
     assert "GPTQ's codes kept in every block" in note
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 12), k=st.integers(1, 4), data=st.data())
+def test_rows_take_samples_of_boundary_values(n, k, data):
+    """The walk slices fitted and held-out samples out of the all-sample values: float
+    values by sample (n x k rows, sample-major), batch-baked shape vectors rescaled."""
+    idx = np.array(sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1))))
+    x = np.arange(n * k * 3, dtype=np.float32).reshape(n * k, 3)
+    values = {"x": x, "shape": np.array([n * k, 3], np.int64), "axes": np.array([0], np.int64),
+              "scalar": np.float32(2.0)}
+    got = block_runs.take(values, idx, n)
+    want = x.reshape(n, k, 3)[idx].reshape(-1, 3)
+    np.testing.assert_array_equal(got["x"], want)
+    assert got["shape"].tolist() == [len(idx) * k, 3]
+    assert got["axes"].tolist() == [0] and got["scalar"] == 2.0
+    assert values["shape"].tolist() == [n * k, 3]  # the input is not modified
