@@ -46,8 +46,8 @@ def as_dict(plan: Plan, recipe: str) -> dict:
         "reconstruction_model_check": None if plan.reconstruction_check is None else {
             "rtn_error": plan.reconstruction_check.rtn_error,
             "error": plan.reconstruction_check.error, "kept": plan.reconstruction_check.kept,
-            "start_error": plan.reconstruction_check.start_error,
-            "kept_start": plan.reconstruction_check.kept_start},
+            "gptq_error": plan.reconstruction_check.gptq_error,
+            "kept_gptq": plan.reconstruction_check.kept_gptq},
         "notes": list(plan.notes),
     }
 
@@ -83,9 +83,9 @@ def as_markdown(report: dict) -> str:
             lines += ["", f"Whole model output error: round-to-nearest {check['rtn_error']:.2e}, "
                       f"reconstructed {check['error']:.2e}: codes "
                       + ("kept" if check["kept"] else "rejected (weights rounded to nearest)")
-                      + ("" if check.get("start_error") is None else
-                         f"; every block at GPTQ's start {check['start_error']:.2e}"
-                         + (": GPTQ's codes kept" if check.get("kept_start") else ""))]
+                      + ("" if check.get("gptq_error") is None else
+                         f"; plain GPTQ {check['gptq_error']:.2e}"
+                         + (": GPTQ's codes kept" if check.get("kept_gptq") else ""))]
         lines.append("")
     lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"

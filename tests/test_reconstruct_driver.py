@@ -197,9 +197,9 @@ def test_gptq_start_is_fitted_on_every_sample_and_the_method_on_the_rest(monkeyp
     assert len(seen[0]["x"]) == 24
 
 
-def test_the_model_check_falls_back_to_gptqs_start_when_it_is_closer_to_float():
-    """Per-block choices that add up to a worse model than every block at GPTQ's start
-    give way to the start (and to rounding when that is better still)."""
+def test_the_model_check_falls_back_to_plain_gptq_when_it_is_closer_to_float():
+    """Per-block choices that add up to a worse model than plain GPTQ's codes give way to
+    them (and to rounding when that is better still)."""
     model, calib = conv_chain_model(seed=2), calibration(32, seed=1)
     res = quantize(model, calib, weight_bits=3, per_channel=True, reconstruct="gptq")
     sites = [s for s in res.plan.convs]
@@ -210,11 +210,11 @@ def test_the_model_check_falls_back_to_gptqs_start_when_it_is_closer_to_float():
         site.weight_spec = spec.with_(codes=np.clip(spec.codes.astype(np.int64) + 2, p.qmin,
                                                     p.qmax).astype(spec.codes.dtype))
     check = reconstruct._model_check(model, res.plan, {"x": calib}, rounded, gptq)
-    assert check.kept and check.kept_start
-    assert check.start_error < check.error and check.start_error < check.rtn_error
+    assert check.kept and check.kept_gptq
+    assert check.gptq_error < check.error and check.gptq_error < check.rtn_error
     assert all(site.weight_spec is spec for site, _, spec in gptq)
     note = reconstruct.summary("brecq", res.plan.reconstruction, 1.0, check)
-    assert "GPTQ's codes kept in every block" in note
+    assert "plain GPTQ's codes kept" in note
 
 
 @settings(max_examples=30, deadline=None)
@@ -232,3 +232,34 @@ def test_rows_take_samples_of_boundary_values(n, k, data):
     assert got["shape"].tolist() == [len(idx) * k, 3]
     assert got["axes"].tolist() == [0] and got["scalar"] == 2.0
     assert values["shape"].tolist() == [n * k, 3]  # the input is not modified
+
+
+@pytest.mark.parametrize("name", ["adaround", "mgrq"])
+def test_the_model_check_weighs_plain_gptq(monkeypatch, name):
+    """The fallback the torch methods' model check weighs is ``--reconstruct gptq``'s own
+    codes (its walk, all samples), not each block's GPTQ candidate: those are fitted on
+    inputs that the method's earlier choices (here rounding, shift 0) produce."""
+    model, calib = mixed_model(seed=2), calibration(32, seed=1)
+    plain = quantize(model, calib, weight_bits=3, per_channel=True, reconstruct="gptq")
+    assert not plain.plan.reconstruction_check.kept_gptq  # gptq has no such candidate
+    want = {s.node: s.weight_spec.codes for s in plain.plan.convs + plain.plan.linears
+            if s.weight_spec is not None}
+    weighed = []
+    check = reconstruct._model_check
+
+    def spy(canonical, plan, feed, original, gptq=None):
+        weighed.append({site.node: spec.codes for site, attr, spec in gptq
+                        if attr == "weight_spec" and spec is not None})
+        return check(canonical, plan, feed, original, gptq)
+
+    monkeypatch.setattr(reconstruct, "_model_check", spy)
+    _with_method(monkeypatch, _fake_method([], 0))
+    res = quantize(model, calib, weight_bits=3, per_channel=True, reconstruct=name)
+    assert set(weighed[0]) == set(want)
+    for node, codes in want.items():
+        if codes is None:
+            assert weighed[0][node] is None
+        else:
+            np.testing.assert_array_equal(weighed[0][node], codes)
+    kept = {r.kept for r in res.plan.reconstruction}
+    assert reconstruct.RTN in kept or name in kept  # the chain differs from plain GPTQ's
