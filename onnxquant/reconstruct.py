@@ -17,11 +17,13 @@ Judging the codes. For the torch methods a quarter of the calibration samples
 (``QuantConfig.holdout``) is held out: the methods fit on the rest, and each block keeps
 whichever of its candidates gives the lowest block output error on the held-out samples:
 round to nearest, GPTQ's codes (brecq's and mgrq's start, fitted on every sample: GPTQ
-at 3 bits needs all of them) and the method's own (codes and learned steps). Judged on the fitted samples, learned rounding at 3 bits passed every
-check and still ended 2-8 points below the GPTQ codes it started from on held-out images
-(docs/reconstruct_table.md): it had fitted the 32 images. GPTQ (a one-pass least-squares
-fit, no iterations to overfit with) fits and is judged on every sample by default. A last
-check compares the whole model against round to nearest on the judged samples.
+at 3 bits needs all of them) and the method's own (codes and learned steps). Judged on the
+fitted samples, learned rounding at 3 bits passed every check and still ended 2-8 points
+below the GPTQ codes it started from on held-out images (docs/reconstruct_table.md): it
+had fitted the 32 images. GPTQ (a one-pass least-squares fit, no iterations to overfit
+with) fits and is judged on every sample by default. A last check weighs the whole model
+on the judged samples against round to nearest and, for the torch methods, against plain
+GPTQ's codes (a GPTQ walk of its own, run first).
 
 Memory is bounded by the boundary values live at a block (tensors no later block reads are
 dropped). The summary reports, per method, the block output error of round-to-nearest and
