@@ -88,8 +88,9 @@ def _packed_at_21(model: onnx.ModelProto, codes: list[str], feed: dict,
     opset = model_opset(model)
     target, why = (model, None) if opset >= MIN_OPSET else _convert(model)
     if why is None and opset < MIN_OPSET:
-        why = _differs_beyond_rounding(model, target, f"opset {opset} -> {MIN_OPSET} changed "
-                                       "the outputs", feed, rounding)
+        step = f"opset {opset} -> {MIN_OPSET}"
+        why = _differs_beyond_rounding(model, target, step, f"{step} changed the outputs", feed,
+                                       rounding)
     if why is not None:
         return None, why
     packed = _copy(target)
@@ -97,16 +98,17 @@ def _packed_at_21(model: onnx.ModelProto, codes: list[str], feed: dict,
     min_ir = onnx.helper.find_min_ir_version_for(list(packed.opset_import), True)
     packed.ir_version = max(packed.ir_version, min_ir)
     why = (_differs(target, packed, "INT4 weights dequantize differently", feed, exact=True)
-           or _differs_beyond_rounding(target, packed, "optimized INT4 model gives other "
-                                       "outputs", feed, rounding, optimized=True))
+           or _differs_beyond_rounding(target, packed, "optimized INT4 model", "optimized INT4 "
+                                       "model gives other outputs", feed, rounding,
+                                       optimized=True))
     return (packed, None) if why is None else (None, why)
 
 
-def _differs_beyond_rounding(a: onnx.ModelProto, b: onnx.ModelProto, what: str, feed: dict,
-                             rounding: list, optimized: bool = False) -> str | None:
+def _differs_beyond_rounding(a: onnx.ModelProto, b: onnx.ModelProto, step: str, what: str,
+                             feed: dict, rounding: list, optimized: bool = False) -> str | None:
     """``_differs`` within opset.py's tolerance, and where that fails, again with the
     activation quantizers of both models bypassed (``bypass_activation_quantizers``; a pass
-    that needed it adds ``what`` to ``rounding``).
+    that needed it adds ``step`` to ``rounding``).
 
     Why: two kernels of one op may round differently (onnxruntime's AveragePool-11 and -19
     differ by 1-2 ulp; its MatMulNBits rounds 4-bit and 8-bit codes differently), and an
@@ -122,8 +124,7 @@ def _differs_beyond_rounding(a: onnx.ModelProto, b: onnx.ModelProto, what: str, 
                    f"{what} (also with activation quantizers bypassed)", feed, exact=False,
                    optimized=optimized)
     if why is None:
-        rounding.append(what.replace("changed the outputs", "").replace(
-            "gives other outputs", "").strip())
+        rounding.append(step)
     return why
 
 
