@@ -276,10 +276,6 @@ class _Walk:
     def judged(self) -> dict:
         return self.q if self.h is None else self.h
 
-    @property
-    def every_sample(self) -> dict:
-        return self.a
-
     def quantized_outputs(self, i: int, graph: gs.Graph, values: dict) -> dict:
         """Block ``i``'s outputs with the plan's current specs, on quantized ``values``."""
         nodes = set(self.plan.blocks[i].nodes)
@@ -387,7 +383,7 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> Block
     rounded = {layer.site.node: layer.site.weight_spec.with_(codes=None) for layer in layers}
     acts = fits.learnable_steps(walk.plan, model)
     task.learn_steps = frozenset(t for _, _, t, _ in acts)
-    candidates = _candidates(task, method, cfg.reconstruct, walk.every_sample)
+    candidates = _candidates(task, method, cfg.reconstruct, walk.a)
     want = block_runs.run(model, walk.judged)  # float block on the quantized inputs
     errors = {}
     for origin, fit in candidates.items():
