@@ -216,6 +216,17 @@ def _pack_4bit(model: onnx.ModelProto, plan: Plan, config: QuantConfig, name: st
     return packed
 
 
+def _log2_body(model: onnx.ModelProto, plan: Plan, config: QuantConfig, name: str, sample):
+    """The log2 op's body in the file: BitCast at opset 26 where its checks pass
+    (log2_body.py), else the table body at the model's opset."""
+    from .log2_body import apply_body
+
+    out, note = apply_body(model, config, name, sample)
+    if note:
+        plan.notes.append(note)
+    return out
+
+
 def _ort_graph(model: onnx.ModelProto, plan: Plan, config: QuantConfig) -> onnx.ModelProto:
     """ort target: float-graph rewrites onnxruntime CPU runs faster, each checked on the
     model's outputs: Reshape shape arithmetic folded to constants, timm-style attention fused
@@ -324,6 +335,8 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
                           "(docs/reconstruct_table.md)")
     out, counts = _emit(graph, plan, source)
     out = _pack_4bit(out, plan, config, _model_name(model),
+                     lambda: feed or sample_feed(original, calibration, config, preprocess))
+    out = _log2_body(out, plan, config, _model_name(model),
                      lambda: feed or sample_feed(original, calibration, config, preprocess))
     out = _ort_graph(out, plan, config)
     _record_choices(out, config, probing)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__, api
 from .config import (CALIB_METHODS, INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, RECONSTRUCT_METHODS,
-                     SEARCH_METRICS, SOFTMAX_QUANTIZERS,
+                     SEARCH_METRICS, SOFTMAX_QUANTIZERS, LOG2_BODIES,
                      TARGET_PARTS, TARGETS, WEIGHT_FORMATS, QuantConfig)
 from .errors import UserError
 from .model_io import check_output_path, load_model, save_model
@@ -58,6 +58,11 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS, default=d.softmax_quantizer,
                    help="post-Softmax quantizer: log2 (the paper's, default), log_sqrt2 "
                         "(RepQ-ViT), adalog (searched log base), uniform (onnxruntime's)")
+    g.add_argument("--log2-body", choices=LOG2_BODIES, default=d.log2_body,
+                   help="body of the log2 op: bitcast (one lookup on the float bits, 3-4x "
+                        "cheaper on onnxruntime CPU, opset 26), table (Log + lookups, the "
+                        "model's opset); auto (default): bitcast unless --target tensorrt or "
+                        "its checks fail")
     g.add_argument("--parts", default=None,
                    help=f"comma list of parts to quantize, from {','.join(PARTS)} (default: "
                         f"the target's, paper: {','.join(sorted(TARGET_PARTS['paper']))})")

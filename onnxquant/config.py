@@ -8,6 +8,7 @@ TARGETS = ("paper", "ort", "tensorrt")
 PARTS = ("conv_block", "transformer", "bridge", "softmax", "linear")
 WEIGHT_FORMATS = ("qdq", "folded")
 SOFTMAX_QUANTIZERS = ("log2", "log_sqrt2", "adalog", "uniform")  # softmax_quantizers.py
+LOG2_BODIES = ("auto", "table", "bitcast")  # functions.py, log2_body.py
 CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")  # ranges.py
 CONV_KINDS = ("dense", "pointwise", "grouped", "depthwise", "stem")
 INT8_KINDS = CONV_KINDS + ("linear",)
@@ -58,6 +59,11 @@ class QuantConfig:
         grouped, depthwise, stem) and "linear" (dynamic int8 MatMul). None (default):
         chosen by timing the model on this CPU (kernel_probe.py); the rest is stored
         folded (8-bit file, float speed).
+    log2_body: the standard-op body of the log-family Softmax op in the file: "table"
+        (Log + table lookups, the model's own opset), "bitcast" (one lookup on the input's
+        float bits, 3-4x cheaper on onnxruntime CPU; the model is converted to opset 26 and
+        checked), "auto" (default): bitcast where the conversion and its checks pass, except
+        on target tensorrt (its plugin replaces the body; its parser has no BitCast).
     softmax_quantizer: the post-Softmax quantizer: "log2" (the paper's), "log_sqrt2"
         (RepQ-ViT), "adalog" (searched log base), "uniform" (onnxruntime's; a baseline);
         see softmax_quantizers.py.
@@ -101,6 +107,7 @@ class QuantConfig:
     softmax_bits: int = 8
     log2_eps: float = DEFAULT_LOG2_EPS
     softmax_quantizer: str = "log2"
+    log2_body: str = "auto"
     parts: frozenset | None = None
     ort_int8_kinds: tuple | None = None
     num_calib: int = 32
@@ -122,6 +129,8 @@ class QuantConfig:
         if self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
             raise ValueError(f"softmax_quantizer must be one of {SOFTMAX_QUANTIZERS}, "
                              f"got {self.softmax_quantizer!r}")
+        if self.log2_body not in LOG2_BODIES:
+            raise ValueError(f"log2_body must be one of {LOG2_BODIES}, got {self.log2_body!r}")
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, "
                              f"got {self.weight_format!r}")
@@ -192,10 +201,17 @@ class QuantConfig:
         if t == "tensorrt" and self.weight_format != "qdq":
             raise ValueError("target 'tensorrt' needs weight_format 'qdq' (TensorRT reads Q/DQ)")
         softmax_set = (self.softmax_bits != 8 or self.log2_eps != DEFAULT_LOG2_EPS
-                       or self.softmax_quantizer != "log2")
+                       or self.softmax_quantizer != "log2" or self.log2_body != "auto")
         if softmax_set and "softmax" not in self.active_parts:
-            raise ValueError(f"softmax_bits/log2_eps/softmax_quantizer set, but target {t!r} "
-                             f"with parts {sorted(self.active_parts)} leaves the Softmax float")
+            raise ValueError(f"softmax_bits/log2_eps/softmax_quantizer/log2_body set, but target "
+                             f"{t!r} with parts {sorted(self.active_parts)} leaves the Softmax "
+                             "float")
+        if self.log2_body != "auto" and self.softmax_quantizer == "uniform":
+            raise ValueError("log2_body applies to the log quantizers; softmax_quantizer "
+                             "'uniform' is standard Q/DQ")
+        if self.log2_body == "bitcast" and t == "tensorrt":
+            raise ValueError("log2_body 'bitcast' is for onnxruntime: TensorRT's parser has no "
+                             "BitCast (its plugin replaces the op); use 'table' or 'auto'")
 
     def _check_block_size(self):
         b, t = self.weight_block_size, self.target

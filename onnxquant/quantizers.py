@@ -14,7 +14,11 @@ Log2 (post-Softmax activations):
     L = log2(max(x, eps)),  s = (L_max - L_min) / (2^b - 1),  z = round(-L_min / s)
     q = clamp(round(L / s) + z, 0, 2^b - 1),   x_hat = 2^(s * (q - z))
 The rounding boundaries are a float32 table (``log2_tables``): the code of x is the number
-of boundaries it reaches. That makes codes exact across backends whose ``log`` differs
+of boundaries it reaches. Each boundary 2^(s (k + 1/2 - z)) sits on the nearest float32 whose
+mantissa has ``SNAP_BITS`` bits (a grid of 2^-12 of an octave's width, at most 1.8e-4 octaves
+from the log-domain midpoint: 0.3 % of the default 8-bit step), so that the code is a function
+of the input's top float32 bits and the onnxruntime body can be one table lookup
+(functions.py, "bitcast"). That makes codes exact across backends whose ``log`` differs
 (onnxruntime's float32 Log differs from NumPy's by up to 5 ulp): the ONNX function estimates
 the code with a float32 log and corrects it with one table comparison, at float32 speed
 (float64 Log/Exp in onnxruntime are 8-100x slower than float32, not vectorized).
@@ -28,7 +32,8 @@ import numpy as np
 
 LN2 = float(np.log(2.0))
 MIN_EPS = 2.0**-120  # thresholds 2^(-120 - s/2) stay normal float32
-MIN_LOG2_SCALE = 2.0**-12  # adjacent log2 levels differ by > 100 float32 ulp
+MIN_LOG2_SCALE = 2.0**-10  # > 5 snapped boundaries apart (a lookup bucket is 2^-12 octave)
+SNAP_BITS = 12  # mantissa bits of a rounding boundary (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -213,16 +218,24 @@ def log2_tables(p: Log2Params) -> tuple[np.ndarray, np.ndarray]:
 
     ``levels[k] = 2^(s (k - z))`` is the dequantized value of code k. ``thresholds[k]`` is
     the smallest input that gets a code above k: ``2^(s (k + 1/2 - z))`` (the log-domain
-    rounding boundary), and +inf for the last code. Computed in float64 as
-    ``exp(((k + 0.5) - z) * (s ln 2))`` then rounded to float32, in exactly this order in
-    the ONNX function body, so both sides hold the same tables.
+    rounding boundary) snapped to ``SNAP_BITS`` mantissa bits, and +inf for the last code.
+    Computed in float64 as ``exp(((k + 0.5) - z) * (s ln 2))``, snapped, then rounded to
+    float32 (exact: 13 significant bits), in exactly this order in the ONNX function body,
+    so both sides hold the same tables.
     """
     k = np.arange(p.qmax + 1, dtype=np.float64)
     s_ln2 = p.scale * LN2
     levels = np.exp((k - p.zero_point) * s_ln2).astype(np.float32)
-    thresholds = np.exp(((k + 0.5) - p.zero_point) * s_ln2).astype(np.float32)
+    thresholds = snap_mantissa(np.exp(((k + 0.5) - p.zero_point) * s_ln2)).astype(np.float32)
     thresholds[-1] = np.inf
     return thresholds, levels
+
+
+def snap_mantissa(t: np.ndarray, bits: int = SNAP_BITS) -> np.ndarray:
+    """Positive float64 values rounded (half to even) to ``bits`` mantissa bits after the
+    leading one: ``round(t / 2^(e - bits)) * 2^(e - bits)`` with ``2^e <= t < 2^(e+1)``."""
+    mantissa, exponent = np.frexp(np.asarray(t, np.float64))  # mantissa in [0.5, 1)
+    return np.ldexp(np.round(np.ldexp(mantissa, bits + 1)), exponent - bits - 1)
 
 
 def log2_quantize(x: np.ndarray, p: Log2Params) -> np.ndarray:

@@ -10,13 +10,10 @@ model below 21 is converted with ``onnx.version_converter`` first. The result is
 if, in onnxruntime on a seeded input, the converted model gives the original's outputs
 (optimizations off, opset.py's tolerance), the packed one gives bit-identical outputs to
 the unpacked one (optimizations off) and runs optimized; otherwise the model stays as it
-was and the note says why (``_differs`` says why not bit-identical with optimizations).
-Where a float comparison fails, it is repeated with the activation quantizers of both models
-bypassed (``_differs_beyond_rounding``): kernels of two opset versions may round 1 ulp apart,
-and a quantizer at a rounding boundary turns that into a whole step.
-Model-local functions keep their own opset imports (the converter drops them): they are
-copied back with the default domain raised to 21, which onnxruntime requires to match the
-model's (the onnxquant log2 body means the same from 13 to 23). Measurements: docs/int4.md.
+was and the note says why (``checked_convert.differs`` says why not bit-identical with optimizations).
+The conversion and its checks are checked_convert.py's (float comparisons repeated with the
+activation quantizers bypassed where kernels of two opsets round 1 ulp apart).
+Measurements: docs/int4.md.
 
 Only codes that are initializers of the main graph and feed nothing but DequantizeLinear
 x-inputs are packed. "folded" weights (Cast -> Sub -> Mul) are left alone: onnxruntime folds
@@ -28,13 +25,11 @@ from __future__ import annotations
 import logging
 
 import ml_dtypes
-import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper, version_converter
+from onnx import TensorProto, numpy_helper
 
-from .model_io import quiet_session
-from .functions import DOMAIN, OP_TYPE as LOG2_OP
-from .opset import ATOL, RTOL, model_opset, restore_functions
+from .checked_convert import convert, copy_model, differs, differs_beyond_rounding, random_feed
+from .opset import model_opset
 
 log = logging.getLogger("onnxquant")
 
@@ -86,78 +81,22 @@ def _packed_at_21(model: onnx.ModelProto, codes: list[str], feed: dict,
     outputs, the packed model must dequantize to the same floats and run optimized
     (``rounding``: what passed only with the activation quantizers bypassed)."""
     opset = model_opset(model)
-    target, why = (model, None) if opset >= MIN_OPSET else _convert(model)
+    target, why = (model, None) if opset >= MIN_OPSET else convert(model, MIN_OPSET)
     if why is None and opset < MIN_OPSET:
         step = f"opset {opset} -> {MIN_OPSET}"
-        why = _differs_beyond_rounding(model, target, step, f"{step} changed the outputs", feed,
+        why = differs_beyond_rounding(model, target, step, f"{step} changed the outputs", feed,
                                        rounding)
     if why is not None:
         return None, why
-    packed = _copy(target)
+    packed = copy_model(target)
     _pack(packed.graph, codes)
     min_ir = onnx.helper.find_min_ir_version_for(list(packed.opset_import), True)
     packed.ir_version = max(packed.ir_version, min_ir)
-    why = (_differs(target, packed, "INT4 weights dequantize differently", feed, exact=True)
-           or _differs_beyond_rounding(target, packed, "optimized INT4 model", "optimized INT4 "
+    why = (differs(target, packed, "INT4 weights dequantize differently", feed, exact=True)
+           or differs_beyond_rounding(target, packed, "optimized INT4 model", "optimized INT4 "
                                        "model gives other outputs", feed, rounding,
                                        optimized=True))
     return (packed, None) if why is None else (None, why)
-
-
-def _differs_beyond_rounding(a: onnx.ModelProto, b: onnx.ModelProto, step: str, what: str,
-                             feed: dict, rounding: list, optimized: bool = False) -> str | None:
-    """``_differs`` within opset.py's tolerance, and where that fails, again with the
-    activation quantizers of both models bypassed (``bypass_activation_quantizers``; a pass
-    that needed it adds ``step`` to ``rounding``).
-
-    Why: two kernels of one op may round differently (onnxruntime's AveragePool-11 and -19
-    differ by 1-2 ulp; its MatMulNBits rounds 4-bit and 8-bit codes differently), and an
-    activation quantizer turns a 1-ulp change at a rounding boundary into a whole step (a
-    factor of 2 through a log2 op); later layers carry that to the outputs. On a model that
-    sits at many boundaries (the recognizer with 3-bit weights) the outputs then exceed any
-    float tolerance while every op still computes what it did. With the quantizers bypassed
-    each op is still compared, without the amplifier; the quantize/dequantize ops themselves
-    are checked by the exact comparison of the packed and unpacked models."""
-    if _differs(a, b, what, feed, exact=False, optimized=optimized) is None:
-        return None
-    why = _differs(bypass_activation_quantizers(a), bypass_activation_quantizers(b),
-                   f"{what} (also with activation quantizers bypassed)", feed, exact=False,
-                   optimized=optimized)
-    if why is None:
-        rounding.append(step)
-    return why
-
-
-def bypass_activation_quantizers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose activation quantizers pass their input through: a
-    QuantizeLinear -> DequantizeLinear pair on a computed tensor, and onnxquant's log2
-    quantize-dequantize op. Their outputs' readers read the input instead; the bypassed
-    nodes are removed (a QuantizeLinear feeding anything but DequantizeLinear stays)."""
-    out = _copy(model)
-    graph = out.graph
-    inits = {t.name for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    same: dict = {}  # bypassed output -> the tensor it stands for
-    for node in graph.node:
-        if node.domain == DOMAIN and node.op_type == LOG2_OP:
-            same[node.output[0]] = node.input[0]
-        elif node.op_type == "DequantizeLinear":
-            q = producer.get(node.input[0])
-            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits:
-                same[node.output[0]] = q.input[0]
-    outputs = {o.name for o in graph.output}
-    for node in graph.node:
-        for i, t in enumerate(node.input):
-            while t in same:
-                t = same[t]
-            node.input[i] = t
-    kept = [n for n in graph.node
-            if not (n.output and n.output[0] in same and n.output[0] not in outputs)]
-    read = {t for n in kept for t in n.input} | outputs
-    kept = [n for n in kept if n.op_type != "QuantizeLinear" or any(o in read for o in n.output)]
-    del graph.node[:]
-    graph.node.extend(kept)
-    return out
 
 
 def packable(graph: onnx.GraphProto, block_wise_only: bool = False) -> list[str]:
@@ -270,75 +209,3 @@ def _folded_4bit(graph: onnx.GraphProto) -> int:
     return sum(1 for n in graph.node if n.op_type == "Cast" and n.input[0] in inits
                and _fits(inits[n.input[0]], inits[n.input[0]].data_type,
                          _KINDS.get(inits[n.input[0]].data_type, (0, 0, 1, 0))))
-
-
-def _convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str | None]:
-    """(model at MIN_OPSET with its functions copied back, None) or (None, why not)."""
-    try:
-        converted = version_converter.convert_version(model, MIN_OPSET)
-    except Exception as exc:  # noqa: BLE001 - the converter raises bare C++ errors
-        return None, f"opset {model_opset(model)} -> {MIN_OPSET} conversion failed ({_first_line(exc)})"
-    # keep the model's own value_info: the converter adds ~750 entries (70 kB, mobilevit_xxs)
-    kept = {v.name for v in model.graph.value_info}
-    infos = [v for v in converted.graph.value_info if v.name in kept]
-    del converted.graph.value_info[:]
-    converted.graph.value_info.extend(infos)
-    restore_functions(converted, model, MIN_OPSET)
-    min_ir = onnx.helper.find_min_ir_version_for(list(converted.opset_import), True)
-    converted.ir_version = max(converted.ir_version, min_ir)
-    return converted, None
-
-
-def _differs(a: onnx.ModelProto, b: onnx.ModelProto, what: str, feed: dict, exact: bool,
-             optimized: bool = False) -> str | None:
-    """None when onnxruntime gives the same outputs for ``a`` and ``b`` on one seeded input
-    (``exact``: bit-identical, else opset.py's tolerance); else why not (``what``, or the
-    error of the session that failed). ``optimized``: sessions as users run them.
-
-    Why not bit-identical with optimizations: onnxruntime 1.32 fuses a weight-only
-    DequantizeLinear -> MatMul into MatMulNBits (8-bit codes as well as 4-bit), which by
-    default quantizes the activations to int8 (session.qdq_matmulnbits_accuracy_level 4), and
-    its 4-bit and 8-bit kernels round differently (tests/test_storage4.py: 9.5e-7 on outputs
-    of magnitude 2); at opset 21 it also fuses Add + LayerNormalization into
-    SkipLayerNormalization where 17 does not (mobilevit_xxs: 1 ulp). Without optimizations
-    17 vs 21 and INT4 vs int8 containers are bit-identical on every model tried.
-    """
-    try:
-        out_a = quiet_session(a, optimized).run(None, feed)
-        out_b = quiet_session(b, optimized).run(None, feed)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        return f"onnxruntime cannot run it ({_first_line(exc)})"
-    for x, y in zip(out_a, out_b):
-        if exact and not np.array_equal(x, y, equal_nan=True):
-            return what
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        atol = ATOL * max(1.0, np.abs(x).max(initial=0))
-        if x.shape != y.shape or not np.allclose(x, y, rtol=RTOL, atol=atol, equal_nan=True):
-            return what
-    return None
-
-
-def random_feed(model: onnx.ModelProto, seed: int = 0) -> dict:
-    """Seeded standard-normal float inputs (integer inputs: zeros); symbolic dims are 1."""
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    feed = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        t = inp.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        feed[inp.name] = (rng.standard_normal(shape).astype(dtype)
-                          if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype))
-    return feed
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]

@@ -12,13 +12,16 @@ from onnxquant import functions as F
 from onnxquant import quantizers as Q
 
 
-def _model(p: Q.Log2Params) -> onnx.ModelProto:
+BODIES = [(17, "table"), (26, "table"), (26, "bitcast")]  # (model opset, body)
+
+
+def _model(p: Q.Log2Params, opset: int = 17, body: str = "table") -> onnx.ModelProto:
     node = helper.make_node(F.OP_TYPE, ["x"], ["y"], domain=F.DOMAIN, name="log2",
                             **F.log2_node_attrs(p))
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [None])],
                               [helper.make_tensor_value_info("y", 1, [None])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    F.install(model)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    F.install(model, body)
     return model
 
 
@@ -33,16 +36,21 @@ def _softmax_like(rng, n):
     return (e / e.sum(1, keepdims=True)).astype(np.float32).ravel()
 
 
-@pytest.mark.parametrize("bits,eps", [(8, 2.0**-16), (8, 1e-8), (6, 2.0**-12), (4, 2.0**-8)])
-def test_function_equals_reference_exactly(rng, bits, eps):
+@pytest.mark.parametrize("opset,body", BODIES)
+@pytest.mark.parametrize("bits,eps,step", [(8, 2.0**-16, None), (8, 1e-8, None),
+                                           (6, 2.0**-12, None), (4, 2.0**-8, None),
+                                           (8, 2.0**-120, None), (3, 2.0**-16, 0.5),
+                                           (2, 2.0**-16, 1.0)])
+def test_function_equals_reference_exactly(rng, bits, eps, step, opset, body):
     x = np.concatenate([rng.random(200_000, np.float32), _softmax_like(rng, 200_000),
-                        np.array([0.0, 1.0, eps, np.float32(eps) / 2], np.float32)])
-    p = Q.log2_params(float(x.min()), float(x.max()), bits, eps)
+                        np.array([0.0, -0.0, -1.0, 1.0, eps, np.float32(eps) / 2, 1e-38],
+                                 np.float32)])
+    p = Q.log2_params(float(x.min()), float(x.max()), bits, eps, step)
     thresholds = Q.log2_tables(p)[0][:-1]  # every rounding boundary and its float neighbours
     x = np.concatenate([x, thresholds, np.nextafter(thresholds, np.float32(0)),
                         np.nextafter(thresholds, np.float32(1)),
                         np.array([np.inf, 3e38, 7.0], np.float32)])
-    model = _model(p)
+    model = _model(p, opset, body)
     onnx.checker.check_model(model, full_check=True)
     y = _run(model, x)
     np.testing.assert_array_equal(y, Q.log2_fake_quant(x, p))
@@ -51,10 +59,32 @@ def test_function_equals_reference_exactly(rng, bits, eps):
     assert len(np.unique(y)) == len(np.unique(Q.log2_quantize(x, p)))
 
 
-def test_inlined_function_runs_the_same(rng):
+def test_boundaries_start_lookup_buckets():
+    """Every rounding boundary has SNAP_BITS mantissa bits, so it is the first float32 of a
+    bitcast-body bucket, and sits within 2^-(SNAP_BITS+1) (relative) of the paper's
+    log-domain midpoint 2^(s (k + 1/2 - z))."""
+    for p in (Q.log2_params(2.0**-16, 1.0, 8), Q.log2_params(1e-3, 0.3, 4, 2.0**-30),
+              Q.log2_params(0.25, 0.25, 8)):
+        t = Q.log2_tables(p)[0][:-1]
+        assert np.all(t.view(np.int32) % 2 ** (23 - Q.SNAP_BITS) == 0)
+        assert np.all(np.diff(t) > 0)
+        k = np.arange(len(t))
+        mid = 2.0 ** (p.scale * (k + 0.5 - p.zero_point))
+        assert np.abs(t / mid - 1).max() <= 2.0 ** -(Q.SNAP_BITS + 1) * (1 + 1e-6)
+
+
+def test_bitcast_body_needs_opset_26():
+    with pytest.raises(ValueError, match="bitcast body needs opset >= 26"):
+        F.log2_function(25, "bitcast")
+    with pytest.raises(ValueError, match="body must be one of"):
+        F.log2_function(26, "fast")
+
+
+@pytest.mark.parametrize("opset,body", BODIES)
+def test_inlined_function_runs_the_same(rng, opset, body):
     x = _softmax_like(rng, 64 * 100)
     p = Q.log2_params(float(x.min()), float(x.max()), 8)
-    model = _model(p)
+    model = _model(p, opset, body)
     inlined = onnx.inliner.inline_local_functions(model)
     assert not inlined.functions
     assert F.OP_TYPE not in {n.op_type for n in inlined.graph.node}
@@ -66,6 +96,10 @@ def test_install_is_idempotent():
     F.install(model)
     assert len(model.functions) == 1
     assert sum(o.domain == F.DOMAIN for o in model.opset_import) == 1
+    model.opset_import[0].version = 26
+    F.install(model, "bitcast")  # a body swap replaces the declaration
+    assert len(model.functions) == 1
+    assert "BitCast" in {n.op_type for n in model.functions[0].node}
 
 
 def test_node_attributes_round_trip():

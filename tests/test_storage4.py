@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
 import graphs
-from onnxquant import api, storage4
+from onnxquant import api, checked_convert, storage4
 from onnxquant.storage4 import pack_4bit, packable, random_feed
 
 
@@ -92,7 +92,7 @@ def _bit_identical(a: onnx.ModelProto, b: onnx.ModelProto, optimized: bool = Tru
 def _same_values(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
     """Bit-identical without graph optimizations (the dequantized weights are the same);
     optimized, within 1e-5 of the largest output: onnxruntime turns DequantizeLinear -> MatMul into
-    MatMulNBits, whose 8-bit and 4-bit kernels round differently (storage4._differs)."""
+    MatMulNBits, whose 8-bit and 4-bit kernels round differently (checked_convert.differs)."""
     _bit_identical(a, b, optimized=False)
     for x, y in zip(_run(a), _run(b)):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * np.abs(x).max())
@@ -183,12 +183,10 @@ def test_opset_17_is_converted_and_verified():
 
 
 def test_failed_conversion_keeps_8bit(monkeypatch):
-    from onnxquant import storage4
-
     def broken(model, version):
         raise RuntimeError("No Adapter For Foo\nmore text")
 
-    monkeypatch.setattr(storage4.version_converter, "convert_version", broken)
+    monkeypatch.setattr(checked_convert.version_converter, "convert_version", broken)
     model = _dq_model(opset=17)
     out, note = pack_4bit(model, "dq")
     assert out is model
@@ -199,7 +197,7 @@ def test_failed_conversion_keeps_8bit(monkeypatch):
 def test_quantized_model_with_log2_function(in_8bit_containers):
     """A real emission at opset 17 (log2 function inside): the function's opset follows."""
     result = graphs.quantize(graphs.mixed_model(), graphs.calibration(), weight_bits=4,
-                             per_channel=True)
+                             per_channel=True, log2_body="table")
     model = result.model
     assert model.functions and any(n.domain == "onnxquant" for n in model.graph.node)
     before = model.SerializeToString()
@@ -280,7 +278,7 @@ def _pool_model(opset: int, scale: float = 1.0) -> onnx.ModelProto:
 def _pooled(model: onnx.ModelProto, feed: dict) -> np.ndarray:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     model.graph.output.append(onnx.ValueInfoProto(name="p"))
-    return storage4.quiet_session(model, False).run(["p"], feed)[0]
+    return checked_convert.quiet_session(model, False).run(["p"], feed)[0]
 
 
 def _code_boundary_model():
@@ -289,7 +287,7 @@ def _code_boundary_model():
     pooled value, so the converted outputs differ by a whole step there."""
     model = _pool_model(13)
     feed = random_feed(model)
-    a, b = _pooled(model, feed), _pooled(storage4._convert(model)[0], feed)
+    a, b = _pooled(model, feed), _pooled(checked_convert.convert(model, 21)[0], feed)
     differ = np.flatnonzero(a != b)
     if not differ.size:
         pytest.skip("onnxruntime's AveragePool-13 and -21 kernels round alike here")
@@ -297,7 +295,7 @@ def _code_boundary_model():
     for j in sorted(differ, key=lambda j: -gap.flat[j])[:20]:  # widest relative gap first
         boundary = (float(a.flat[j]) + float(b.flat[j])) / 2  # between the two results
         model = _pool_model(13, abs(boundary) / 50.5)  # ... at code 50.5
-        if storage4._differs(model, storage4._convert(model)[0], "moved", feed, exact=False):
+        if checked_convert.differs(model, checked_convert.convert(model, 21)[0], "moved", feed, exact=False):
             return model, feed
     pytest.skip("no pooled value's rounding moves a code here")
 
@@ -316,10 +314,10 @@ def test_rounding_moved_activation_code_still_packs():
 def test_conversion_that_changes_an_op_still_refused(monkeypatch):
     """The bypass does not hide a real change: a converter that altered the pooling."""
     model, feed = _code_boundary_model()
-    convert = storage4._convert
+    convert = storage4.convert
 
-    def altered(m):
-        out, why = convert(m)
+    def altered(m, version):
+        out, why = convert(m, version)
         pool = next(n for n in out.graph.node if n.op_type == "AveragePool")
         pool.attribute[0].CopyFrom(onnx.helper.make_attribute("kernel_shape", [3, 1]))
         pool.attribute[1].CopyFrom(onnx.helper.make_attribute("strides", [3, 1]))
@@ -328,7 +326,7 @@ def test_conversion_that_changes_an_op_still_refused(monkeypatch):
             "MaxPool", ["p_wide"], ["p"], kernel_shape=[1, 2], strides=[1, 2]))
         return out, why
 
-    monkeypatch.setattr(storage4, "_convert", altered)
+    monkeypatch.setattr(storage4, "convert", altered)
     out, note = pack_4bit(model, "pool", feed)
     assert out is model
     assert note == ("1 4-bit weights stay in 8-bit containers: opset 13 -> 21 changed the "
@@ -340,7 +338,7 @@ def test_bypass_activation_quantizers_is_the_float_twin():
     result = graphs.quantize(graphs.mixed_model(), graphs.calibration(), weight_bits=4,
                              per_channel=True, target="tensorrt")
     model = result.model
-    bare = storage4.bypass_activation_quantizers(model)
+    bare = checked_convert.bypass_activation_quantizers(model)
     assert not any(n.domain == "onnxquant" or n.op_type == "QuantizeLinear" for n in bare.graph.node)
     weight_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
                   and n.input[0] in {t.name for t in model.graph.initializer}]
@@ -354,5 +352,5 @@ def test_bypass_activation_quantizers_is_the_float_twin():
     w = numpy_helper.to_array(next(t for t in pooled_model.graph.initializer if t.name == "wq"))
     pooled = _pooled(pooled_model, pool_feed)
     want = np.einsum("oc,nchw->nohw", w[:, :, 0, 0].astype(np.float32) * 0.05, pooled)
-    got = graphs.run_ort(storage4.bypass_activation_quantizers(pooled_model), pool_feed)[0]
+    got = graphs.run_ort(checked_convert.bypass_activation_quantizers(pooled_model), pool_feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 import onnxquant  # noqa: E402
-from onnxquant import QuantConfig, storage4  # noqa: E402
+from onnxquant import QuantConfig, checked_convert, storage4  # noqa: E402
 from onnxquant.config import TARGET_PARTS  # noqa: E402
 
 WEIGHT_SETS = {"convs": None, "convs+linears": TARGET_PARTS["paper"] | {"linear"}}
@@ -51,7 +51,7 @@ def files_for(ref: dict, work: Path) -> list[dict]:
     for label, parts in WEIGHT_SETS.items():
         cfg = QuantConfig(weight_bits=4, per_channel=True, parts=parts)
         q = onnxquant.quantize(str(ref["path"]), cfg, calibration=str(calib))
-        converted, why = storage4._convert(q)
+        converted, why = checked_convert.convert(q, storage4.MIN_OPSET)
         packed, note = storage4.pack_4bit(q, ref["name"])
         print(f"{ref['name']} {label}: {note}", flush=True)
         for kind, model in (("8-bit containers", q), ("8-bit containers", converted),

@@ -1,0 +1,81 @@
+"""The body the log2 op gets in the written file (functions.py): "table" or "bitcast".
+
+The bitcast body reads the input's float bits with BitCast (opset 26) and costs one table
+lookup per element instead of a Log and two lookups (3-4x cheaper on onnxruntime CPU,
+docs/softmax.md). A model below opset 26 is converted first (checked_convert.py). Kept only
+if, in onnxruntime on a calibration input:
+
+- the converted model (table body) gives the original's outputs (float tolerance; where a
+  kernel of the new opset rounds 1 ulp apart and a quantizer turns that into a step, again
+  with the activation quantizers bypassed), and
+- the bitcast body gives bit-identical outputs to the table body at the same opset (both
+  compute ``quantizers.log2_fake_quant``), and runs with the session's optimizations on.
+
+Otherwise the model keeps the table body at its own opset and the note says why ("auto"),
+or the run stops with the reason (an explicit "bitcast").
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from . import functions
+from .checked_convert import convert, copy_model, differs, differs_beyond_rounding
+from .config import QuantConfig
+from .errors import UserError
+from .model_io import is_large
+from .opset import model_opset
+
+
+def chosen_body(config: QuantConfig) -> str:
+    """"auto" -> "bitcast", except on target tensorrt (its plugin replaces the body)."""
+    if config.log2_body != "auto":
+        return config.log2_body
+    return "table" if config.target == "tensorrt" else "bitcast"
+
+
+def has_log2_ops(model: onnx.ModelProto) -> bool:
+    return any(n.domain == functions.DOMAIN and n.op_type == functions.OP_TYPE
+               for n in model.graph.node)
+
+
+def apply_body(model: onnx.ModelProto, config: QuantConfig, name: str, sample
+               ) -> tuple[onnx.ModelProto, str | None]:
+    """(model with the chosen body, note for the summary or None). ``model`` is not
+    modified. ``sample()``: a calibration feed the checks run on."""
+    if not has_log2_ops(model) or chosen_body(config) == "table":
+        return model, None
+    opset = model_opset(model)
+    fast, why, how = (None, "the model needs external data (over 2 GB)", "") \
+        if is_large(model) else _bitcast(model, sample())
+    if why is None:
+        return fast, f"log2 op: BitCast body, one lookup per element ({how})"
+    if config.log2_body == "bitcast":
+        raise UserError(f"{name}: --log2-body bitcast: {why}; use --log2-body table")
+    return model, f"log2 op kept its table body at opset {opset}: {why}"
+
+
+def _bitcast(model: onnx.ModelProto, feed: dict) -> tuple:
+    """(model with the bitcast body at opset >= 26, None, how) or (None, why not, None)."""
+    opset, least = model_opset(model), functions.BITCAST_OPSET
+    rounding: list = []
+    target, why = (model, None) if opset >= least else convert(model, least)
+    if why is None and opset < least:
+        step = f"opset {opset} -> {least}"
+        why = differs_beyond_rounding(model, target, step, f"{step} changed the outputs", feed,
+                                      rounding)
+    if why is not None:
+        return None, why, None
+    fast = copy_model(target)
+    functions.install(fast, "bitcast")
+    why = (differs(target, fast, "the BitCast body gives other codes than the table body",
+                   feed, exact=True)
+           or differs(target, fast, "the optimized BitCast model gives other outputs", feed,
+                      exact=False, optimized=True))
+    if why is not None:
+        return None, why, None
+    how = f"opset {opset} converted to {least}" if opset < least else f"opset {opset}"
+    if rounding:
+        how += ("; float rounding moved log2 codes (opset change): outputs agree with the "
+                "quantizers bypassed")
+    return fast, None, how

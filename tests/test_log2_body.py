@@ -1,0 +1,114 @@
+"""log2_body.py: the written file's log2 op gets the BitCast body (opset 26) where its checks
+pass, the table body otherwise; outputs match the table-body file."""
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxquant import functions, log2_body
+from onnxquant.errors import UserError
+from onnxquant.opset import model_opset
+
+import graphs
+
+
+def _body(model: onnx.ModelProto) -> str:
+    f = next(f for f in model.functions if f.name == functions.OP_TYPE)
+    return "bitcast" if "BitCast" in {n.op_type for n in f.node} else "table"
+
+
+def _quantize(**config):
+    return graphs.quantize(graphs.sdpa_model(), graphs.calibration(), **config)
+
+
+@pytest.fixture(scope="module")
+def both():
+    return _quantize(), _quantize(log2_body="table")
+
+
+def test_default_paper_file_gets_the_bitcast_body_at_opset_26(both):
+    fast, table = both
+    assert (_body(fast.model), model_opset(fast.model)) == ("bitcast", 26)
+    assert (_body(table.model), model_opset(table.model)) == ("table", 17)
+    assert any(n.startswith("log2 op: BitCast body") and "opset 17 converted to 26" in n
+               for n in fast.plan.notes)
+    onnx.checker.check_model(fast.model, full_check=True)
+
+
+def test_bitcast_file_gives_the_table_file_outputs_and_codes(both):
+    """Every log2 output bit-identical (the codes), the model outputs within float rounding
+    of the opset change."""
+    fast, table = both
+    feed = {"x": graphs.calibration(4, seed=7)}
+    names = [n.output[0] for n in graphs.log2_nodes(table.model)]
+    assert names
+    outs = [graphs.run_ort(r.model, feed, names + [r.model.graph.output[0].name])
+            for r in (fast, table)]
+    for a, b in zip(outs[0][:-1], outs[1][:-1]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(outs[0][-1], outs[1][-1], rtol=1e-5, atol=1e-6)
+
+
+def test_tensorrt_target_keeps_the_table_body():
+    result = _quantize(target="tensorrt")
+    assert _body(result.model) == "table" and model_opset(result.model) == 17
+
+
+def _broken_bitcast_body(monkeypatch):
+    """The bucket shift one bit off: the codes move."""
+    real = functions._bitcast_nodes
+
+    def broken():
+        nodes = real()
+        for n in nodes:
+            if n.output[0] == "bucket":
+                n.attribute[0].t.int32_data[0] = 2 ** (23 - functions.SNAP_BITS + 1)
+        return nodes
+    monkeypatch.setattr(functions, "_bitcast_nodes", broken)
+
+
+def test_a_body_that_moves_codes_is_not_shipped(monkeypatch):
+    _broken_bitcast_body(monkeypatch)
+    result = _quantize()
+    assert _body(result.model) == "table" and model_opset(result.model) == 17
+    assert ("log2 op kept its table body at opset 17: the BitCast body gives other codes "
+            "than the table body") in result.plan.notes
+
+
+def test_explicit_bitcast_that_fails_its_check_is_an_error(monkeypatch):
+    _broken_bitcast_body(monkeypatch)
+    with pytest.raises(UserError, match="--log2-body bitcast: the BitCast body gives other "
+                                        "codes than the table body; use --log2-body table"):
+        _quantize(log2_body="bitcast")
+
+
+def test_failed_conversion_keeps_the_table_body(monkeypatch):
+    from onnxquant import checked_convert
+
+    def broken(model, version):
+        raise RuntimeError("No Adapter For Foo\nmore")
+
+    monkeypatch.setattr(checked_convert.version_converter, "convert_version", broken)
+    result = _quantize()
+    assert _body(result.model) == "table"
+    assert ("log2 op kept its table body at opset 17: opset 17 -> 26 conversion failed "
+            "(No Adapter For Foo)") in result.plan.notes
+
+
+def test_no_log2_op_no_conversion():
+    result = _quantize(softmax_quantizer="uniform")
+    assert model_opset(result.model) == 17
+    assert not log2_body.has_log2_ops(result.model)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"target": "tensorrt", "log2_body": "bitcast"}, "TensorRT's parser has no BitCast"),
+    ({"softmax_quantizer": "uniform", "log2_body": "table"}, "applies to the log quantizers"),
+    ({"target": "ort", "log2_body": "table"}, "leaves the Softmax float"),
+    ({"log2_body": "fast"}, "log2_body must be one of"),
+])
+def test_log2_body_options_that_cannot_apply_are_refused(config, message):
+    from onnxquant import QuantConfig
+
+    with pytest.raises(ValueError, match=message):
+        QuantConfig(**config)

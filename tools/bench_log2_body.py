@@ -1,0 +1,92 @@
+"""What the log2 op costs on onnxruntime CPU with each body (functions.py: "table", "bitcast"):
+the log2 op alone (float weights, parts=softmax) and the paper recipe, against float, medians
+of interleaved runs at one thread.
+
+    python tools/bench_log2_body.py [--models mobilevit_xxs,mobilevitv2_050,mobilevit_s,...]
+                                    [--runs 300] [--threads 1] [--out docs/log2_body.md]
+
+Reference checkpoints are used where they exist, else the timm zoo export (random weights,
+needs torch + timm; exported once into the cache). The log2 op's share of the model's time
+is (t(log2 op alone) - t(float)) / t(log2 op alone): the issue-13 goal is <= 10 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+from bench_ort_graph import _source  # noqa: E402
+from bench_peers import _latency  # noqa: E402
+
+from onnxquant import QuantConfig, api  # noqa: E402
+from onnxquant.model_io import save_model  # noqa: E402
+
+COLUMNS = [("model", "model", ""), ("variant", "variant", ""),
+           ("latency ms (median)", "ms", ".3f"), ("float / variant", "speedup", ".3f"),
+           ("log2 op ms", "log2_ms", ".3f"), ("log2 share of the model %", "share", ".1f")]
+VARIANTS = {  # label: (parts, log2 body)
+    "log2 op alone, table body": (("softmax",), "table"),
+    "log2 op alone, bitcast body": (("softmax",), "bitcast"),
+    "paper recipe, table body": (None, "table"),
+    "paper recipe, bitcast body": (None, "bitcast"),
+}
+
+
+def variants(name: str, work: Path) -> dict:
+    """{label: path}: float and every VARIANTS entry, quantized on the bundled images."""
+    path, pre = _source(name)
+    out = {"float": Path(path)}
+    for label, (parts, body) in VARIANTS.items():
+        cfg = QuantConfig(parts=parts, log2_body=body)
+        result = api.run(str(path), cfg, str(benchlib.CALIB), pre, progress=False)
+        out[label] = work / f"{name}.{len(out)}.onnx"
+        save_model(result.model, out[label])
+    return out
+
+
+def rows_for(name: str, times: dict) -> list[dict]:
+    base = benchlib.median(times["float"])
+    rows = []
+    for label, t in times.items():
+        ms = benchlib.median(t)
+        alone = label.startswith("log2 op alone")
+        rows.append({"model": name, "variant": label, "ms": ms, "speedup": base / ms,
+                     "log2_ms": ms - base if alone else None,
+                     "share": 100 * (ms - base) / ms if alone else None})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="mobilevit_xxs,mobilevitv2_050")
+    p.add_argument("--runs", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="docs/log2_body.md")
+    args = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            paths = variants(name, Path(tmp))
+            times = _latency({"models": {k: str(v) for k, v in paths.items()},
+                              "threads": args.threads, "warmup": args.warmup,
+                              "runs": args.runs})["times_ms"]
+            rows += rows_for(name, times)
+            print(benchlib.table(rows[-len(times):], COLUMNS), flush=True)
+    text = (f"# The log2 op's cost on onnxruntime CPU, by body\n\n"
+            f"{benchlib.measured_line(benchlib.command_line('tools/bench_log2_body.py', argv))}"
+            f".\n\nonnxruntime CPU, batch 1, {args.threads} intra-op thread(s); {args.runs} "
+            "rounds, every variant once per round in a shuffled order; medians. float / variant "
+            "> 1 is faster than float; '-': not a log2-op-alone row.\n\n"
+            f"{benchlib.table(rows, COLUMNS)}\n\n{benchlib.kept_notes(Path(args.out))}\n")
+    Path(args.out).write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
