@@ -53,7 +53,8 @@ MODULES = {  # name -> (path in the scratch tree, fast test selection; test_muta
     "emit": ("onnxquant/emit.py", _EMIT),
     "emit_qdq": ("onnxquant/emit_qdq.py", _EMIT),
     "functions": ("onnxquant/functions.py", ("test_log2_function", "test_softmax_quantizers",
-                                             "test_spec")),
+                                             "test_spec", "test_log2_body")),
+    "log2_body": ("onnxquant/log2_body.py", ("test_log2_body",)),
     "spec": ("onnxquant/spec.py", ("test_spec", "test_softmax_quantizers", "test_targets")),
     "decide": ("onnxquant/decide.py", _PLAN),
     "softmax_quantizers": ("onnxquant/softmax_quantizers.py",
@@ -80,6 +81,8 @@ CONFIG_TESTS = {
     "log2_eps": "tests/test_spec.py::test_softmax_bits_and_eps_reach_the_log2_node",
     "softmax_quantizer": "tests/test_softmax_quantizers.py::"
                          "test_each_quantizer_builds_a_valid_close_model",
+    "log2_body": "tests/test_log2_body.py::"
+                 "test_default_paper_file_gets_the_bitcast_body_at_opset_26",
     "parts": "tests/test_passes.py::test_parts_ablation",
     "ort_int8_kinds": "tests/test_mutants.py::test_ort_int8_kinds_choose_the_int8_convs",
     "num_calib": "tests/test_spec.py::test_num_calib_limits_the_samples",
