@@ -147,8 +147,7 @@ def _bitcast_nodes() -> list:
     mk, i32, f32 = helper.make_node, TensorProto.INT32, TensorProto.FLOAT
     shift = 23 - SNAP_BITS
     return [
-        _const("bucket", 2**shift, i32), _const("zero_i", 0, i32),
-        _const("one_i", 1, i32),
+        _const("bucket", 2**shift, i32), _const("one_i", 1, i32),
         # the clip range: eps .. the last threshold (everything above it: the top code)
         _const("top_index", -2, TensorProto.INT64),
         mk("Gather", ["thresholds", "top_index"], ["top_1"], axis=0),

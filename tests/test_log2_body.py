@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxquant import functions, log2_body
+from onnxquant import QuantConfig, functions, log2_body
 from onnxquant.errors import UserError
 from onnxquant.opset import model_opset
 
@@ -67,6 +67,65 @@ def _broken_bitcast_body(monkeypatch):
     monkeypatch.setattr(functions, "_bitcast_nodes", broken)
 
 
+def test_a_body_one_ulp_off_is_not_shipped(monkeypatch):
+    """The codes are compared bit for bit, not within float tolerance."""
+    real = functions._bitcast_nodes
+
+    def off_by_an_ulp():
+        nodes = real()
+        gather = next(n for n in nodes if n.output[0] == "y_flat")
+        gather.output[0] = "y_exact"
+        at = nodes.index(gather) + 1
+        nodes[at:at] = [functions._const("ulp", 1 + 2.0**-22, onnx.TensorProto.FLOAT),
+                        onnx.helper.make_node("Mul", ["y_exact", "ulp"], ["y_flat"])]
+        return nodes
+    monkeypatch.setattr(functions, "_bitcast_nodes", off_by_an_ulp)
+    assert _body(_quantize().model) == "table"
+
+
+def test_a_conversion_that_changes_the_outputs_is_not_shipped(monkeypatch):
+    real = log2_body.convert
+
+    def altered(model, version):
+        out, why = real(model, version)
+        w = next(t for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                 and onnx.numpy_helper.to_array(t).size > 1)
+        w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 3, w.name))
+        return out, why
+    monkeypatch.setattr(log2_body, "convert", altered)
+    result = _quantize()
+    assert _body(result.model) == "table"
+    assert ("log2 op kept its table body at opset 17: opset 17 -> 26 changed the outputs "
+            "(also with activation quantizers bypassed)") in result.plan.notes
+
+
+def test_a_model_at_opset_26_is_not_converted(monkeypatch):
+    def no_conversion(model, version):
+        raise AssertionError("converted a model already at 26")
+    monkeypatch.setattr(log2_body, "convert", no_conversion)
+    table = _quantize(log2_body="table").model
+    table.opset_import[0].version = 26
+    functions.install(table)
+    fast, note = log2_body.apply_body(table, QuantConfig(), "m", lambda: {"x": graphs.calibration(2)})
+    assert _body(fast) == "bitcast" and model_opset(fast) == 26
+    assert note == "log2 op: BitCast body, one lookup per element (opset 26)"
+
+
+def test_large_models_keep_the_table_body(monkeypatch):
+    monkeypatch.setattr(log2_body, "is_large", lambda model: True)
+    result = _quantize()
+    assert _body(result.model) == "table"
+    assert ("log2 op kept its table body at opset 17: the model needs external data (over "
+            "2 GB)") in result.plan.notes
+
+
+@pytest.mark.parametrize("config, body", [({}, "bitcast"), ({"target": "tensorrt"}, "table"),
+                                          ({"log2_body": "table"}, "table"),
+                                          ({"target": "tensorrt", "log2_body": "table"}, "table")])
+def test_auto_body_is_bitcast_except_on_tensorrt(config, body):
+    assert log2_body.chosen_body(QuantConfig(**config)) == body
+
+
 def test_a_body_that_moves_codes_is_not_shipped(monkeypatch):
     _broken_bitcast_body(monkeypatch)
     result = _quantize()
@@ -108,7 +167,5 @@ def test_no_log2_op_no_conversion():
     ({"log2_body": "fast"}, "log2_body must be one of"),
 ])
 def test_log2_body_options_that_cannot_apply_are_refused(config, message):
-    from onnxquant import QuantConfig
-
     with pytest.raises(ValueError, match=message):
         QuantConfig(**config)
