@@ -49,7 +49,8 @@ def apply_body(model: onnx.ModelProto, config: QuantConfig, name: str, sample
     fast, why, how = (None, "the model needs external data (over 2 GB)", "") \
         if is_large(model) else _bitcast(model, sample())
     if why is None:
-        return fast, f"log2 op: BitCast body, one lookup per element ({how})"
+        return fast, (f"log2 op: BitCast body, one lookup per element ({how}); for a runtime "
+                      "without opset 26: --log2-body table")
     if config.log2_body == "bitcast":
         raise UserError(f"{name}: --log2-body bitcast: {why}; use --log2-body table")
     return model, f"log2 op kept its table body at opset {opset}: {why}"

@@ -108,7 +108,8 @@ def test_a_model_at_opset_26_is_not_converted(monkeypatch):
     functions.install(table)
     fast, note = log2_body.apply_body(table, QuantConfig(), "m", lambda: {"x": graphs.calibration(2)})
     assert _body(fast) == "bitcast" and model_opset(fast) == 26
-    assert note == "log2 op: BitCast body, one lookup per element (opset 26)"
+    assert note == ("log2 op: BitCast body, one lookup per element (opset 26); for a runtime "
+                    "without opset 26: --log2-body table")
 
 
 def test_large_models_keep_the_table_body(monkeypatch):
