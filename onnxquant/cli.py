@@ -59,7 +59,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                    help="post-Softmax quantizer: log2 (the paper's, default), log_sqrt2 "
                         "(RepQ-ViT), adalog (searched log base), uniform (onnxruntime's)")
     g.add_argument("--log2-body", choices=LOG2_BODIES, default=d.log2_body,
-                   help="body of the log2 op: bitcast (one lookup on the float bits, 3-4x "
+                   help="body of the log2 op: bitcast (one lookup on the float bits, 2.7-4x "
                         "cheaper on onnxruntime CPU, opset 26), table (Log + lookups, the "
                         "model's opset); auto (default): bitcast unless --target tensorrt or "
                         "its checks fail")

@@ -61,7 +61,7 @@ class QuantConfig:
         folded (8-bit file, float speed).
     log2_body: the standard-op body of the log-family Softmax op in the file: "table"
         (Log + table lookups, the model's own opset), "bitcast" (one lookup on the input's
-        float bits, 3-4x cheaper on onnxruntime CPU; the model is converted to opset 26 and
+        float bits, 2.7-4x cheaper on onnxruntime CPU; the model is converted to opset 26 and
         checked), "auto" (default): bitcast where the conversion and its checks pass, except
         on target tensorrt (its plugin replaces the body; its parser has no BitCast).
     softmax_quantizer: the post-Softmax quantizer: "log2" (the paper's), "log_sqrt2"

@@ -1,7 +1,7 @@
 """The body the log2 op gets in the written file (functions.py): "table" or "bitcast".
 
 The bitcast body reads the input's float bits with BitCast (opset 26) and costs one table
-lookup per element instead of a Log and two lookups (3-4x cheaper on onnxruntime CPU,
+lookup per element instead of a Log and two lookups (2.7-4x cheaper on onnxruntime CPU,
 docs/softmax.md). A model below opset 26 is converted first (checked_convert.py). Kept only
 if, in onnxruntime on a calibration input:
 

@@ -15,8 +15,8 @@ Log2 (post-Softmax activations):
     q = clamp(round(L / s) + z, 0, 2^b - 1),   x_hat = 2^(s * (q - z))
 The rounding boundaries are a float32 table (``log2_tables``): the code of x is the number
 of boundaries it reaches. Each boundary 2^(s (k + 1/2 - z)) sits on the nearest float32 whose
-mantissa has ``SNAP_BITS`` bits (a grid of 2^-12 of an octave's width, at most 1.8e-4 octaves
-from the log-domain midpoint: 0.3 % of the default 8-bit step), so that the code is a function
+mantissa has ``SNAP_BITS`` bits (a relative grid of 2^-10, at most 7e-4 octaves from the
+log-domain midpoint: 1.1 % of the default 8-bit step), so that the code is a function
 of the input's top float32 bits and the onnxruntime body can be one table lookup
 (functions.py, "bitcast"). That makes codes exact across backends whose ``log`` differs
 (onnxruntime's float32 Log differs from NumPy's by up to 5 ulp): the ONNX function estimates
@@ -32,8 +32,8 @@ import numpy as np
 
 LN2 = float(np.log(2.0))
 MIN_EPS = 2.0**-120  # thresholds 2^(-120 - s/2) stay normal float32
-MIN_LOG2_SCALE = 2.0**-10  # > 5 snapped boundaries apart (a lookup bucket is 2^-12 octave)
-SNAP_BITS = 12  # mantissa bits of a rounding boundary (see the module docstring)
+MIN_LOG2_SCALE = 2.0**-8  # a boundary's snap (<= 7e-4 octave) stays under 0.2 of a step
+SNAP_BITS = 10  # mantissa bits of a rounding boundary (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def log2_tables(p: Log2Params) -> tuple[np.ndarray, np.ndarray]:
     the smallest input that gets a code above k: ``2^(s (k + 1/2 - z))`` (the log-domain
     rounding boundary) snapped to ``SNAP_BITS`` mantissa bits, and +inf for the last code.
     Computed in float64 as ``exp(((k + 0.5) - z) * (s ln 2))``, snapped, then rounded to
-    float32 (exact: 13 significant bits), in exactly this order in the ONNX function body,
+    float32 (exact: 11 significant bits), in exactly this order in the ONNX function body,
     so both sides hold the same tables.
     """
     k = np.arange(p.qmax + 1, dtype=np.float64)
