@@ -148,3 +148,20 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
+def at_least(model: onnx.ModelProto, version: int, feed: dict, rounding: list
+             ) -> tuple[onnx.ModelProto | None, str | None]:
+    """(``model`` itself if already at ``version`` or newer, else a converted copy whose
+    outputs were checked against it, None) or (None, why not). ``rounding`` collects the
+    conversion step where the check passed only with the activation quantizers bypassed."""
+    opset = model_opset(model)
+    if opset >= version:
+        return model, None
+    target, why = convert(model, version)
+    if why is None:
+        step = f"opset {opset} -> {version}"
+        why = differs_beyond_rounding(model, target, step, f"{step} changed the outputs", feed,
+                                      rounding)
+    return (None, why) if why is not None else (target, None)
+

@@ -20,7 +20,7 @@ from __future__ import annotations
 import onnx
 
 from . import functions
-from .checked_convert import convert, copy_model, differs, differs_beyond_rounding
+from .checked_convert import at_least, copy_model, differs
 from .config import QuantConfig
 from .errors import UserError
 from .model_io import is_large
@@ -60,11 +60,7 @@ def _bitcast(model: onnx.ModelProto, feed: dict) -> tuple:
     """(model with the bitcast body at opset >= 26, None, how) or (None, why not, None)."""
     opset, least = model_opset(model), functions.BITCAST_OPSET
     rounding: list = []
-    target, why = (model, None) if opset >= least else convert(model, least)
-    if why is None and opset < least:
-        step = f"opset {opset} -> {least}"
-        why = differs_beyond_rounding(model, target, step, f"{step} changed the outputs", feed,
-                                      rounding)
+    target, why = at_least(model, least, feed, rounding)
     if why is not None:
         return None, why, None
     fast = copy_model(target)

@@ -28,7 +28,7 @@ import ml_dtypes
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .checked_convert import convert, copy_model, differs, differs_beyond_rounding, random_feed
+from .checked_convert import at_least, copy_model, differs, differs_beyond_rounding, random_feed
 from .opset import model_opset
 
 log = logging.getLogger("onnxquant")
@@ -80,12 +80,7 @@ def _packed_at_21(model: onnx.ModelProto, codes: list[str], feed: dict,
     """(packed copy at opset >= 21, None) or (None, why not): the conversion must keep the
     outputs, the packed model must dequantize to the same floats and run optimized
     (``rounding``: what passed only with the activation quantizers bypassed)."""
-    opset = model_opset(model)
-    target, why = (model, None) if opset >= MIN_OPSET else convert(model, MIN_OPSET)
-    if why is None and opset < MIN_OPSET:
-        step = f"opset {opset} -> {MIN_OPSET}"
-        why = differs_beyond_rounding(model, target, step, f"{step} changed the outputs", feed,
-                                       rounding)
+    target, why = at_least(model, MIN_OPSET, feed, rounding)
     if why is not None:
         return None, why
     packed = copy_model(target)

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxquant import QuantConfig, functions, log2_body
+from onnxquant import QuantConfig, checked_convert, functions, log2_body
 from onnxquant.errors import UserError
 from onnxquant.opset import model_opset
 
@@ -84,7 +84,7 @@ def test_a_body_one_ulp_off_is_not_shipped(monkeypatch):
 
 
 def test_a_conversion_that_changes_the_outputs_is_not_shipped(monkeypatch):
-    real = log2_body.convert
+    real = checked_convert.convert
 
     def altered(model, version):
         out, why = real(model, version)
@@ -92,7 +92,7 @@ def test_a_conversion_that_changes_the_outputs_is_not_shipped(monkeypatch):
                  and onnx.numpy_helper.to_array(t).size > 1)
         w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 3, w.name))
         return out, why
-    monkeypatch.setattr(log2_body, "convert", altered)
+    monkeypatch.setattr(checked_convert, "convert", altered)
     result = _quantize()
     assert _body(result.model) == "table"
     assert ("log2 op kept its table body at opset 17: opset 17 -> 26 changed the outputs "
@@ -102,7 +102,7 @@ def test_a_conversion_that_changes_the_outputs_is_not_shipped(monkeypatch):
 def test_a_model_at_opset_26_is_not_converted(monkeypatch):
     def no_conversion(model, version):
         raise AssertionError("converted a model already at 26")
-    monkeypatch.setattr(log2_body, "convert", no_conversion)
+    monkeypatch.setattr(checked_convert, "convert", no_conversion)
     table = _quantize(log2_body="table").model
     table.opset_import[0].version = 26
     functions.install(table)

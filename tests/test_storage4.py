@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
 import graphs
-from onnxquant import api, checked_convert, storage4
+from onnxquant import api, checked_convert
 from onnxquant.storage4 import pack_4bit, packable, random_feed
 
 
@@ -314,7 +314,7 @@ def test_rounding_moved_activation_code_still_packs():
 def test_conversion_that_changes_an_op_still_refused(monkeypatch):
     """The bypass does not hide a real change: a converter that altered the pooling."""
     model, feed = _code_boundary_model()
-    convert = storage4.convert
+    convert = checked_convert.convert
 
     def altered(m, version):
         out, why = convert(m, version)
@@ -326,7 +326,7 @@ def test_conversion_that_changes_an_op_still_refused(monkeypatch):
             "MaxPool", ["p_wide"], ["p"], kernel_shape=[1, 2], strides=[1, 2]))
         return out, why
 
-    monkeypatch.setattr(storage4, "convert", altered)
+    monkeypatch.setattr(checked_convert, "convert", altered)
     out, note = pack_4bit(model, "pool", feed)
     assert out is model
     assert note == ("1 4-bit weights stay in 8-bit containers: opset 13 -> 21 changed the "

@@ -77,13 +77,10 @@ def main(argv=None) -> int:
                               "runs": args.runs})["times_ms"]
             rows += rows_for(name, times)
             print(benchlib.table(rows[-len(times):], COLUMNS), flush=True)
-    text = (f"# The log2 op's cost on onnxruntime CPU, by body\n\n"
-            f"{benchlib.measured_line(benchlib.command_line('tools/bench_log2_body.py', argv))}"
-            f".\n\nonnxruntime CPU, batch 1, {args.threads} intra-op thread(s); {args.runs} "
-            "rounds, every variant once per round in a shuffled order; medians. float / variant "
-            "> 1 is faster than float; '-': not a log2-op-alone row.\n\n"
-            f"{benchlib.table(rows, COLUMNS)}\n\n{benchlib.kept_notes(Path(args.out))}\n")
-    Path(args.out).write_text(text, encoding="utf-8")
+    text = benchlib.write_latency_report(
+        "The log2 op's cost on onnxruntime CPU, by body", "tools/bench_log2_body.py", argv,
+        args, rows, COLUMNS, "float / variant > 1 is faster than float; '-': not a "
+        "log2-op-alone row.")
     print(text)
     return 0
 

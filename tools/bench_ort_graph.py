@@ -102,13 +102,9 @@ def main(argv=None) -> int:
                              "rewrites": notes.get(label, "")[len("onnxruntime graph: "):]
                              .split(" (outputs")[0]})
             print(benchlib.table(rows[-len(times):], COLUMNS), flush=True)
-    text = (f"# The ort target's graph rewrites: latency\n\n"
-            f"{benchlib.measured_line(benchlib.command_line('tools/bench_ort_graph.py', argv))}"
-            f".\n\nonnxruntime CPU, batch 1, {args.threads} intra-op thread(s), spinning off; "
-            f"{args.runs} rounds, every variant once per round in a shuffled order; medians. "
-            "float / variant > 1 is faster than float.\n\n"
-            f"{benchlib.table(rows, COLUMNS)}\n\n{benchlib.kept_notes(Path(args.out))}\n")
-    Path(args.out).write_text(text, encoding="utf-8")
+    text = benchlib.write_latency_report(
+        "The ort target's graph rewrites: latency", "tools/bench_ort_graph.py", argv, args,
+        rows, COLUMNS, "float / variant > 1 is faster than float.")
     print(text)
     return 0
 

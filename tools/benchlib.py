@@ -335,6 +335,19 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(out + [line(c) for c in cells])
 
 
+def write_latency_report(title: str, script: str, argv, args, rows: list, columns: list,
+                         reading: str) -> str:
+    """The report of a latency tool (``args.threads``, ``args.runs``, ``args.out``): heading,
+    command, how it was timed, ``reading`` (what the columns mean), the table, kept notes.
+    Written to ``args.out`` and returned."""
+    text = (f"# {title}\n\n{measured_line(command_line(script, argv))}.\n\nonnxruntime CPU, "
+            f"batch 1, {args.threads} intra-op thread(s), spinning off; {args.runs} rounds, every "
+            f"variant once per round in a shuffled order; medians. {reading}\n\n"
+            f"{table(rows, columns)}\n\n{kept_notes(Path(args.out))}\n")
+    Path(args.out).write_text(text, encoding="utf-8")
+    return text
+
+
 NOTES_BEGIN = "<!-- notes: kept when the tool rewrites this file -->"
 NOTES_END = "<!-- /notes -->"
 
