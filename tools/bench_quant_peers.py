@@ -3,6 +3,7 @@
     python tools/bench_quant_peers.py [--peers ort,nncf,inc,quark,aimet,onnxquant]
         [--models mobilevit_xxs,mobilevitv2_050,PP-OCRv6_rec_small] [--limit 500]
         [--lines 300] [--work /tmp/onnxquant-peers] [--out docs/peers.md] [--w4]
+        [--recipes aimet-adaround-w4a8,onnxquant-tensorrt-w4a8-gptq]
 
 Each peer is installed from PyPI into its own venv (WORK/PEER: python -m venv, pip install the
 peer + onnxruntime onnx numpy Pillow) and quantizes with tools/peer_runner.py run by that venv's
@@ -275,12 +276,20 @@ def main(argv=None) -> int:
                    "W4 table is quoted in docs/peers.md's notes)")
     p.add_argument("--w4", action="store_true", help="4-bit weight AdaRound rows (issue 12) "
                    "instead of W8A8")
+    p.add_argument("--recipes", help="comma list of runner recipes to keep (default: all of "
+                   "the chosen peers')")
     args = p.parse_args(argv)
     args.out = args.out or ("/tmp/peers_w4.md" if args.w4 else "docs/peers.md")
     peers = {x: (W4 if args.w4 else {k: v[1] for k, v in PEERS.items()}).get(x, [])
              for x in args.peers.split(",") if x}
     if args.w4:
         peers = {k: v for k, v in peers.items() if k in W4}
+    if args.recipes:
+        keep = set(args.recipes.split(","))
+        unknown = keep - {r for v in peers.values() for r in v}
+        if unknown:
+            p.error(f"recipes {sorted(unknown)} are not among the chosen peers' recipes")
+        peers = {k: [r for r in v if r in keep] for k, v in peers.items()}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     command = benchlib.command_line(__file__, argv)
