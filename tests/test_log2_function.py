@@ -6,6 +6,8 @@ import onnx
 import onnx.inliner
 import onnxruntime as ort
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import helper
 
 from onnxquant import functions as F
@@ -57,6 +59,23 @@ def test_function_equals_reference_exactly(rng, bits, eps, step, opset, body):
     assert y[-3] == y[-2] == y[-1] == Q.log2_tables(p)[1][-1]  # above the range: top level
     # the codes, recovered exactly from the dequantized values: 2^(s(q - z)) is injective
     assert len(np.unique(y)) == len(np.unique(Q.log2_quantize(x, p)))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bits=st.integers(2, 8), eps_exp=st.floats(-120, -1), lo_exp=st.floats(-40, 0),
+       span=st.floats(0, 40), step=st.sampled_from([None, None, 0.5, 1.0, 0.1]),
+       seed=st.integers(0, 2**16))
+def test_both_bodies_equal_the_reference_for_any_grid(bits, eps_exp, lo_exp, span, step, seed):
+    """Property: for any calibrated grid (bits, eps, range, fixed step), both bodies give the
+    reference's values on random inputs, every boundary and its float neighbours."""
+    p = Q.log2_params(2.0**lo_exp, 2.0 ** min(lo_exp + span, 0), bits, 2.0**eps_exp, step)
+    t = Q.log2_tables(p)[0][:-1]
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([2.0 ** rng.uniform(eps_exp - 2, 1, 2000), t, np.nextafter(t, 0),
+                        np.nextafter(t, 2), [0.0, -1.0, np.inf]]).astype(np.float32)
+    want = Q.log2_fake_quant(x, p)
+    for opset, body in ((17, "table"), (26, "bitcast")):
+        np.testing.assert_array_equal(_run(_model(p, opset, body), x), want, err_msg=body)
 
 
 def test_boundaries_start_lookup_buckets():
