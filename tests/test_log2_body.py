@@ -112,6 +112,23 @@ def test_a_model_at_opset_26_is_not_converted(monkeypatch):
                     "without opset 26: --log2-body table")
 
 
+def test_note_says_when_float_rounding_moved_codes(monkeypatch):
+    """A conversion whose check passed only with the quantizers bypassed is named."""
+    real = checked_convert.at_least
+
+    def rounding_moved(model, version, feed, rounding):
+        rounding.append(f"opset 17 -> {version}")
+        return real(model, version, feed, [])
+    monkeypatch.setattr(log2_body, "at_least", rounding_moved)
+    table = _quantize(log2_body="table").model
+    fast, note = log2_body.apply_body(table, QuantConfig(), "m",
+                                      lambda: {"x": graphs.calibration(2)})
+    assert _body(fast) == "bitcast"
+    assert note == ("log2 op: BitCast body, one lookup per element (opset 17 converted to 26; "
+                    "float rounding moved log2 codes (opset change): outputs agree with the "
+                    "quantizers bypassed); for a runtime without opset 26: --log2-body table")
+
+
 def test_large_models_keep_the_table_body(monkeypatch):
     monkeypatch.setattr(log2_body, "is_large", lambda model: True)
     result = _quantize()
