@@ -75,8 +75,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--act-bits", type=int, default=d.act_bits,
                    help="activation bits, targets ort/tensorrt (default 8; W6A6: "
                         "--weight-bits 6 --act-bits 6)")
-    g.add_argument("--calib-method", choices=CALIB_METHODS, default=d.calib_method,
-                   help="activation range estimator (default minmax)")
+    g.add_argument("--calib-method", choices=CALIB_METHODS, default=None,
+                   help="activation range estimator (default: mse with --weight-bits <= 4, "
+                        "else minmax)")
     g.add_argument("--auto", action="store_true",
                    help="search weight granularity/scheme and activation ranges per layer "
                         "by the error of its block (Q-HyViT)")
