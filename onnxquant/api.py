@@ -6,6 +6,7 @@ load -> passes mark a plan -> calibration fills its statistics -> emit inserts Q
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -108,7 +109,7 @@ def _finish(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProto:
     model.metadata_props.extend(source.metadata_props)
     model.functions.extend(f for f in source.functions
                            if f.name not in {g.name for g in model.functions})
-    if any(n.domain == functions.DOMAIN for n in model.graph.node):
+    if functions.has_log2_ops(model):
         functions.install(model)
     return model
 
@@ -334,10 +335,10 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
                           "--reconstruct gptq usually recovers most of the loss "
                           "(docs/reconstruct_table.md)")
     out, counts = _emit(graph, plan, source)
-    out = _pack_4bit(out, plan, config, _model_name(model),
-                     lambda: feed or sample_feed(original, calibration, config, preprocess))
-    out = _log2_body(out, plan, config, _model_name(model),
-                     lambda: feed or sample_feed(original, calibration, config, preprocess))
+    sample = functools.cache(lambda: feed or sample_feed(original, calibration, config,
+                                                         preprocess))
+    out = _pack_4bit(out, plan, config, _model_name(model), sample)
+    out = _log2_body(out, plan, config, _model_name(model), sample)
     out = _ort_graph(out, plan, config)
     _record_choices(out, config, probing)
     if not is_large(out, PROTOBUF_LIMIT):

@@ -32,7 +32,7 @@ def emitted(block: gs.Graph, plan: Plan) -> onnx.ModelProto:
     graph = block.copy()
     emit.emit(graph, plan)
     model = gs.export_onnx(graph, do_type_check=False)
-    if any(n.domain == functions.DOMAIN for n in model.graph.node):
+    if functions.has_log2_ops(model):
         functions.install(model)
     return model
 

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import version_converter
 
-from .functions import DOMAIN, OP_TYPE as LOG2_OP
+from .functions import is_log2
 from .model_io import quiet_session
 from .opset import ATOL, RTOL, model_opset, restore_functions
 
@@ -103,7 +103,7 @@ def bypass_activation_quantizers(model: onnx.ModelProto) -> onnx.ModelProto:
     producer = {o: n for n in graph.node for o in n.output}
     same: dict = {}  # bypassed output -> the tensor it stands for
     for node in graph.node:
-        if node.domain == DOMAIN and node.op_type == LOG2_OP:
+        if is_log2(node):
             same[node.output[0]] = node.input[0]
         elif node.op_type == "DequantizeLinear":
             q = producer.get(node.input[0])

@@ -210,6 +210,15 @@ def params_from_attrs(attrs: dict) -> Log2Params:
                       float(attrs["eps"]))
 
 
+def is_log2(node: NodeProto) -> bool:
+    return node.domain == DOMAIN and node.op_type == OP_TYPE
+
+
+def has_log2_ops(model: onnx.ModelProto) -> bool:
+    """Whether ``model``'s main graph holds a log2 op (and so needs the function)."""
+    return any(is_log2(n) for n in model.graph.node)
+
+
 def install(model: onnx.ModelProto, body: str = "table") -> None:
     """Declare the function (with ``body``, at the model's opset) and its domain in
     ``model``; an existing declaration is replaced (so that a body can be swapped)."""

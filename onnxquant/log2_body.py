@@ -23,6 +23,7 @@ from . import functions
 from .checked_convert import at_least, copy_model, differs
 from .config import QuantConfig
 from .errors import UserError
+from .functions import has_log2_ops
 from .model_io import is_large
 from .opset import model_opset
 
@@ -32,11 +33,6 @@ def chosen_body(config: QuantConfig) -> str:
     if config.log2_body != "auto":
         return config.log2_body
     return "table" if config.target == "tensorrt" else "bitcast"
-
-
-def has_log2_ops(model: onnx.ModelProto) -> bool:
-    return any(n.domain == functions.DOMAIN and n.op_type == functions.OP_TYPE
-               for n in model.graph.node)
 
 
 def apply_body(model: onnx.ModelProto, config: QuantConfig, name: str, sample
