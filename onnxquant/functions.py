@@ -146,29 +146,54 @@ def _table_hot_path(x: str, y: str) -> list:
 
 def _bitcast_nodes() -> list:
     """The "bitcast" body: the bucket table (folded at load), then the four-op hot path."""
-    mk, i32, f32 = helper.make_node, TensorProto.INT32, TensorProto.FLOAT
+    mk, i32, i64, f32 = helper.make_node, TensorProto.INT32, TensorProto.INT64, TensorProto.FLOAT
     shift = 23 - SNAP_BITS
     return [
         _const("bucket", 2**shift, i32), _const("zero_i", 0, i32), _const("one_i", 1, i32),
         # the clip range: eps .. the last threshold (everything above it: the top code)
-        _const("top_index", -2, TensorProto.INT64),
+        _const("top_index", -2, i64),
         mk("Gather", ["thresholds", "top_index"], ["top_1"], axis=0),
         mk("Max", ["top_1", "eps"], ["top"]),
         mk("BitCast", ["top"], ["top_bits"], to=i32), mk("Div", ["top_bits", "bucket"], ["hi"]),
         mk("Add", ["hi", "one_i"], ["hi_end"]),
-        # every bucket from float 0 up: no offset to subtract per element (below eps: eps's)
-        mk("Range", ["zero_i", "hi_end", "one_i"], ["buckets"]),
-        mk("Mul", ["buckets", "bucket"], ["starts_bits"]),
-        mk("BitCast", ["starts_bits"], ["starts"], to=f32),
-        *_table_hot_path("starts", "bucket_levels"),
+        *_bucket_table("hi_end", "bucket_levels"),
         mk("Shape", ["X"], ["x_shape"]),
-        _const("flat", -1, TensorProto.INT64, [1]),
+        _const("flat", -1, i64, [1]),
         mk("Reshape", ["X", "flat"], ["x_flat"]),
         mk("Clip", ["x_flat", "eps", "top"], ["xc"]),
         mk("BitCast", ["xc"], ["x_bits"], to=i32),
         mk("Div", ["x_bits", "bucket"], ["i"]),
         mk("GatherElements", ["bucket_levels", "i"], ["y_flat"], axis=0),
         mk("Reshape", ["y_flat", "x_shape"], ["Y"]),
+    ]
+
+
+def _bucket_table(n: str, out: str) -> list:
+    """``out[i]``: the level of every float32 whose bits / 2^13 is i, for i < ``n``.
+
+    Each threshold is the first float of a bucket, so a bucket's code is the number of
+    thresholds at or below its first float: a running sum of how many thresholds start in
+    each bucket. (Buckets below eps's get codes below eps's; the hot path clips its input to
+    eps and never reads them.) Integer ops on ``n`` elements and no float temporaries the
+    size of the table: onnxruntime keeps the peak memory of constant folding (running the
+    table body on every bucket's first float held about 12 MB per log2 node after loading).
+    """
+    mk, i32, i64 = helper.make_node, TensorProto.INT32, TensorProto.INT64
+    return [
+        _const("all_but_last", -1, i64, [1]), _const("start", 0, i64, [1]),
+        mk("Slice", ["thresholds", "start", "all_but_last"], ["bounds"]),
+        mk("BitCast", ["bounds"], ["bounds_bits"], to=i32),
+        mk("Div", ["bounds_bits", "bucket"], ["bounds_bucket"]),
+        _const("flat_1", -1, i64, [1]), mk("Reshape", [n, "flat_1"], ["n_1"]),
+        mk("Cast", ["n_1"], ["n_64"], to=i64),
+        mk("ConstantOfShape", ["n_64"], ["zeros"], value=helper.make_tensor("", i32, [1], [0])),
+        mk("Shape", ["bounds"], ["n_bounds"]),
+        mk("Expand", ["one_i", "n_bounds"], ["ones"]),
+        mk("ScatterElements", ["zeros", "bounds_bucket", "ones"], ["counts"], axis=0,
+           reduction="add"),
+        _const("axis_0", 0, i32),
+        mk("CumSum", ["counts", "axis_0"], ["codes"]),
+        mk("GatherElements", ["levels", "codes"], [out], axis=0),
     ]
 
 

@@ -13,6 +13,8 @@ is (t(log2 op alone) - t(float)) / t(log2 op alone): the issue-13 goal is <= 10 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +29,21 @@ from onnxquant.model_io import save_model  # noqa: E402
 
 COLUMNS = [("model", "model", ""), ("variant", "variant", ""),
            ("latency ms (median)", "ms", ".3f"), ("float / variant", "speedup", ".3f"),
-           ("log2 op ms", "log2_ms", ".3f"), ("log2 share of the model %", "share", ".1f")]
+           ("log2 op ms", "log2_ms", ".3f"), ("log2 share of the model %", "share", ".1f"),
+           ("session load s", "load_s", ".3f"), ("RSS after load + 1 run MB", "rss_mb", ".1f")]
+# a fresh interpreter per file: its resident memory after loading the model and one run
+# (onnxruntime keeps what constant folding the log2 tables took) and the load time
+_LOAD = """
+import json, sys, time, numpy as np, onnxruntime as ort
+rss = lambda: int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+so = ort.SessionOptions(); so.intra_op_num_threads = 1
+start_rss, t = rss(), time.perf_counter()
+s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+load = time.perf_counter() - t
+i = s.get_inputs()[0]
+s.run(None, {i.name: np.zeros([1] + list(i.shape[1:]), np.float32)})
+print(json.dumps({"load_s": load, "rss_mb": rss() - start_rss}))
+"""
 VARIANTS = {  # label: (parts, log2 body)
     "log2 op alone, table body": (("softmax",), "table"),
     "log2 op alone, bitcast body": (("softmax",), "bitcast"),
@@ -46,6 +62,14 @@ def variants(name: str, work: Path) -> dict:
         out[label] = work / f"{name}.{len(out)}.onnx"
         save_model(result.model, out[label])
     return out
+
+
+def load_cost(path) -> dict:
+    """{"load_s", "rss_mb"}: the median load time of 3 fresh processes, the RSS it adds."""
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _LOAD, str(path)], check=True,
+                                      capture_output=True, text=True).stdout)
+            for _ in range(3)]
+    return {k: benchlib.median([r[k] for r in runs]) for k in ("load_s", "rss_mb")}
 
 
 def rows_for(name: str, times: dict) -> list[dict]:
@@ -75,7 +99,8 @@ def main(argv=None) -> int:
             times = _latency({"models": {k: str(v) for k, v in paths.items()},
                               "threads": args.threads, "warmup": args.warmup,
                               "runs": args.runs})["times_ms"]
-            rows += rows_for(name, times)
+            rows += [{**row, **load_cost(paths[row["variant"]])}
+                     for row in rows_for(name, times)]
             print(benchlib.table(rows[-len(times):], COLUMNS), flush=True)
     text = benchlib.write_latency_report(
         "The log2 op's cost on onnxruntime CPU, by body", "tools/bench_log2_body.py", argv,
