@@ -146,7 +146,7 @@ def _table_hot_path(x: str, y: str) -> list:
 
 def _bitcast_nodes() -> list:
     """The "bitcast" body: the bucket table (folded at load), then the four-op hot path."""
-    mk, i32, i64, f32 = helper.make_node, TensorProto.INT32, TensorProto.INT64, TensorProto.FLOAT
+    mk, i32, i64 = helper.make_node, TensorProto.INT32, TensorProto.INT64
     shift = 23 - SNAP_BITS
     return [
         _const("bucket", 2**shift, i32), _const("zero_i", 0, i32), _const("one_i", 1, i32),
