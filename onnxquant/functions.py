@@ -36,12 +36,18 @@ flat view with GatherElements (Gather: 2.9 ms per 1M lookups on this CPU, Gather
     i = BitCast(Clip(x, eps, thresholds[-2]), int32) / 2^13
     y = bucket_levels[i]                # every bucket from float 0 to the top code's
 
-Four elementwise ops and one lookup instead of twelve, no Log (3 ns per element in
-onnxruntime, its slowest elementwise op): 2.7-4x cheaper on onnxruntime CPU
-(docs/log2_body.md). The bucket table (bits(top) / 2^13 entries: 130k, 0.5 MB, for a top
-near 1) is built from the attributes and folded at load like the others; starting it at
-float 0 saves subtracting eps's bucket from every element (11 % of the op's time on
-mobilevit_s).
+"bitcast_nonnegative" body: the same without the Clip, on a table over every non-negative
+bit pattern (2^18 buckets, 1 MB; +inf and NaN get the top code). Exact for inputs >= 0 and
+-0; a negative input would read the table from its end (GatherElements' negative indices)
+and get a wrong code, so it is only installed where every log2 op reads a Softmax output
+(log2_body.py), 12-18 % cheaper than with the Clip.
+
+Three or four elementwise ops and one lookup instead of twelve, no Log (3 ns per element
+in onnxruntime, its slowest elementwise op): 2.7-4x cheaper on onnxruntime CPU
+(docs/log2_body.md). The bucket tables are built from the attributes and folded at load
+like the others, with integer ops whose temporaries cover only eps's bucket to top's
+(``_bucket_table``); starting a table at float 0 saves subtracting eps's bucket from every
+element (11 % of the op's time on mobilevit_s).
 """
 
 from __future__ import annotations
@@ -144,60 +150,77 @@ def _table_hot_path(x: str, y: str) -> list:
     ]
 
 
-def _bitcast_nodes() -> list:
-    """The "bitcast" body: the bucket table (folded at load), then the four-op hot path."""
+def _bitcast_nodes(clip: bool = True) -> list:
+    """The "bitcast" body: the bucket table (folded at load), then the hot path: Clip,
+    BitCast, Div, lookup. ``clip=False`` ("bitcast_nonnegative"): no Clip, a table over
+    every non-negative bit pattern instead (exact for inputs >= 0 and -0, NaN, +inf)."""
     mk, i32, i64 = helper.make_node, TensorProto.INT32, TensorProto.INT64
     shift = 23 - SNAP_BITS
+    x = "xc" if clip else "x_flat"
     return [
-        _const("bucket", 2**shift, i32), _const("zero_i", 0, i32), _const("one_i", 1, i32),
-        # the clip range: eps .. the last threshold (everything above it: the top code)
-        _const("top_index", -2, i64),
+        _const("bucket", 2**shift, i32), _const("one_i", 1, i32),
+        _const("top_index", -2, i64),  # the last threshold: everything above has the top code
         mk("Gather", ["thresholds", "top_index"], ["top_1"], axis=0),
         mk("Max", ["top_1", "eps"], ["top"]),
         mk("BitCast", ["top"], ["top_bits"], to=i32), mk("Div", ["top_bits", "bucket"], ["hi"]),
-        mk("Add", ["hi", "one_i"], ["hi_end"]),
-        *_bucket_table("hi_end", "bucket_levels"),
+        mk("BitCast", ["eps"], ["eps_bits"], to=i32), mk("Div", ["eps_bits", "bucket"], ["lo"]),
+        *([mk("Add", ["hi", "one_i"], ["n"])] if clip else  # the table ends at top's bucket
+          [_const("n", 2 ** (31 - shift), i32)]),  # every non-negative pattern, +inf, NaN
+        *_bucket_table("bucket_levels"),
         mk("Shape", ["X"], ["x_shape"]),
         _const("flat", -1, i64, [1]),
         mk("Reshape", ["X", "flat"], ["x_flat"]),
-        mk("Clip", ["x_flat", "eps", "top"], ["xc"]),
-        mk("BitCast", ["xc"], ["x_bits"], to=i32),
+        *([mk("Clip", ["x_flat", "eps", "top"], ["xc"])] if clip else []),
+        mk("BitCast", [x], ["x_bits"], to=i32),
         mk("Div", ["x_bits", "bucket"], ["i"]),
         mk("GatherElements", ["bucket_levels", "i"], ["y_flat"], axis=0),
         mk("Reshape", ["y_flat", "x_shape"], ["Y"]),
     ]
 
 
-def _bucket_table(n: str, out: str) -> list:
-    """``out[i]``: the level of every float32 whose bits / 2^13 is i, for i < ``n``.
+def _bucket_table(out: str) -> list:
+    """``out[i]``: the level of every float32 whose bits / 2^13 is i, for i < n.
 
-    Each threshold is the first float of a bucket, so a bucket's code is the number of
-    thresholds at or below its first float: a running sum of how many thresholds start in
-    each bucket. (Buckets below eps's get codes below eps's; the hot path clips its input to
-    eps and never reads them.) Integer ops on ``n`` elements and no float temporaries the
-    size of the table: onnxruntime keeps the peak memory of constant folding (running the
-    table body on every bucket's first float held about 12 MB per log2 node after loading).
+    Each threshold is the first float of a bucket, so the code of bucket i (from eps's,
+    ``lo``, to top's, ``hi``) is the number of thresholds at or below its first float, and
+    at least eps's: a running sum of how many thresholds start in each bucket, those at or
+    below eps counted in eps's. Buckets below eps's have eps's code, those above top's the
+    top code: one Pad repeats the end values. Integer ops, and every temporary covers only
+    lo..hi: onnxruntime's constant folding holds them all at once and the process keeps that
+    memory after loading (running the table body on every bucket's first float instead took
+    about 12 MB per log2 node; now the table itself is all that stays).
     """
     mk, i32, i64 = helper.make_node, TensorProto.INT32, TensorProto.INT64
     return [
         _const("all_but_last", -1, i64, [1]), _const("start", 0, i64, [1]),
+        _const("flat_1", -1, i64, [1]), _const("zero_i", 0, i32),
         mk("Slice", ["thresholds", "start", "all_but_last"], ["bounds"]),
         mk("BitCast", ["bounds"], ["bounds_bits"], to=i32),
         mk("Div", ["bounds_bits", "bucket"], ["bounds_bucket"]),
-        _const("flat_1", -1, i64, [1]), mk("Reshape", [n, "flat_1"], ["n_1"]),
-        mk("Cast", ["n_1"], ["n_64"], to=i64),
-        mk("ConstantOfShape", ["n_64"], ["zeros"], value=helper.make_tensor("", i32, [1], [0])),
+        mk("Sub", ["bounds_bucket", "lo"], ["above_lo"]),
+        mk("LessOrEqual", ["bounds", "eps"], ["below_eps"]),
+        mk("Where", ["below_eps", "zero_i", "above_lo"], ["counted_at"]),
+        mk("Sub", ["hi", "lo"], ["span_1"]), mk("Add", ["span_1", "one_i"], ["span"]),
+        mk("Reshape", ["span", "flat_1"], ["span_v"]), mk("Cast", ["span_v"], ["span_64"], to=i64),
+        mk("ConstantOfShape", ["span_64"], ["zeros"],
+           value=helper.make_tensor("", i32, [1], [0])),
         mk("Shape", ["bounds"], ["n_bounds"]),
         mk("Expand", ["one_i", "n_bounds"], ["ones"]),
-        mk("ScatterElements", ["zeros", "bounds_bucket", "ones"], ["counts"], axis=0,
+        mk("ScatterElements", ["zeros", "counted_at", "ones"], ["counts"], axis=0,
            reduction="add"),
-        _const("axis_0", 0, i32),
-        mk("CumSum", ["counts", "axis_0"], ["codes"]),
-        mk("GatherElements", ["levels", "codes"], [out], axis=0),
+        mk("CumSum", ["counts", "zero_i"], ["codes"]),
+        mk("GatherElements", ["levels", "codes"], ["lo_to_hi"], axis=0),
+        # below lo: eps's code, above hi: the top code (Pad "edge" repeats the end values)
+        mk("Sub", ["n", "hi"], ["n_above_1"]), mk("Sub", ["n_above_1", "one_i"], ["n_above"]),
+        mk("Reshape", ["lo", "flat_1"], ["lo_v"]),
+        mk("Reshape", ["n_above", "flat_1"], ["above_v"]),
+        mk("Concat", ["lo_v", "above_v"], ["pads_32"], axis=0),
+        mk("Cast", ["pads_32"], ["pads"], to=i64),
+        mk("Pad", ["lo_to_hi", "pads"], [out], mode="edge"),
     ]
 
 
-BODIES = ("table", "bitcast")
+BODIES = ("table", "bitcast", "bitcast_nonnegative")
 BITCAST_OPSET = 26  # BitCast
 
 
@@ -210,11 +233,14 @@ def log2_function(opset: int = 17, body: str = "table") -> FunctionProto:
     """
     if body not in BODIES:
         raise ValueError(f"body must be one of {BODIES}, got {body!r}")
-    least = BITCAST_OPSET if body == "bitcast" else MIN_BODY_OPSET
+    least = MIN_BODY_OPSET if body == "table" else BITCAST_OPSET
     if opset < least:
         raise ValueError(f"the log2 function's {body} body needs opset >= {least}, got {opset}")
-    nodes = _table_nodes() + (_bitcast_nodes() if body == "bitcast" else
-                              _table_hot_path("X", "Y"))
+    hot = {"table": lambda: _table_hot_path("X", "Y"), "bitcast": _bitcast_nodes,
+           "bitcast_nonnegative": lambda: _bitcast_nodes(clip=False)}[body]
+    nodes = _table_nodes() + hot()
+    for i, node in enumerate(nodes):  # names that profiles and inlined graphs show
+        node.name = f"{body}_{i}_{node.op_type}"
     return helper.make_function(
         DOMAIN, OP_TYPE, ["X"], ["Y"], nodes,
         opset_imports=[helper.make_opsetid("", opset)],

@@ -35,6 +35,28 @@ def test_default_paper_file_gets_the_bitcast_body_at_opset_26(both):
     onnx.checker.check_model(fast.model, full_check=True)
 
 
+def _ops(model: onnx.ModelProto) -> set:
+    return {n.op_type for n in next(f for f in model.functions if f.name == functions.OP_TYPE).node}
+
+
+def test_softmax_fed_log2_ops_get_the_body_without_clip(both):
+    """Every log2 op of a written file reads a Softmax output (never negative): no Clip."""
+    fast, _ = both
+    assert log2_body.bitcast_variant(fast.model) == "bitcast_nonnegative"
+    assert "Clip" not in _ops(fast.model) and "BitCast" in _ops(fast.model)
+
+
+def test_a_log2_op_fed_by_anything_else_keeps_the_clip(both):
+    fast, _ = both
+    model = checked_convert.copy_model(fast.model)
+    log2 = graphs.log2_nodes(model)[0]
+    model.graph.node.append(onnx.helper.make_node("Neg", [log2.input[0]], ["negated"]))
+    log2.input[0] = "negated"
+    assert log2_body.bitcast_variant(model) == "bitcast"
+    functions.install(model, log2_body.bitcast_variant(model))
+    assert "Clip" in _ops(model)
+
+
 def test_bitcast_file_gives_the_table_file_outputs_and_codes(both):
     """Every log2 output bit-identical (the codes), the model outputs within float rounding
     of the opset change."""
@@ -58,8 +80,8 @@ def _broken_bitcast_body(monkeypatch):
     """The bucket shift one bit off: the codes move."""
     real = functions._bitcast_nodes
 
-    def broken():
-        nodes = real()
+    def broken(clip=True):
+        nodes = real(clip)
         for n in nodes:
             if n.output[0] == "bucket":
                 n.attribute[0].t.int32_data[0] = 2 ** (23 - functions.SNAP_BITS + 1)
@@ -71,8 +93,8 @@ def test_a_body_one_ulp_off_is_not_shipped(monkeypatch):
     """The codes are compared bit for bit, not within float tolerance."""
     real = functions._bitcast_nodes
 
-    def off_by_an_ulp():
-        nodes = real()
+    def off_by_an_ulp(clip=True):
+        nodes = real(clip)
         gather = next(n for n in nodes if n.output[0] == "y_flat")
         gather.output[0] = "y_exact"
         at = nodes.index(gather) + 1

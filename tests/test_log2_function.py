@@ -14,7 +14,13 @@ from onnxquant import functions as F
 from onnxquant import quantizers as Q
 
 
-BODIES = [(17, "table"), (26, "table"), (26, "bitcast")]  # (model opset, body)
+BODIES = [(17, "table"), (26, "table"), (26, "bitcast"),
+          (26, "bitcast_nonnegative")]  # (model opset, body)
+
+
+def _inputs_for(body, x):
+    """The nonnegative body is exact on inputs >= 0 (and -0): the outputs of a Softmax."""
+    return x[~(x < 0)] if body == "bitcast_nonnegative" else x
 
 
 def _model(p: Q.Log2Params, opset: int = 17, body: str = "table") -> onnx.ModelProto:
@@ -52,6 +58,7 @@ def test_function_equals_reference_exactly(rng, bits, eps, step, opset, body):
     x = np.concatenate([x, thresholds, np.nextafter(thresholds, np.float32(0)),
                         np.nextafter(thresholds, np.float32(1)),
                         np.array([np.inf, 3e38, 7.0], np.float32)])
+    x = _inputs_for(body, x)
     model = _model(p, opset, body)
     onnx.checker.check_model(model, full_check=True)
     y = _run(model, x)
@@ -73,9 +80,22 @@ def test_both_bodies_equal_the_reference_for_any_grid(bits, eps_exp, lo_exp, spa
     rng = np.random.default_rng(seed)
     x = np.concatenate([2.0 ** rng.uniform(eps_exp - 2, 1, 2000), t, np.nextafter(t, 0),
                         np.nextafter(t, 2), [0.0, -1.0, np.inf]]).astype(np.float32)
-    want = Q.log2_fake_quant(x, p)
-    for opset, body in ((17, "table"), (26, "bitcast")):
-        np.testing.assert_array_equal(_run(_model(p, opset, body), x), want, err_msg=body)
+    for opset, body in ((17, "table"), (26, "bitcast"), (26, "bitcast_nonnegative")):
+        xb = _inputs_for(body, x)
+        np.testing.assert_array_equal(_run(_model(p, opset, body), xb), Q.log2_fake_quant(xb, p),
+                                      err_msg=body)
+
+
+def test_nonnegative_body_edges():
+    """-0 and the smallest floats get eps's code, +inf and NaN the top code (the
+    reference's: NaN sorts above every boundary), as every other non-negative pattern."""
+    p = Q.log2_params(2.0**-16, 1.0, 8)
+    x = np.array([-0.0, 0.0, 1e-45, 2.0**-126, np.inf, np.nan, 3e38], np.float32)
+    y = _run(_model(p, 26, "bitcast_nonnegative"), x)
+    np.testing.assert_array_equal(y, Q.log2_fake_quant(x, p))
+    levels = Q.log2_tables(p)[1]
+    assert y[0] == y[3] == levels[Q.log2_quantize(np.float32(p.eps), p)]
+    assert y[4] == y[5] == y[6] == levels[-1]
 
 
 def test_boundaries_start_lookup_buckets():

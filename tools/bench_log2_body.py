@@ -24,12 +24,16 @@ import benchlib  # noqa: E402
 from bench_ort_graph import _source  # noqa: E402
 from bench_peers import _latency  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from onnxquant import QuantConfig, api  # noqa: E402
+from onnxquant.functions import OP_TYPE  # noqa: E402
 from onnxquant.model_io import save_model  # noqa: E402
 
 COLUMNS = [("model", "model", ""), ("variant", "variant", ""),
            ("latency ms (median)", "ms", ".3f"), ("float / variant", "speedup", ".3f"),
            ("log2 op ms", "log2_ms", ".3f"), ("log2 share of the model %", "share", ".1f"),
+           ("log2 kernels % (profiler)", "profiled", ".1f"),
            ("session load s", "load_s", ".3f"), ("RSS after load + 1 run MB", "rss_mb", ".1f")]
 # a fresh interpreter per file: its resident memory after loading the model and one run
 # (onnxruntime keeps what constant folding the log2 tables took) and the load time
@@ -62,6 +66,27 @@ def variants(name: str, work: Path) -> dict:
         out[label] = work / f"{name}.{len(out)}.onnx"
         save_model(result.model, out[label])
     return out
+
+
+def profiled_share(path, runs: int = 50, repeats: int = 3) -> float:
+    """The log2 op's nodes' share of the kernel time in onnxruntime's profile, %: the median
+    of ``repeats`` profiled sessions. Steadier than the difference of two latency medians:
+    both parts come from the same runs. (onnxruntime names an inlined node
+    "_inlfunc_<function>_<node name>".)"""
+    shares = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            sess = benchlib.ort_session(path, 1, str(Path(tmp) / "profile"))
+            first = sess.get_inputs()[0]
+            x = np.random.default_rng(0).standard_normal([1] + list(first.shape[1:]))
+            feed = {first.name: x.astype(np.float32)}  # the input the latency runs use
+            for _ in range(runs):
+                sess.run(None, feed)
+            kernels = [e for e in json.loads(Path(sess.end_profiling()).read_text())
+                       if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+            log2 = sum(e["dur"] for e in kernels if f"_inlfunc_{OP_TYPE}_" in e["name"])
+            shares.append(100 * log2 / sum(e["dur"] for e in kernels))
+    return benchlib.median(shares)
 
 
 def load_cost(path) -> dict:
@@ -99,7 +124,9 @@ def main(argv=None) -> int:
             times = _latency({"models": {k: str(v) for k, v in paths.items()},
                               "threads": args.threads, "warmup": args.warmup,
                               "runs": args.runs})["times_ms"]
-            rows += [{**row, **load_cost(paths[row["variant"]])}
+            rows += [{**row, **load_cost(paths[row["variant"]]),
+                      "profiled": (profiled_share(paths[row["variant"]])
+                                   if row["variant"].startswith("log2 op alone") else None)}
                      for row in rows_for(name, times)]
             print(benchlib.table(rows[-len(times):], COLUMNS), flush=True)
     text = benchlib.write_latency_report(

@@ -161,13 +161,16 @@ def ort_quantize_static(model, out, pre, calib=CALIB, num_calib: int = NUM_CALIB
             "phases": {"pre_process": prepped - start, "quantize_static": end - prepped}}
 
 
-def ort_session(path, threads: int | None = None):
+def ort_session(path, threads: int | None = None, profile_prefix: str | None = None):
     """onnxruntime CPU session, quiet; ``threads``: intra-op threads, one inter-op, spinning
-    off (DESIGN.md section 7), as the latency measurements run."""
+    off (DESIGN.md section 7), as the latency measurements run; ``profile_prefix``: profile
+    it (``end_profiling()`` returns the JSON file)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if profile_prefix:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
