@@ -309,7 +309,7 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
     t1 = time.perf_counter()
     stats = collect_stats(_calibration_model(source, graph, plan), plan.calibration_tensors(),
                           calibration, config, preprocess, progress,
-                          histograms=config.calib_method != "minmax" or config.auto,
+                          histograms=config.range_method != "minmax" or config.auto,
                           sampled=_sampled(plan, config))
     t2 = time.perf_counter()
     seconds = {"passes": t1 - t0, "calibration": t2 - t1}

@@ -42,7 +42,7 @@ def activation_spec(stats: dict, name: str, symmetric: bool, bits: int = 8,
 
 
 def _activation(stats: dict, name: str, symmetric: bool, cfg: QuantConfig) -> QuantSpec:
-    return activation_spec(stats, name, symmetric, cfg.act_bits, cfg.calib_method)
+    return activation_spec(stats, name, symmetric, cfg.act_bits, cfg.range_method)
 
 
 def int8_weight_spec(node: gs.Node, site: ConvSite, spec: QuantSpec) -> QuantSpec:

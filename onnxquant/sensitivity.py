@@ -174,7 +174,7 @@ class _Study:
         self.x = _samples(self.source, calibration, config, preprocess)
         self.stats = collect_stats(api._calibration_model(self.source, graph, plan),
                                    plan.calibration_tensors(), self.x, config, progress=False,
-                                   histograms=config.calib_method != "minmax")
+                                   histograms=config.range_method != "minmax")
         if probing:  # as api.run: the kinds measured on this CPU re-mark the plan
             plan.stats = self.stats
             self.config = api._probe_int8_kinds(self.source, graph, plan, config)

@@ -50,7 +50,7 @@ class TargetProfile:
                          if p in cfg.active_parts)
         softmax = (f"softmax {cfg.softmax_quantizer} {cfg.softmax_bits}-bit eps={cfg.log2_eps:g}; "
                    if "softmax" in cfg.active_parts else "")
-        acts = (f"activations {cfg.act_bits}-bit {cfg.calib_method}"
+        acts = (f"activations {cfg.act_bits}-bit {cfg.range_method}"
                 + (", searched per layer (--auto)" if cfg.auto else ""))
         if self.int8_convs == "kinds":
             kinds = ", ".join(cfg.ort_int8_kinds or ()) or "nothing"
