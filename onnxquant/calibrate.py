@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .model_io import is_large
 from .ranges import TensorStats
 
@@ -131,17 +131,13 @@ def _image_batches(folder: Path, shape: list, cfg, preprocess, size: int, dtype=
         yield str(folder), batch
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
 def _ort_session(data, opts) -> ort.InferenceSession:
     """onnxruntime session; a model it cannot load is the user's to fix (custom op, opset)."""
     try:
         return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise UserError(f"onnxruntime cannot load the float model for calibration "
-                        f"({_first_line(exc)}); calibration needs a model onnxruntime runs "
+                        f"({first_line(exc)}); calibration needs a model onnxruntime runs "
                         "(register custom ops, or use a recipe without calibration)") from None
 
 
@@ -227,7 +223,7 @@ def _run(session, tensors, feed, origin):
         return session.run(tensors, feed)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise UserError(f"{origin}: the float model fails on this calibration batch "
-                        f"({_first_line(exc)}); check the input shape and preprocessing") from None
+                        f"({first_line(exc)}); check the input shape and preprocessing") from None
 
 
 def _finite_ranges(stats: dict) -> dict:

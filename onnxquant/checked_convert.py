@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import version_converter
 
+from .errors import first_line
 from .functions import is_log2
 from .model_io import quiet_session
 from .opset import ATOL, RTOL, model_opset, restore_functions
@@ -144,10 +145,6 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
-
-
-def first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
 def at_least(model: onnx.ModelProto, version: int, feed: dict, rounding: list

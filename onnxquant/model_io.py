@@ -16,7 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_THRESHOLD = 2**31 - 2**26  # leave headroom for the graph itself
@@ -107,8 +107,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         else:
             onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UserError(f"{path}: invalid ONNX model ({first}); re-export it") from None
+        raise UserError(f"{path}: invalid ONNX model ({first_line(exc)}); re-export it"
+                        ) from None
     return model
 
 

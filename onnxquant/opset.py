@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import version_converter
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .model_io import quiet_session
 
 MIN_OPSET = 13
@@ -46,7 +46,7 @@ def upgrade(model: onnx.ModelProto, name: str = "model", feed: dict | None = Non
     try:
         converted = version_converter.convert_version(_last_axis_softmax(model, feed), minimum)
     except Exception as exc:  # the converter raises bare RuntimeError/ValueError/C++ errors
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_line(exc, 160)
         raise UserError(f"{name}: opset {opset} could not be converted to {minimum} ({first}); "
                         f"re-export the model at opset {minimum} or newer") from None
     restore_functions(converted, model, minimum)
@@ -114,7 +114,7 @@ def verify_same(original: onnx.ModelProto, converted: onnx.ModelProto, feed: dic
         a = quiet_session(original, optimized=False).run(None, feed)
         b = quiet_session(converted, optimized=False).run(None, feed)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_line(exc, 160)
         raise UserError(f"{name}: onnxruntime cannot run the model to check the opset "
                         f"conversion ({first}); re-export it at opset {MIN_OPSET} or newer") from None
     worst = 0.0
