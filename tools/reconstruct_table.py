@@ -71,6 +71,7 @@ def detector_rows(cfgs: list, pages: int, work: Path) -> list:
         rows.append({"model": "PP-OCRv6_det_small", "recipe": label, "acc": cmp.found_b,
                      "change": cmp.found_b - cmp.found_a, "agree": cmp.iou,
                      "seconds": seconds, "mb": benchlib.file_mb(out)})
+        print(f"PP-OCRv6_det_small {label}: {rows[-1]}", flush=True)  # hours of work each
     return rows
 
 
