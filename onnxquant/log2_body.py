@@ -46,8 +46,10 @@ def apply_body(model: onnx.ModelProto, config: QuantConfig, name: str, sample
     fast, why, how = (None, "the model needs external data (over 2 GB)", "") \
         if is_large(model) else _bitcast(model, sample())
     if why is None:
-        return fast, (f"log2 op: BitCast body, one lookup per element ({how}); for a runtime "
-                      "without opset 26: --log2-body table")
+        ops = sum(functions.is_log2(n) for n in fast.graph.node)
+        return fast, (f"log2 op: BitCast body, one lookup per element ({how}), up to 1 MB of "
+                      f"table per op at load ({ops} ops); for a runtime without opset 26 or "
+                      "less memory: --log2-body table")
     if config.log2_body == "bitcast":
         raise UserError(f"{name}: --log2-body bitcast: {why}; use --log2-body table")
     return model, f"log2 op kept its table body at opset {opset}: {why}"

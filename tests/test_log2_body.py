@@ -130,8 +130,9 @@ def test_a_model_at_opset_26_is_not_converted(monkeypatch):
     functions.install(table)
     fast, note = log2_body.apply_body(table, QuantConfig(), "m", lambda: {"x": graphs.calibration(2)})
     assert _body(fast) == "bitcast" and model_opset(fast) == 26
-    assert note == ("log2 op: BitCast body, one lookup per element (opset 26); for a runtime "
-                    "without opset 26: --log2-body table")
+    assert note == ("log2 op: BitCast body, one lookup per element (opset 26), up to 1 MB of "
+                    f"table per op at load ({len(graphs.log2_nodes(fast))} ops); for a runtime "
+                    "without opset 26 or less memory: --log2-body table")
 
 
 def test_note_says_when_float_rounding_moved_codes(monkeypatch):
@@ -148,7 +149,9 @@ def test_note_says_when_float_rounding_moved_codes(monkeypatch):
     assert _body(fast) == "bitcast"
     assert note == ("log2 op: BitCast body, one lookup per element (opset 17 converted to 26; "
                     "float rounding moved log2 codes (opset change): outputs agree with the "
-                    "quantizers bypassed); for a runtime without opset 26: --log2-body table")
+                    "quantizers bypassed), up to 1 MB of table per op at load "
+                    f"({len(graphs.log2_nodes(fast))} ops); for a runtime without opset 26 or "
+                    "less memory: --log2-body table")
 
 
 def test_large_models_keep_the_table_body(monkeypatch):
