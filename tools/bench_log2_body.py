@@ -7,7 +7,10 @@ of interleaved runs at one thread.
 
 Reference checkpoints are used where they exist, else the timm zoo export (random weights,
 needs torch + timm; exported once into the cache). The log2 op's share of the model's time
-is (t(log2 op alone) - t(float)) / t(log2 op alone): the issue-13 goal is <= 10 %.
+is (t(log2 op alone) - t(float)) / t(log2 op alone): the issue-13 goal is <= 10 %. The
+profiler column is the op's kernels' share of onnxruntime's profile of the same file (steadier:
+one run holds both parts); load time and the RSS a fresh process needs for the file come
+from three fresh interpreters.
 """
 
 from __future__ import annotations
