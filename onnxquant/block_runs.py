@@ -72,6 +72,22 @@ def relative_error(got: dict, want: dict, weights: dict | None = None) -> float:
     return num / max(den, 1e-30)
 
 
+def sample_errors(got: dict, want: dict, n: int) -> np.ndarray:
+    """Each of ``n`` samples' share of ``relative_error(got, want)``: its squared error
+    over the tensors of ``got`` divided by the total sum ||want||^2, so the shares add up
+    to the relative error. A tensor whose leading dim is not a multiple of ``n`` (no
+    sample axis) is split evenly."""
+    num = np.zeros(n)
+    for k, g in got.items():
+        sq = (np.asarray(g, np.float64) - want[k]) ** 2
+        if sq.ndim and sq.shape[0] % n == 0:
+            num += sq.reshape(n, -1).sum(axis=1)
+        else:
+            num += sq.sum() / n
+    den = sum(float(np.sum(np.asarray(want[k], np.float64) ** 2)) for k in got)
+    return num / max(den, 1e-30)
+
+
 def _floating(v) -> bool:
     dtype = v.dtype
     return dtype.is_floating_point if hasattr(dtype, "is_floating_point") else \

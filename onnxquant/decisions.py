@@ -47,7 +47,8 @@ def as_dict(plan: Plan, recipe: str) -> dict:
             "rtn_error": plan.reconstruction_check.rtn_error,
             "error": plan.reconstruction_check.error, "kept": plan.reconstruction_check.kept,
             "gptq_error": plan.reconstruction_check.gptq_error,
-            "kept_gptq": plan.reconstruction_check.kept_gptq},
+            "kept_gptq": plan.reconstruction_check.kept_gptq,
+            "sample_errors": plan.reconstruction_check.sample_errors},
         "notes": list(plan.notes),
     }
 

@@ -103,6 +103,16 @@ class ModelCheck:
     kept: bool  # error <= rtn_error: the codes are kept
     gptq_error: float | None = None  # with plain GPTQ's codes (torch methods)
     kept_gptq: bool = False  # plain GPTQ beat the per-block choice: its codes are kept
+    # candidate ("chosen", "gptq", RTN) -> each judged sample's share of its error
+    sample_errors: dict = field(default_factory=dict)
+
+    def wins(self, a: str = "chosen", b: str = "gptq") -> tuple | None:
+        """(samples on which candidate ``a`` has the lower error than ``b``, samples), or
+        None where either was not weighed."""
+        if a not in self.sample_errors or b not in self.sample_errors:
+            return None
+        ea, eb = np.asarray(self.sample_errors[a]), np.asarray(self.sample_errors[b])
+        return int(np.sum(ea < eb)), len(ea)
 
 
 SEQUENTIAL_LAYERS = 4  # blocks up to this size: every layer sees its predecessors rounded
@@ -410,21 +420,32 @@ def _model_check(canonical, plan: Plan, feed: dict, original: list,
     names = [o.name for o in canonical.graph.output]
     want = block_runs.run(canonical, feed, names)
     graph = gs.import_onnx(canonical)
+    n = block_runs.sample_count(feed)
 
-    def model_error() -> float:
-        return block_runs.relative_error(
-            block_runs.run(block_runs.emitted(graph, plan), feed, names), want)
+    def sample_errors() -> np.ndarray:
+        got = block_runs.run(block_runs.emitted(graph, plan), feed, names)
+        return block_runs.sample_errors(got, want, n)
 
     models = {"chosen": fits.snapshot(plan), "gptq": gptq, RTN: original}  # preference
-    errors = {}
+    per_sample = {}
     for name, specs in models.items():
         if specs:
             fits.restore(specs)
-            errors[name] = model_error()
+            per_sample[name] = sample_errors()
+    errors = {name: float(e.sum()) for name, e in per_sample.items()}
     kept = min(errors, key=errors.get)  # ties: the earlier
     fits.restore(models[kept])
     return ModelCheck(errors[RTN], errors["chosen"], kept != RTN, errors.get("gptq"),
-                      kept == "gptq")
+                      kept == "gptq", {k: e.tolist() for k, e in per_sample.items()})
+
+
+def _wins_text(check: ModelCheck | None) -> str:
+    """How many judged samples the kept one of the per-block choice and plain GPTQ won."""
+    if check is None or check.wins() is None:
+        return ""
+    if check.kept_gptq:
+        return " (GPTQ's lower on {} of {} samples)".format(*check.wins("gptq", "chosen"))
+    return " (the choice's lower on {} of {} samples)".format(*check.wins())
 
 
 def summary(method: str, results: list, seconds: float, check: ModelCheck | None = None,
@@ -441,15 +462,19 @@ def summary(method: str, results: list, seconds: float, check: ModelCheck | None
     top = sorted(results, key=lambda r: r.error - r.rtn_error)[:3]
     gains = ", ".join(f"{r.name} {r.rtn_error:.1e}->{r.error:.1e}" for r in top)
     kept = Counter(r.kept or method for r in results)
+    wins = _wins_text(check)
     if check is not None and check.kept_gptq:
         return (f"reconstruct {method}: plain GPTQ's codes kept: the whole model's "
-                f"output error with them ({check.gptq_error:.2e}) is below the per-block "
-                f"choice's ({check.error:.2e}; round to nearest {check.rtn_error:.2e}); "
-                f"judged on {judged_on}; {seconds:.1f} s")
+                f"output error with them ({check.gptq_error:.2e}{wins}) is below the "
+                f"per-block choice's ({check.error:.2e}; round to nearest "
+                f"{check.rtn_error:.2e}); judged on {judged_on}; {seconds:.1f} s")
     return (f"reconstruct {method}: {sum(r.layers for r in results)} layers in "
             f"{len(results)} blocks, {improved} blocks improved; codes kept per block: "
             + ", ".join(f"{k} {v}" for k, v in kept.most_common())
             + f"; block output error x{ratio:.2f} of round-to-nearest (geometric mean; "
             f"largest gains {gains})"
             + ("" if check is None else f"; model output error {check.rtn_error:.2e} -> "
-               f"{check.error:.2e}") + f"; judged on {judged_on}; {seconds:.1f} s")
+               f"{check.error:.2e}")
+            + ("" if check is None or check.gptq_error is None else
+               f", plain GPTQ's {check.gptq_error:.2e}{wins}")
+            + f"; judged on {judged_on}; {seconds:.1f} s")

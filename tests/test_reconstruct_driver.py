@@ -215,6 +215,36 @@ def test_the_model_check_falls_back_to_plain_gptq_when_it_is_closer_to_float():
     assert all(site.weight_spec is spec for site, _, spec in gptq)
     note = reconstruct.summary("brecq", res.plan.reconstruction, 1.0, check)
     assert "plain GPTQ's codes kept" in note
+    won, n = check.wins("gptq", "chosen")
+    assert n == 32 and won > n // 2  # two steps off loses on most samples, not all errors
+    assert f"GPTQ's lower on {won} of 32 samples" in note
+    assert check.wins("chosen", "gptq") == (n - won - _ties(check), n)
+    assert sum(check.sample_errors["gptq"]) == pytest.approx(check.gptq_error)
+
+
+def _ties(check) -> int:
+    return int(np.sum(np.equal(check.sample_errors["gptq"], check.sample_errors["chosen"])))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), k=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_sample_errors_are_each_samples_share_of_the_relative_error(n, k, seed):
+    """Per-sample shares add up to relative_error; sample i's share moves only with its own
+    rows (n x k rows, sample-major); a tensor without a sample axis is split evenly."""
+    rng = np.random.default_rng(seed)
+    want = {"y": rng.standard_normal((n * k, 4)), "s": np.asarray(rng.standard_normal())}
+    got = {key: v + rng.standard_normal(v.shape) for key, v in want.items()}
+    shares = block_runs.sample_errors(got, want, n)
+    assert shares.shape == (n,)
+    assert shares.sum() == pytest.approx(block_runs.relative_error(got, want), rel=1e-9)
+    moved = {"y": got["y"].copy(), "s": got["s"]}
+    moved["y"][(n - 1) * k:] += 10.0  # the last sample's rows only
+    after = block_runs.sample_errors(moved, want, n)
+    np.testing.assert_allclose(after[:-1], shares[:-1], rtol=1e-12)
+    assert after[-1] > shares[-1]
+    if n > 1:
+        even = block_runs.sample_errors({"s": got["s"]}, want, n)
+        np.testing.assert_allclose(even, even[0])
 
 
 @settings(max_examples=30, deadline=None)
