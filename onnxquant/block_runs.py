@@ -101,23 +101,47 @@ def sample_count(values: dict) -> int:
     return int(np.gcd.reduce(dims)) if dims else 1
 
 
-def rows(v, idx, n: int):
+def rows(v, idx, n: int, per_sample=None):
     """Samples ``idx`` of a boundary value (NumPy array or torch tensor) holding ``n``
-    samples along dim 0, or n x k rows, sample-major. Shape vectors (integer 1-D) whose
-    first entry is a multiple of n get it rescaled: exporters bake the batch into Concat'ed
-    Reshape targets ([B, C, -1], [B * C * ..., 2, 2]). Anything else is passed whole."""
+    samples along dim 0, or n x k rows, sample-major. An integer value that depends on the
+    number of samples (``per_sample``: its ``batch_ints`` entry; exporters bake the batch
+    into Concat'ed Reshape targets: [B, C, -1], [B * nW, 49, C]) is recomputed for
+    ``len(idx)`` samples. Anything else is passed whole."""
     b = len(idx)
     if _floating(v) and v.ndim and v.shape[0] % n == 0:
         k = v.shape[0] // n
         return v.reshape(n, k, *v.shape[1:])[idx].reshape(b * k, *v.shape[1:])
-    if not _floating(v) and v.ndim == 1 and v.shape[0] and v[0] > 0 and v[0] % n == 0:
-        out = v.clone() if hasattr(v, "clone") else v.copy()
-        out[0] = v[0] // n * b
-        return out
+    if per_sample is not None:
+        one, step = per_sample
+        out = one + (b - 1) * step
+        return v.new_tensor(out) if hasattr(v, "new_tensor") else out.astype(v.dtype)
     return v
 
 
-def take(values: dict, idx, n: int | None = None) -> dict:
-    """``rows`` of every boundary value (``n``: default ``sample_count``)."""
+def take(values: dict, idx, n: int | None = None, ints: dict | None = None) -> dict:
+    """``rows`` of every boundary value (``n``: default ``sample_count``; ``ints``:
+    ``batch_ints`` of the model the values come from)."""
     n = n or sample_count(values)
-    return {k: rows(v, idx, n) for k, v in values.items()}
+    ints = ints or {}
+    return {k: rows(v, idx, n, ints.get(k)) for k, v in values.items()}
+
+
+def batch_ints(model: onnx.ModelProto, feed: dict, types: dict) -> dict:
+    """The integer values of ``model`` (scalars, shape vectors) that change with the number
+    of samples, as name -> (value for 1 sample, change per added sample): the model run on
+    the first sample and on the first two of ``feed`` (its graph inputs). An exported batch
+    lands in shape vectors next to sizes that can equal it (TinyViT at 64 px: a window
+    grid of 8 beside a batch of 8), so it is found by running, not by value. Empty where
+    the model does not run on 1 and 2 samples (a fixed batch: nothing to rescale)."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+              onnx.TensorProto.BFLOAT16}
+    names = [o for node in model.graph.node for o in node.output if o and (
+        o not in types or types[o].type.tensor_type.elem_type not in floats)]
+    try:
+        one, two = (run(with_outputs(model, names), {k: v[:b] for k, v in feed.items()},
+                        names) for b in (1, 2))
+    except Exception:  # noqa: BLE001 - a model that only runs at its own batch
+        return {}
+    return {k: (one[k], two[k] - one[k]) for k in names
+            if np.issubdtype(one[k].dtype, np.integer) and one[k].ndim <= 1
+            and one[k].shape == two[k].shape and np.any(one[k] != two[k])}

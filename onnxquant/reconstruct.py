@@ -77,6 +77,7 @@ class BlockTask:
     progress: object = None  # callable(dict) for the progress bar postfix
     start: dict = field(default_factory=dict)  # node -> codes to start from (GPTQ's)
     learn_steps: frozenset = frozenset()  # activation tensors whose step may be learned
+    batch_ints: dict = field(default_factory=dict)  # block_runs.batch_ints of the model
 
     def positions_per_sample(self) -> int:
         """Spatial positions (or tokens) of one sample of the largest boundary input."""
@@ -271,6 +272,8 @@ class _Walk:
         self.canonical, self.plan, self.split = canonical, plan, split
         self.types = blockmap.value_types(canonical)
         self.n = block_runs.sample_count(feed)
+        self.ints = block_runs.batch_ints(canonical, feed, self.types) \
+            if split is not None or learned else {}
         self.a = dict(feed)
         self._slice()
         self.f = dict(self.q) if learned else None
@@ -279,8 +282,8 @@ class _Walk:
 
     def _slice(self) -> None:
         fit, held = self.split or (None, None)
-        self.q = self.a if fit is None else block_runs.take(self.a, fit, self.n)
-        self.h = None if held is None else block_runs.take(self.a, held, self.n)
+        self.q = self.a if fit is None else block_runs.take(self.a, fit, self.n, self.ints)
+        self.h = None if held is None else block_runs.take(self.a, held, self.n, self.ints)
 
     @property
     def judged(self) -> dict:
@@ -389,7 +392,8 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> Block
     task = BlockTask(block.name, block.kind, model, walk.q, layers,
                      block_runs.subplan(walk.plan, nodes), cfg.seed, cfg.reconstruct_iters,
                      walk.f or {}, walk.tail(i) if walk.f is not None else None,
-                     lambda info: bar.set_postfix(info, refresh=False))
+                     lambda info: bar.set_postfix(info, refresh=False),
+                     batch_ints=walk.ints)
     rounded = {layer.site.node: layer.site.weight_spec.with_(codes=None) for layer in layers}
     acts = fits.learnable_steps(walk.plan, model)
     task.learn_steps = frozenset(t for _, _, t, _ in acts)

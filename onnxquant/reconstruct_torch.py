@@ -244,7 +244,8 @@ class _Global:
         values = {i: block_float[i] if i in block_float else floats[i] for i in self.gm.inputs}
         logits = block_runs.run(tail, values)[tail.graph.output[0].name]
         n = Samples(task.inputs, dev).n
-        self.name, self.samples = tail.graph.output[0].name, Samples(values, dev, n)
+        self.name = tail.graph.output[0].name
+        self.samples = Samples(values, dev, n, task.batch_ints)
         self.target = torch.log_softmax(_tensor(logits, dev).float(), -1)
         probe = torch.arange(min(GLOBAL_BATCH, n), device=dev)
         with torch.no_grad():
@@ -289,8 +290,9 @@ def _block(task, method: str, qdrop=False, local_weight=0.0, global_weight=0.0):
     floats = _float_outputs(task, locals_)
     outputs = [o.name for o in task.model.graph.output
                if np.issubdtype(floats[o.name].dtype, np.floating)]
-    q_in, f_in = Samples(task.inputs, dev), Samples(task.float_inputs or task.inputs, dev)
-    want_all = Samples(floats, dev, q_in.n)
+    q_in = Samples(task.inputs, dev, ints=task.batch_ints)
+    f_in = Samples(task.float_inputs or task.inputs, dev, ints=task.batch_ints)
+    want_all = Samples(floats, dev, q_in.n, task.batch_ints)
     glob = _global_or_none(task, dev) if global_weight else None
     roundings = _roundings(task, dev)
     hooks, inputs, acts = block_hooks(task.plan, task.model, dev,

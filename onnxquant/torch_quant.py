@@ -182,12 +182,13 @@ def block_hooks(plan, model, device, learn_steps=frozenset(), layers=None) -> tu
 class Samples:
     """Boundary values (name -> array over the calibration samples) as torch tensors."""
 
-    def __init__(self, values: dict, device, n: int | None = None):
+    def __init__(self, values: dict, device, n: int | None = None, ints: dict | None = None):
         self.values = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
                        for k, v in values.items()}
         self.n = n or block_runs.sample_count(self.values)
+        self.ints = ints or {}  # block_runs.batch_ints: shape values rescaled by take
 
     def take(self, idx: torch.Tensor | None) -> dict:
         if idx is None:
             return dict(self.values)
-        return block_runs.take(self.values, idx, self.n)
+        return block_runs.take(self.values, idx, self.n, self.ints)

@@ -279,17 +279,74 @@ def test_sample_errors_are_each_samples_share_of_the_relative_error(n, k, seed):
 @given(n=st.integers(2, 12), k=st.integers(1, 4), data=st.data())
 def test_rows_take_samples_of_boundary_values(n, k, data):
     """The walk slices fitted and held-out samples out of the all-sample values: float
-    values by sample (n x k rows, sample-major), batch-baked shape vectors rescaled."""
+    values by sample (n x k rows, sample-major), batch-dependent integers (``ints``)
+    recomputed for the samples taken, every other integer value passed whole, even one
+    whose entries are multiples of n (a spatial size equal to the batch)."""
     idx = np.array(sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1))))
     x = np.arange(n * k * 3, dtype=np.float32).reshape(n * k, 3)
-    values = {"x": x, "shape": np.array([n * k, 3], np.int64), "axes": np.array([0], np.int64),
-              "scalar": np.float32(2.0)}
-    got = block_runs.take(values, idx, n)
+    values = {"x": x, "shape": np.array([n * k, n, 3], np.int64),
+              "grid": np.array([n, n], np.int64), "scalar": np.float32(2.0)}
+    ints = {"shape": (np.array([k, n, 3]), np.array([k, 0, 0]))}
+    got = block_runs.take(values, idx, n, ints)
     want = x.reshape(n, k, 3)[idx].reshape(-1, 3)
     np.testing.assert_array_equal(got["x"], want)
-    assert got["shape"].tolist() == [len(idx) * k, 3]
-    assert got["axes"].tolist() == [0] and got["scalar"] == 2.0
-    assert values["shape"].tolist() == [n * k, 3]  # the input is not modified
+    assert got["shape"].tolist() == [len(idx) * k, n, 3]
+    assert got["shape"].dtype == np.int64
+    assert got["grid"].tolist() == [n, n] and got["scalar"] == 2.0
+    assert values["shape"].tolist() == [n * k, n, 3]  # the input is not modified
+
+
+def _batch_baked_model() -> "onnx.ModelProto":
+    """x [N, 8, 8, 8] -> Shape (N, 8, 8, 8) and a reshape target [N * 4, -1] built from it,
+    the grid 8 beside the batch: what TinyViT's windows export to at 64 px."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    const = helper.make_tensor("four", TensorProto.INT64, [1], [4])
+    rest = helper.make_tensor("minus1", TensorProto.INT64, [1], [-1])
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Slice", ["shape", "zero", "one"], ["batch"]),
+             helper.make_node("Mul", ["batch", "four"], ["windows"]),
+             helper.make_node("Concat", ["windows", "minus1"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"]),
+             helper.make_node("Shape", ["w"], ["weight_shape"])]
+    graph = helper.make_graph(
+        nodes, "baked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("weight_shape", TensorProto.INT64, [2])],
+        [const, rest, helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+         helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("w", TensorProto.FLOAT, [8, 8], [0.0] * 64)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_batch_ints_finds_the_batch_by_running_not_by_value():
+    """Shape vectors that hold the batch are found by running on 1 and 2 samples, and
+    rescaled entry by entry: [8, 8, 8, 8] for 6 of 8 samples is [6, 8, 8, 8], not
+    [6, 6, 6, 6]; integers that do not move with the batch are not listed."""
+    from onnxquant import blocks
+
+    model = _batch_baked_model()
+    x = np.zeros((8, 8, 8, 8), np.float32)
+    ints = block_runs.batch_ints(model, {"x": x}, blocks.value_types(model))
+    assert set(ints) == {"shape", "batch", "windows", "target"}
+    names = ["shape", "target", "weight_shape"]
+    values = block_runs.run(block_runs.with_outputs(model, names), {"x": x}, names)
+    got = block_runs.take(values, np.arange(6), 8, ints)
+    assert got["shape"].tolist() == [6, 8, 8, 8]
+    assert got["target"].tolist() == [24, -1]
+    assert got["weight_shape"].tolist() == [8, 8]
+    want = block_runs.run(block_runs.with_outputs(model, names), {"x": x[:6]}, names[:2])
+    assert all(got[k].tolist() == want[k].tolist() for k in want)
+
+
+def test_batch_ints_is_empty_for_a_model_that_runs_at_one_batch_only():
+    from onnxquant import blocks
+
+    model = _batch_baked_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 8
+    x = np.zeros((8, 8, 8, 8), np.float32)
+    assert block_runs.batch_ints(model, {"x": x}, blocks.value_types(model)) == {}
 
 
 @pytest.mark.parametrize("name", ["adaround", "mgrq"])
