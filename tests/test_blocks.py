@@ -230,3 +230,41 @@ def test_zoo_blocks_cover_follow_roles_and_chain_exactly(name):
     feed = {model.graph.input[0].name: x}
     values = _chain(model, plan.blocks, feed, value_types(model))
     assert all(np.array_equal(values[o.name], r) for o, r in zip(model.graph.output, _run(model, feed)))
+
+
+def _zoo_model(name):
+    """A zoo export at 64 px where it runs (else its own size), and that size."""
+    pytest.importorskip("timm", reason="timm not installed (pip install onnxquant[torch])")
+    from onnxquant.models import zoo
+    from onnxquant.models.export import zoo_cache
+
+    try:
+        return zoo_cache(name, input_size=64), 64
+    except Exception:  # noqa: BLE001 - fixed-size models (EfficientFormer v1)
+        return zoo_cache(name), zoo.get(name).input_size
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", __import__("onnxquant.models", fromlist=["zoo"]).zoo.names())
+def test_zoo_blocks_run_on_the_fitted_and_held_out_samples(name):
+    """The reconstruction walk's split (6 fitted, 2 held-out of 8 samples): every block runs
+    on either side's boundary values and gives those samples' rows of the all-sample run.
+    TinyViT (window grid 8) and EdgeNeXt (168 channels) broke this when shape vectors were
+    rescaled wherever an entry was a multiple of the sample count."""
+    from onnxquant import block_runs, reconstruct
+
+    path, side = _zoo_model(name)
+    graph, plan = onnxquant.analyze(str(path))
+    canonical = gs.export_onnx(graph.copy(), do_type_check=False)
+    x = np.random.default_rng(0).standard_normal((8, 3, side, side)).astype(np.float32)
+    split = reconstruct.split_indices(8, 0.25)
+    walk = reconstruct._Walk(canonical, plan, {canonical.graph.input[0].name: x}, split, True)
+    for i, block in enumerate(plan.blocks):
+        model = extract(canonical, block, walk.types)
+        every = block_runs.run(model, walk.a)
+        for idx, values in zip(split, (walk.q, walk.h)):
+            got, want = block_runs.run(model, values), block_runs.take(every, idx, 8, walk.ints)
+            for k, v in want.items():
+                np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-4 * (
+                    1 + float(np.abs(v).max())), err_msg=f"{block.name}: {k}")
+        walk.advance(i, model, gs.import_onnx(model))
