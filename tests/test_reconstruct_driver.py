@@ -309,13 +309,15 @@ def _batch_baked_model() -> "onnx.ModelProto":
              helper.make_node("Mul", ["batch", "four"], ["windows"]),
              helper.make_node("Concat", ["windows", "minus1"], ["target"], axis=0),
              helper.make_node("Reshape", ["x", "target"], ["y"]),
-             helper.make_node("Shape", ["w"], ["weight_shape"])]
+             helper.make_node("Shape", ["w"], ["weight_shape"]),
+             helper.make_node("Gather", ["shape", "zero_scalar"], ["batch_scalar"], axis=0)]
     graph = helper.make_graph(
         nodes, "baked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
          helper.make_tensor_value_info("weight_shape", TensorProto.INT64, [2])],
         [const, rest, helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
          helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("zero_scalar", TensorProto.INT64, [], [0]),
          helper.make_tensor("w", TensorProto.FLOAT, [8, 8], [0.0] * 64)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -329,13 +331,14 @@ def test_batch_ints_finds_the_batch_by_running_not_by_value():
     model = _batch_baked_model()
     x = np.zeros((8, 8, 8, 8), np.float32)
     ints = block_runs.batch_ints(model, {"x": x}, blocks.value_types(model))
-    assert set(ints) == {"shape", "batch", "windows", "target"}
-    names = ["shape", "target", "weight_shape"]
+    assert set(ints) == {"shape", "batch", "windows", "target", "batch_scalar"}
+    names = ["shape", "target", "weight_shape", "batch_scalar"]
     values = block_runs.run(block_runs.with_outputs(model, names), {"x": x}, names)
     got = block_runs.take(values, np.arange(6), 8, ints)
     assert got["shape"].tolist() == [6, 8, 8, 8]
     assert got["target"].tolist() == [24, -1]
     assert got["weight_shape"].tolist() == [8, 8]
+    assert got["batch_scalar"].shape == () and got["batch_scalar"] == 6
     want = block_runs.run(block_runs.with_outputs(model, names), {"x": x[:6]}, names[:2])
     assert all(got[k].tolist() == want[k].tolist() for k in want)
 
