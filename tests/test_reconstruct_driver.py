@@ -296,10 +296,9 @@ def test_rows_take_samples_of_boundary_values(n, k, data):
     assert values["shape"].tolist() == [n * k, n, 3]  # the input is not modified
 
 
-def _batch_baked_model() -> "onnx.ModelProto":
+def _batch_baked_model():
     """x [N, 8, 8, 8] -> Shape (N, 8, 8, 8) and a reshape target [N * 4, -1] built from it,
     the grid 8 beside the batch: what TinyViT's windows export to at 64 px."""
-    import onnx
     from onnx import TensorProto, helper
 
     const = helper.make_tensor("four", TensorProto.INT64, [1], [4])
