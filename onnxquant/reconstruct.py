@@ -112,8 +112,13 @@ class ModelCheck:
         None where either was not weighed."""
         if a not in self.sample_errors or b not in self.sample_errors:
             return None
-        ea, eb = np.asarray(self.sample_errors[a]), np.asarray(self.sample_errors[b])
-        return int(np.sum(ea < eb)), len(ea)
+        return _lower_on(self.sample_errors[a], self.sample_errors[b]), \
+            len(self.sample_errors[a])
+
+
+def _lower_on(a, b) -> int:
+    """Samples on which per-sample errors ``a`` are below ``b``."""
+    return int(np.sum(np.asarray(a) < np.asarray(b)))
 
 
 SEQUENTIAL_LAYERS = 4  # blocks up to this size: every layer sees its predecessors rounded
@@ -454,10 +459,9 @@ def _kept(per_sample: dict) -> str:
     earlier in ``per_sample``), the per-block choice ("chosen") only where it is also lower
     than plain GPTQ ("gptq", when weighed) on more than half of them."""
     eligible = {name: float(e.sum()) for name, e in per_sample.items()}
-    if "gptq" in per_sample:
-        chosen, plain = np.asarray(per_sample["chosen"]), np.asarray(per_sample["gptq"])
-        if 2 * int(np.sum(chosen < plain)) <= len(plain):
-            del eligible["chosen"]  # a lower total led by a few samples
+    if "gptq" in per_sample and \
+            2 * _lower_on(per_sample["chosen"], per_sample["gptq"]) <= len(per_sample["gptq"]):
+        del eligible["chosen"]  # a lower total led by a few samples
     return min(eligible, key=eligible.get)
 
 

@@ -209,15 +209,9 @@ def test_zoo_blocks_cover_follow_roles_and_chain_exactly(name):
     """Every zoo export (64 px where it runs): the partition covers the graph, block kinds
     follow conv roles except for convs off the activation path (EdgeNeXt's positional
     encoding conv reads a grid made from the input's shape), chained blocks are exact."""
-    pytest.importorskip("timm", reason="timm not installed (pip install onnxquant[torch])")
     from onnxquant import blocks
-    from onnxquant.models import zoo
-    from onnxquant.models.export import zoo_cache
 
-    try:
-        path, side = zoo_cache(name, input_size=64), 64
-    except Exception:  # noqa: BLE001 - fixed-size models (EfficientFormer v1)
-        path, side = zoo_cache(name), zoo.get(name).input_size
+    path, side = _zoo_model(name)
     graph, plan = onnxquant.analyze(str(path))
     model = gs.export_onnx(graph.copy(), do_type_check=False)
     assert sorted(n for b in plan.blocks for n in b.nodes) == sorted(n.name for n in graph.nodes)
