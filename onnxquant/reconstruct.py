@@ -130,12 +130,15 @@ MIN_SAMPLES = 4
 def _layer_input_samples(task: BlockTask) -> dict:
     """The boundary inputs the layer-input runs use: all samples, or, where one sample
     already has more positions than H needs (full-resolution detector maps), the first
-    few (the runs of a large block cost about the whole model each)."""
+    few (the runs of a large block cost about the whole model each). Taken as the walk
+    takes samples: every value with a sample axis, shape values that hold the batch
+    recomputed (``task.batch_ints``)."""
     positions = task.positions_per_sample()
     if positions < BIG_INPUT:
         return task.inputs
-    n = max(MIN_SAMPLES, -(-2 * gptq.MAX_SAMPLES // positions))
-    return {k: v[:n] if np.ndim(v) >= 3 else v for k, v in task.inputs.items()}
+    total = block_runs.sample_count(task.inputs)
+    n = min(total, max(MIN_SAMPLES, -(-2 * gptq.MAX_SAMPLES // positions)))
+    return block_runs.take(task.inputs, np.arange(n), total, task.batch_ints)
 
 
 def _chunks(layers: list) -> list:
@@ -277,8 +280,7 @@ class _Walk:
         self.canonical, self.plan, self.split = canonical, plan, split
         self.types = blockmap.value_types(canonical)
         self.n = block_runs.sample_count(feed)
-        self.ints = block_runs.batch_ints(canonical, feed, self.types) \
-            if split is not None or learned else {}
+        self.ints = block_runs.batch_ints(canonical, feed, self.types)  # taking samples
         self.a = dict(feed)
         self._slice()
         self.f = dict(self.q) if learned else None

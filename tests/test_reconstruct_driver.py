@@ -380,3 +380,27 @@ def test_the_model_check_weighs_plain_gptq(monkeypatch, name):
             np.testing.assert_array_equal(weighed[0][node], codes)
     kept = {r.kept for r in res.plan.reconstruction}
     assert reconstruct.RTN in kept or name in kept  # the chain differs from plain GPTQ's
+
+
+def test_full_resolution_layer_inputs_take_whole_samples_and_rescale_the_batch():
+    """Above BIG_INPUT positions per sample, GPTQ's layer-input runs use the first few
+    samples of the block's boundary values, taken as the walk takes them: a 4-D map and
+    a token matrix (k rows per sample) by sample, a reshape target that holds the batch
+    recomputed; before, a value under 3 dimensions passed whole (the run then mixed 4
+    samples with 8)."""
+    n, k = 8, 3
+    side = int(np.ceil(np.sqrt(reconstruct.BIG_INPUT)))
+    inputs = {"map": np.zeros((n, 1, side, side), np.float32),
+              "tokens": np.arange(n * k * 2, dtype=np.float32).reshape(n * k, 2),
+              "target": np.array([n * 4, -1], np.int64)}
+    task = reconstruct.BlockTask("b", "transformer", None, inputs, [], None,
+                                 batch_ints={"target": (np.array([4, -1]), np.array([4, 0]))})
+    got = reconstruct._layer_input_samples(task)
+    m = got["map"].shape[0]
+    assert reconstruct.MIN_SAMPLES <= m < n
+    assert got["tokens"].shape == (m * k, 2)
+    np.testing.assert_array_equal(got["tokens"], inputs["tokens"][:m * k])
+    assert got["target"].tolist() == [m * 4, -1]
+    small = dict(inputs, map=np.zeros((n, 1, 4, 4), np.float32))
+    assert reconstruct._layer_input_samples(
+        reconstruct.BlockTask("b", "transformer", None, small, [], None)) is small

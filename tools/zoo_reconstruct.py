@@ -20,11 +20,23 @@ import onnx
 
 import onnxquant
 from onnxquant import QuantConfig, block_runs
+from onnxquant.config import PARTS
 from onnxquant.errors import UserError
 from onnxquant.models import zoo
 from onnxquant.models.export import zoo_cache
 
-RECIPES = {"W4": dict(weight_bits=4), "W4A8": dict(target="tensorrt", weight_bits=4)}
+RECIPES = {
+    "W4": dict(weight_bits=4),
+    "W4A8": dict(target="tensorrt", weight_bits=4),
+    "W3": dict(weight_bits=3, weight_symmetric=True),
+    "W2": dict(weight_bits=2),
+    "W4-ort": dict(target="ort", weight_bits=4),
+    "W4-lin-b32": dict(weight_bits=4, weight_symmetric=True, parts=frozenset(PARTS),
+                       weight_block_size=32),
+    "W4A8-b32": dict(target="tensorrt", weight_bits=4, weight_block_size=32),
+    "W4-folded": dict(weight_bits=4, weight_format="folded"),
+    "W4-auto": dict(weight_bits=4, auto=True),
+}
 
 
 def _export(name: str):
@@ -59,7 +71,7 @@ def _one(model, x, y, method: str, recipe: dict, iters: int) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default="gptq,adaround,brecq,qdrop,mgrq")
-    p.add_argument("--recipes", default="W4,W4A8")
+    p.add_argument("--recipes", default="W4,W4A8", help=f"of {','.join(RECIPES)}")
     p.add_argument("--models", default=",".join(zoo.names()))
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--iters", type=int, default=5, help="torch methods' steps per layer/block")
