@@ -262,3 +262,20 @@ def test_zoo_blocks_run_on_the_fitted_and_held_out_samples(name):
                 np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-4 * (
                     1 + float(np.abs(v).max())), err_msg=f"{block.name}: {k}")
         walk.advance(i, model, gs.import_onnx(model))
+
+
+@pytest.mark.torch
+def test_gptq_on_few_full_resolution_samples_runs_tinyvit(monkeypatch):
+    """Above ``BIG_INPUT`` positions GPTQ's layer inputs come from the first few samples;
+    TinyViT's window reshapes hold the batch (``walk.ints``), which the GPTQ walk did not
+    look for: with every block counted as full resolution, the first 4 of 8 samples
+    crashed its Reshape ("cannot be reshaped to the requested shape")."""
+    from onnxquant import gptq, reconstruct
+
+    monkeypatch.setattr(reconstruct, "BIG_INPUT", 1)
+    monkeypatch.setattr(gptq, "MAX_SAMPLES", 64)  # 2 x 64 positions: MIN_SAMPLES of them
+    path, side = _zoo_model("tiny_vit_5m_224")
+    x = np.random.default_rng(0).standard_normal((8, 3, side, side)).astype(np.float32)
+    res = onnxquant.run(str(path), QuantConfig(weight_bits=4, reconstruct="gptq"), x,
+                        progress=False)
+    assert any(r.kept == "gptq" for r in res.plan.reconstruction)

@@ -401,6 +401,10 @@ def test_full_resolution_layer_inputs_take_whole_samples_and_rescale_the_batch()
     assert got["tokens"].shape == (m * k, 2)
     np.testing.assert_array_equal(got["tokens"], inputs["tokens"][:m * k])
     assert got["target"].tolist() == [m * 4, -1]
+    few = {"map": inputs["map"][:2], "target": np.array([8, -1], np.int64)}
+    got = reconstruct._layer_input_samples(reconstruct.BlockTask(
+        "b", "transformer", None, few, [], None, batch_ints=task.batch_ints))
+    assert got["map"].shape[0] == 2 and got["target"].tolist() == [8, -1]  # all there are
     small = dict(inputs, map=np.zeros((n, 1, 4, 4), np.float32))
     assert reconstruct._layer_input_samples(
         reconstruct.BlockTask("b", "transformer", None, small, [], None)) is small
