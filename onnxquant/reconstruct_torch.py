@@ -243,7 +243,7 @@ class _Global:
         self.block = set(block_float)
         values = {i: block_float[i] if i in block_float else floats[i] for i in self.gm.inputs}
         logits = block_runs.run(tail, values)[tail.graph.output[0].name]
-        n = Samples(task.inputs, dev).n
+        n = block_runs.sample_count(task.inputs)
         self.name = tail.graph.output[0].name
         self.samples = Samples(values, dev, n, task.batch_ints)
         self.target = torch.log_softmax(_tensor(logits, dev).float(), -1)

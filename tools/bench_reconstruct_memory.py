@@ -71,20 +71,15 @@ def worker(name: str, method: str, iters: int, work: Path) -> None:
     import onnxquant
     from onnxquant.config import TORCH_RECONSTRUCT
 
-    before = _rss_mb()
+    before = benchlib.rss_mb()
     if method in TORCH_RECONSTRUCT:  # torch's libraries alone are ~0.5 GB resident
         import onnxquant.reconstruct_torch  # noqa: F401
-    libraries = _rss_mb() - before
+    libraries = benchlib.rss_mb() - before
     path, calib, pre, samples = _source(name, work)
     start = time.perf_counter()
     onnxquant.run(str(path), _config(method, iters, samples), calib, pre, progress=False)
     print(json.dumps({"peak": benchlib.peak_rss_mb(), "torch": libraries,
                       "seconds": time.perf_counter() - start}))
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1]) / 1024
 
 
 def activation_mb(name: str, work: Path) -> tuple:

@@ -221,8 +221,17 @@ def peak_rss_mb() -> float:
     (bench_scaling after reading efficientformer_l7) reported 677 MB for mobilevit_xxs;
     VmHWM belongs to the exec'd address space only.
     """
+    return _status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (VmRSS)."""
+    return _status_mb("VmRSS")
+
+
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
-        line = next(ln for ln in f if ln.startswith("VmHWM:"))
+        line = next(ln for ln in f if ln.startswith(f"{field}:"))
     return int(line.split()[1]) / 1024
 
 
