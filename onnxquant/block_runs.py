@@ -106,8 +106,9 @@ def rows(v, idx, n: int, per_sample=None):
     samples along dim 0, or n x k rows, sample-major. An integer value that depends on the
     number of samples (``per_sample``: its ``batch_ints`` entry; exporters bake the batch
     into Concat'ed Reshape targets: [B, C, -1], [B * nW, 49, C]) is recomputed for
-    ``len(idx)`` samples. Anything else is passed whole."""
-    b = len(idx)
+    ``len(idx)`` samples. Anything else is passed whole. A ``slice`` of samples gives views
+    of the float values, not copies (the walk's fitted and held-out samples, reconstruct.py)."""
+    b = len(range(*idx.indices(n))) if isinstance(idx, slice) else len(idx)
     if _floating(v) and v.ndim and v.shape[0] % n == 0:
         k = v.shape[0] // n
         return v.reshape(n, k, *v.shape[1:])[idx].reshape(b * k, *v.shape[1:])

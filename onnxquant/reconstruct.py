@@ -138,7 +138,7 @@ def _layer_input_samples(task: BlockTask) -> dict:
         return task.inputs
     total = block_runs.sample_count(task.inputs)
     n = min(total, max(MIN_SAMPLES, -(-2 * gptq.MAX_SAMPLES // positions)))
-    return block_runs.take(task.inputs, np.arange(n), total, task.batch_ints)
+    return block_runs.take(task.inputs, slice(0, n), total, task.batch_ints)
 
 
 def _chunks(layers: list) -> list:
@@ -271,9 +271,10 @@ def split_feed(feed: dict, fraction: float) -> tuple:
 class _Walk:
     """The blocks in order, with the boundary values so far: quantized on every sample (a),
     float on the fitted ones (f, MGRQ's global term; ``learned`` methods only). The fitted
-    (q) and held-out (h) samples are rows of a (``split``: their indices): one run of each
-    block on all samples serves the methods (q), the judge (h) and GPTQ's codes, fitted on
-    every sample (a). Without a split q is a and h is None."""
+    (q) and held-out (h) samples (``split``: their indices in the feed) are the first and
+    the last rows of a, as views: one run of each block on all samples serves the methods
+    (q), the judge (h) and GPTQ's codes, fitted on every sample (a), in one copy. Without
+    a split q is a and h is None."""
 
     def __init__(self, canonical, plan: Plan, feed: dict, split: tuple | None,
                  learned: bool):
@@ -281,16 +282,21 @@ class _Walk:
         self.types = blockmap.value_types(canonical)
         self.n = block_runs.sample_count(feed)
         self.ints = block_runs.batch_ints(canonical, feed, self.types)  # taking samples
-        self.a = dict(feed)
+        # fitted samples first, then the held-out ones: q and h are views of a, not copies
+        self.a = dict(feed) if split is None else block_runs.take(
+            feed, np.concatenate(split), self.n, self.ints)
         self._slice()
         self.f = dict(self.q) if learned else None
         self.last = _last_reads(plan.blocks)
         self.outputs = {o.name for o in canonical.graph.output}
 
     def _slice(self) -> None:
-        fit, held = self.split or (None, None)
-        self.q = self.a if fit is None else block_runs.take(self.a, fit, self.n, self.ints)
-        self.h = None if held is None else block_runs.take(self.a, held, self.n, self.ints)
+        if self.split is None:
+            self.q, self.h = self.a, None
+            return
+        k = len(self.split[0])
+        self.q = block_runs.take(self.a, slice(0, k), self.n, self.ints)
+        self.h = block_runs.take(self.a, slice(k, self.n), self.n, self.ints)
 
     @property
     def judged(self) -> dict:

@@ -7,6 +7,9 @@
 
 The graph is interpreted node by node, so every intermediate tensor can be read back
 (``keep``) or replaced on the way, and gradients reach whatever the caller substitutes.
+A value is dropped after its last reader (unless asked for), so a run holds the live
+values only, as onnxruntime does, plus what autograd saves for the backward pass: on
+MGRQ's global term the tail is most of the model.
 Initializers are buffers (``trainable=True``: float ones become parameters, BatchNorm
 statistics excepted, for tools/onnx2torch_compare.py's gradient check). An input hook
 applied through the same function object to the same tensor runs once per ``run`` and is
@@ -69,6 +72,7 @@ class GraphModule(torch.nn.Module):
                                attrs))
         self.inputs = [i.name for i in model.graph.input if i.name not in self.names]
         self.outputs = [o.name for o in model.graph.output]
+        self.dead_after = _dead_after(self.nodes)
 
     def initializer(self, name: str) -> torch.Tensor:
         kind, key = self.names[name]
@@ -78,6 +82,7 @@ class GraphModule(torch.nn.Module):
             keep=()) -> dict:
         """Values of ``outputs`` (default: the graph's) and of the tensors in ``keep``."""
         weights, hooks, input_hooks = weights or {}, hooks or {}, input_hooks or {}
+        wanted = set(outputs or self.outputs) | set(keep)
         env = {name: hooks[name](feed[name]) if name in hooks else feed[name]
                for name in self.inputs}
         shared = {}  # (hook, tensor) -> hooked value: one fake-quant per tensor, as emitted
@@ -95,6 +100,11 @@ class GraphModule(torch.nn.Module):
             result = OPS[op](attrs, values, self.opset)
             for out, value in zip(outs, result if isinstance(result, list) else [result]):
                 env[out] = hooks[out](value) if out in hooks else value
+            for t in self.dead_after[k]:
+                if t not in wanted:
+                    env.pop(t, None)
+                    for fn in [fn for fn, u in shared if u == t]:
+                        del shared[fn, t]
         return {t: env[t] for t in list(outputs or self.outputs) + list(keep)}
 
     def _value(self, name: str, env: dict, weights: dict):
@@ -110,6 +120,17 @@ class GraphModule(torch.nn.Module):
     def forward(self, *args):
         out = list(self.run(dict(zip(self.inputs, args))).values())
         return out[0] if len(out) == 1 else out
+
+
+def _dead_after(nodes: list) -> list:
+    """Per node, the tensors it is the last reader of."""
+    last = {}
+    for k, (_, _, ins, _, _) in enumerate(nodes):
+        last.update((t, k) for t in ins if t)
+    dead = [[] for _ in nodes]
+    for t, k in last.items():
+        dead[k].append(t)
+    return dead
 
 
 OnnxInterpreter = GraphModule  # the name tools/onnx2torch_compare.py reports it under

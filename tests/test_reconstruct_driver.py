@@ -408,3 +408,27 @@ def test_full_resolution_layer_inputs_take_whole_samples_and_rescale_the_batch()
     small = dict(inputs, map=np.zeros((n, 1, 4, 4), np.float32))
     assert reconstruct._layer_input_samples(
         reconstruct.BlockTask("b", "transformer", None, small, [], None)) is small
+
+
+def test_walk_holds_fitted_and_held_out_samples_as_views_of_one_copy():
+    """The walk keeps one copy of each boundary value: its fitted and held-out samples
+    (split_feed's, in order) are views of it, before and after a block."""
+    import onnx_graphsurgeon as gs
+
+    from onnxquant import analyze, blocks
+
+    graph, plan = analyze(conv_chain_model(seed=2))
+    canonical = gs.export_onnx(graph, do_type_check=False)
+    calib = calibration(32, seed=1)
+    walk = reconstruct._Walk(canonical, plan, {"x": calib},
+                             reconstruct.split_indices(32, 0.25), learned=False)
+    fit, held = reconstruct.split_feed({"x": calib}, 0.25)
+    block = plan.blocks[0]
+    model = blocks.extract(canonical, block, walk.types)
+    for name in ["x", block.outputs[0]]:
+        if name != "x":
+            walk.advance(0, model, gs.import_onnx(model))
+        for got, samples in [(walk.q, fit), (walk.h, held)]:
+            want = samples if name == "x" else block_runs.run(model, samples)
+            np.testing.assert_array_equal(got[name], want[name])
+            assert np.shares_memory(got[name], walk.a[name])

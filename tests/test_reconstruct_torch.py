@@ -57,6 +57,38 @@ def test_torch_graph_matches_onnxruntime_on_extracted_blocks(make):
                                        atol=1e-4 * max(float(np.abs(w).max()), 1.0))
 
 
+
+def test_torch_graph_drops_a_value_after_its_last_reader_and_keeps_what_is_asked():
+    """x -> a -> b -> c -> d (Relu): when c is made, a (read by b only) is gone, unless
+    asked for; kept and output values come back."""
+    import weakref
+
+    from onnx import TensorProto, helper
+
+    names = ["x", "a", "b", "c", "d"]
+    graph = helper.make_graph(
+        [helper.make_node("Relu", [i], [o], name=o) for i, o in zip(names, names[1:])], "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("d", TensorProto.FLOAT, [2, 3])])
+    gm = GraphModule(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    seen = {}
+
+    def remember(v):
+        seen["a"] = weakref.ref(v)
+        return v
+
+    def check(v):
+        seen["a alive when c is made"] = seen["a"]() is not None
+        return v
+
+    x = torch.randn(2, 3)
+    for keep, alive in [((), False), (("a",), True)]:
+        with torch.no_grad():
+            out = gm.run({"x": x}, hooks={"a": remember, "c": check}, keep=keep)
+        assert seen["a alive when c is made"] is alive
+        assert set(out) == {"d", *keep}
+        torch.testing.assert_close(out["d"], x.relu())
+
 def _layer(seed, rows, cols, bits, symmetric, block=None):
     """A MatMul layer ([in, out] weight) with its min-max grid per output column, or per
     ``block`` input rows of each column."""
