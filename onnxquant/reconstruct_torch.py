@@ -36,7 +36,9 @@ MGRQ (arXiv 2406.09229; its exact formulas could not be read, DESIGN.md §9), as
         z_f: the model's float logits (float model, float input); z_q: the rest of the model
         after this block (task.tail(), float, in torch) run on the quantized block output.
         Evaluated every GLOBAL_EVERY (8) iterations on the first GLOBAL_BATCH (2) samples of
-        the batch (the tail is up to the whole network: this bounds its cost).
+        the batch (the tail is up to the whole network: this bounds its cost). The tail
+        runs under activation checkpointing (GraphModule.run_checkpointed): its memory is
+        the values live between about sqrt(nodes) parts, not every saved tensor.
     L_local = mean over the block's layers l of ||y_q,l - y_f,l||^2 / ||y_f,l||^2
         y_l: layer l's output inside the block; q: the quantized block, f: the float
         block, both on the quantized inputs (LOCAL_TERM "mse", the default). Every layer
@@ -261,7 +263,7 @@ class _Global:
         feed = self.samples.take(sub)
         for k in self.block & set(out):
             feed[k] = rows(out[k], torch.arange(len(sub), device=sub.device), len(idx))
-        z = torch.log_softmax(self.gm.run(feed, [self.name])[self.name].float(), -1)
+        z = torch.log_softmax(self.gm.run_checkpointed(feed, [self.name])[self.name].float(), -1)
         p = rows(self.target, sub, n)
         return (p.exp() * (p - z)).sum(-1).mean()
 

@@ -18,9 +18,11 @@ shared by its readers, as emission shares one Q/DQ per tensor (emit.py).
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from torch.utils.checkpoint import checkpoint
 
 from .torch_ops import OPS, attribute
 
@@ -86,26 +88,54 @@ class GraphModule(torch.nn.Module):
         env = {name: hooks[name](feed[name]) if name in hooks else feed[name]
                for name in self.inputs}
         shared = {}  # (hook, tensor) -> hooked value: one fake-quant per tensor, as emitted
-        for k, (op, name, ins, outs, attrs) in enumerate(self.nodes):
-            if op == "Constant":
-                env[outs[0]] = getattr(self, f"const{k}")
-                continue
-            values = [self._value(t, env, weights) for t in ins]
-            for i, t in enumerate(ins):
-                fn = input_hooks.get((name, i))
-                if fn is not None:
-                    if (fn, t) not in shared:
-                        shared[fn, t] = fn(values[i])
-                    values[i] = shared[fn, t]
-            result = OPS[op](attrs, values, self.opset)
-            for out, value in zip(outs, result if isinstance(result, list) else [result]):
-                env[out] = hooks[out](value) if out in hooks else value
-            for t in self.dead_after[k]:
-                if t not in wanted:
-                    env.pop(t, None)
-                    for fn in [fn for fn, u in shared if u == t]:
-                        del shared[fn, t]
+        for k in range(len(self.nodes)):
+            self._step(k, env, shared, weights, hooks, input_hooks, wanted)
         return {t: env[t] for t in list(outputs or self.outputs) + list(keep)}
+
+    def run_checkpointed(self, feed: dict, outputs=None, parts: int | None = None) -> dict:
+        """``run`` of the float graph (no weights, no hooks) in ``parts`` consecutive runs of
+        nodes (default about sqrt(nodes)), each under activation checkpointing: autograd
+        keeps the values live between parts, and recomputes one part's saved tensors at a
+        time in the backward pass (one more forward). MGRQ's global term runs the rest of
+        the model with gradients this way."""
+        wanted = set(outputs or self.outputs)
+        parts = parts or max(1, round(len(self.nodes) ** 0.5))
+        bounds = np.linspace(0, len(self.nodes), parts + 1).round().astype(int)
+        env = {name: feed[name] for name in self.inputs}
+
+        def part(start: int, stop: int, live: dict) -> dict:
+            live = dict(live)
+            for k in range(start, stop):
+                self._step(k, live, {}, {}, {}, {}, wanted)
+            return live
+
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            if start < stop:
+                env = checkpoint(part, int(start), int(stop), env, use_reentrant=False)
+        return {t: env[t] for t in (outputs or self.outputs)}
+
+    def _step(self, k: int, env: dict, shared: dict, weights: dict, hooks: dict,
+              input_hooks: dict, wanted: set) -> None:
+        """Run node ``k`` into ``env``; drop the values it is the last reader of."""
+        op, name, ins, outs, attrs = self.nodes[k]
+        if op == "Constant":
+            env[outs[0]] = getattr(self, f"const{k}")
+            return
+        values = [self._value(t, env, weights) for t in ins]
+        for i, t in enumerate(ins):
+            fn = input_hooks.get((name, i))
+            if fn is not None:
+                if (fn, t) not in shared:
+                    shared[fn, t] = fn(values[i])
+                values[i] = shared[fn, t]
+        result = OPS[op](attrs, values, self.opset)
+        for out, value in zip(outs, result if isinstance(result, list) else [result]):
+            env[out] = hooks[out](value) if out in hooks else value
+        for t in self.dead_after[k]:
+            if t not in wanted:
+                env.pop(t, None)
+                for fn in [fn for fn, u in shared if u == t]:
+                    del shared[fn, t]
 
     def _value(self, name: str, env: dict, weights: dict):
         if not name:
