@@ -73,7 +73,8 @@ class BlockTask:
     seed: int = 0
     iters: int | None = None  # method's iteration budget (None: its default)
     float_inputs: dict = field(default_factory=dict)  # boundary inputs in the float model
-    tail: object = None  # () -> (ModelProto of the later blocks, their float inputs): MGRQ
+    tail: object = None  # () -> (ModelProto of the later blocks, their float inputs,
+    #                      name -> the float model's value on the fitted samples): MGRQ
     progress: object = None  # callable(dict) for the progress bar postfix
     start: dict = field(default_factory=dict)  # node -> codes to start from (GPTQ's)
     learn_steps: frozenset = frozenset()  # activation tensors whose step may be learned
@@ -287,6 +288,7 @@ class _Walk:
             feed, np.concatenate(split), self.n, self.ints)
         self._slice()
         self.f = dict(self.q) if learned else None
+        self.fitted_inputs, self._float_values = dict(self.q), {}
         self.last = _last_reads(plan.blocks)
         self.outputs = {o.name for o in canonical.graph.output}
 
@@ -322,7 +324,16 @@ class _Walk:
 
     def tail(self, i: int):
         later = self.plan.blocks[i + 1:]
-        return lambda: (blockmap.extract(self.canonical, later, self.types), self.f)
+        return lambda: (blockmap.extract(self.canonical, later, self.types), self.f,
+                        self.float_value)
+
+    def float_value(self, name: str) -> np.ndarray:
+        """The float model's ``name`` (its logits) on the fitted samples: one run for the
+        walk, not one run of the rest of the model per block."""
+        if name not in self._float_values:
+            model = block_runs.with_outputs(self.canonical, [name])
+            self._float_values[name] = block_runs.run(model, self.fitted_inputs, [name])[name]
+        return self._float_values[name]
 
 
 def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,

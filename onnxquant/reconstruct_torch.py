@@ -238,15 +238,15 @@ class _Global:
     """L_global: the float rest of the model (task.tail()) on the quantized block output."""
 
     def __init__(self, task, block_float: dict, dev):
-        tail, floats = task.tail()
+        tail, floats, float_value = task.tail()
         if not tail.graph.node:
             raise ValueError("last block: no model after it")
         self.gm = GraphModule(tail).to(dev)  # NotImplementedError: an op it lacks
         self.block = set(block_float)
         values = {i: block_float[i] if i in block_float else floats[i] for i in self.gm.inputs}
-        logits = block_runs.run(tail, values)[tail.graph.output[0].name]
-        n = block_runs.sample_count(task.inputs)
         self.name = tail.graph.output[0].name
+        logits = float_value(self.name)
+        n = block_runs.sample_count(task.inputs)
         self.samples = Samples(values, dev, n, task.batch_ints)
         self.target = torch.log_softmax(_tensor(logits, dev).float(), -1)
         probe = torch.arange(min(GLOBAL_BATCH, n), device=dev)
