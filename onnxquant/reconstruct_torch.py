@@ -339,15 +339,16 @@ def _roundings(task, dev) -> list:
 
 def _batchable(gm, q_in, f_in, floats, outputs, dev, batch: int) -> bool:
     """Whether the block runs on a subset of the samples (rows() rescales what it must):
-    the float block on two samples in torch against onnxruntime's rows of them."""
-    n = f_in.n
-    if q_in.n != n or n < 2:
+    the float block on two of the quantized input samples in torch against onnxruntime's
+    rows of ``floats`` (the float block on the quantized inputs)."""
+    n = q_in.n
+    if f_in.n != n or n < 2:
         return False
     if n <= batch:
         return True
     idx = torch.arange(2, device=dev)
     with torch.no_grad():
-        got = gm.run(f_in.take(idx), outputs)
+        got = gm.run(q_in.take(idx), outputs)
     for k in outputs:
         want = rows(_tensor(floats[k], dev), idx, n)
         if got[k].shape != want.shape or float((got[k] - want).abs().max()) > \

@@ -321,3 +321,25 @@ def test_checkpointed_run_gives_the_values_and_gradients_of_a_run_and_saves_less
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
     assert checkpointed < plain / 5
+
+
+@pytest.mark.parametrize("method", ["brecq", "mgrq"])
+def test_every_block_steps_on_batches_not_on_all_samples(monkeypatch, method):
+    """Past the first block the quantized inputs differ from the float ones; each block
+    still steps on batches of its fitted samples (24 here, BATCH 8), as the torch block
+    reproduces onnxruntime on any two of them."""
+    steps = []
+    draw = reconstruct_torch._draw
+
+    def recorded(n, batch, gen, dev):
+        idx = draw(n, batch, gen, dev)
+        steps.append((n, n if idx is None else len(idx)))  # n 1: the whole set each step
+        return idx
+
+    monkeypatch.setattr(reconstruct_torch, "_draw", recorded)
+    res = quantize(mixed_model(seed=2), calibration(32, seed=1), weight_bits=4,
+                   per_channel=True, weight_symmetric=True, reconstruct=method,
+                   reconstruct_iters=3)
+    assert len(res.plan.reconstruction) > 1
+    assert len(steps) == 3 * len(res.plan.reconstruction)
+    assert set(steps) == {(24, reconstruct_torch.BATCH)}
