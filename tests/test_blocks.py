@@ -253,10 +253,11 @@ def test_zoo_blocks_run_on_the_fitted_and_held_out_samples(name):
     x = np.random.default_rng(0).standard_normal((8, 3, side, side)).astype(np.float32)
     split = reconstruct.split_indices(8, 0.25)
     walk = reconstruct._Walk(canonical, plan, {canonical.graph.input[0].name: x}, split, True)
+    fitted = len(split[0])  # walk.a holds the fitted samples, then the held-out ones
     for i, block in enumerate(plan.blocks):
         model = extract(canonical, block, walk.types)
         every = block_runs.run(model, walk.a)
-        for idx, values in zip(split, (walk.q, walk.h)):
+        for idx, values in zip((slice(0, fitted), slice(fitted, 8)), (walk.q, walk.h)):
             got, want = block_runs.run(model, values), block_runs.take(every, idx, 8, walk.ints)
             for k, v in want.items():
                 np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-4 * (
