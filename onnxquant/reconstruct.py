@@ -288,7 +288,7 @@ class _Walk:
             feed, np.concatenate(split), self.n, self.ints)
         self._slice()
         self.f = dict(self.q) if learned else None
-        self.fitted_inputs, self._float_values = dict(self.q), {}
+        self.fitted_inputs, self._float_values = dict(self.q), {}  # model inputs (fitted)
         self.last = _last_reads(plan.blocks)
         self.outputs = {o.name for o in canonical.graph.output}
 
@@ -366,7 +366,7 @@ def _walk_blocks(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict, progre
     walk = _Walk(canonical, plan, feed, split_indices(block_runs.sample_count(feed),
                                                       cfg.holdout),
                  cfg.reconstruct in TORCH_METHODS)
-    fit, held = dict(walk.q), walk.h and dict(walk.h)  # model inputs: the model check
+    fit, held = walk.fitted_inputs, walk.h and dict(walk.h)  # model inputs: the model check
     sites, shared = {s.node: s for s in plan.convs + plan.linears}, _shared_weights(plan)
     results = []
     bar = tqdm(plan.blocks, desc=f"reconstruct ({cfg.reconstruct})", unit="block",
