@@ -343,3 +343,35 @@ def test_every_block_steps_on_batches_not_on_all_samples(monkeypatch, method):
     assert len(res.plan.reconstruction) > 1
     assert len(steps) == 3 * len(res.plan.reconstruction)
     assert set(steps) == {(24, reconstruct_torch.BATCH)}
+
+
+def test_mgrq_local_targets_are_the_float_block_layers_on_each_batch(monkeypatch):
+    """L_local's targets are computed per batch in torch (no copy over every sample is
+    held) and equal onnxruntime's float block layer outputs on the batch's quantized
+    input samples."""
+    from onnxquant.torch_quant import Samples
+
+    seen = []
+    LocalTargets = reconstruct_torch._LocalTargets
+
+    class Recorded(LocalTargets):
+        def __init__(self, task, gm, dev, batched):
+            super().__init__(task, gm, dev, batched)
+            self.task = task
+
+        def take(self, feed, idx):
+            got = super().take(feed, idx)
+            seen.append((self, idx, got))
+            return got
+
+    monkeypatch.setattr(reconstruct_torch, "_LocalTargets", Recorded)
+    quantize(mixed_model(seed=2), calibration(32, seed=1), weight_bits=4, per_channel=True,
+             weight_symmetric=True, reconstruct="mgrq", reconstruct_iters=2)
+    assert len(seen) > 2
+    for targets, idx, got in seen:
+        assert targets.once is None and idx is not None
+        task = targets.task
+        ort = reconstruct_torch._float_outputs(task, targets.names)
+        want = Samples(ort, "cpu", ints=task.batch_ints).take(idx)
+        for name in targets.names:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
