@@ -35,6 +35,8 @@ RECIPES = {
     "W4A8": {"target": "tensorrt", "weight_bits": 4, "act_bits": 8},
     "W4A8-auto": {"target": "tensorrt", "weight_bits": 4, "act_bits": 8, "auto": True},
     "W4A8-mse": {"target": "tensorrt", "weight_bits": 4, "act_bits": 8, "calib_method": "mse"},
+    # W4A8's activations (mse ranges) with 8-bit weights: the floor activations set for it
+    "W8A8-mse": {"target": "tensorrt", "weight_bits": 8, "act_bits": 8, "calib_method": "mse"},
     "W3": {"weight_bits": 3, "per_channel": True, "weight_symmetric": True},
     # W4 with the MatMul/Gemm weights too: per output channel, or per block of 32 along K
     "W4-lin": {"weight_bits": 4, "per_channel": True, "weight_symmetric": True,
