@@ -81,9 +81,16 @@ class BlockTask:
     batch_ints: dict = field(default_factory=dict)  # block_runs.batch_ints of the model
 
     def positions_per_sample(self) -> int:
-        """Spatial positions (or tokens) of one sample of the largest boundary input."""
-        return max((int(np.prod(v.shape[2:])) for v in self.inputs.values()
+        """Spatial positions (or tokens) of one sample of the largest boundary input:
+        H * W of [B, C, H, W]; of a rank-3 input the larger of its two non-batch sizes, as
+        [B, N, C] tokens and [B, C, L] sequences cannot be told apart by shape (an upper
+        bound: it only ever makes the steps smaller)."""
+        return max((_positions(np.shape(v)) for v in self.inputs.values()
                     if np.ndim(v) >= 3), default=0)
+
+
+def _positions(shape: tuple) -> int:
+    return max(shape[1:]) if len(shape) == 3 else int(np.prod(shape[2:]))
 
 
 @dataclass

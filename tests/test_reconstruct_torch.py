@@ -268,6 +268,9 @@ def test_samples_per_step_shrink_on_full_resolution_maps():
     assert size(Task(x=(32, 64, 32, 32))) == 8  # 1024 positions: 8 samples per step
     assert size(Task(x=(32, 64, 16, 16), shape=(4,))) == reconstruct_torch.BATCH
     assert size(Task(tokens=(512, 16, 64))) == reconstruct_torch.BATCH  # [B * P, N, C]
+    assert size(Task(tokens=(32, 3136, 96))) == reconstruct_torch.MIN_BATCH  # [B, 56*56, C]
+    assert size(Task(seq=(32, 96, 3136))) == reconstruct_torch.MIN_BATCH  # [B, C, L]
+    assert size(Task(tokens=(32, 1024, 96))) == 8
 
 
 @pytest.mark.parametrize("term", ["moments", "mse"])
