@@ -18,6 +18,8 @@ shared by its readers, as emission shares one Q/DQ per tensor (emit.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx
 import torch
@@ -83,13 +85,12 @@ class GraphModule(torch.nn.Module):
     def run(self, feed: dict, outputs=None, weights=None, hooks=None, input_hooks=None,
             keep=()) -> dict:
         """Values of ``outputs`` (default: the graph's) and of the tensors in ``keep``."""
-        weights, hooks, input_hooks = weights or {}, hooks or {}, input_hooks or {}
+        quant = _Quant(weights or {}, hooks or {}, input_hooks or {})
         wanted = set(outputs or self.outputs) | set(keep)
-        env = {name: hooks[name](feed[name]) if name in hooks else feed[name]
+        env = {name: quant.hooks[name](feed[name]) if name in quant.hooks else feed[name]
                for name in self.inputs}
-        shared = {}  # (hook, tensor) -> hooked value: one fake-quant per tensor, as emitted
         for k in range(len(self.nodes)):
-            self._step(k, env, shared, weights, hooks, input_hooks, wanted)
+            self._step(k, env, wanted, quant)
         return {t: env[t] for t in list(outputs or self.outputs) + list(keep)}
 
     def run_checkpointed(self, feed: dict, outputs=None, parts: int | None = None) -> dict:
@@ -106,7 +107,7 @@ class GraphModule(torch.nn.Module):
         def part(start: int, stop: int, live: dict) -> dict:
             live = dict(live)
             for k in range(start, stop):
-                self._step(k, live, {}, {}, {}, {}, wanted)
+                self._step(k, live, wanted)
             return live
 
         for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -114,28 +115,29 @@ class GraphModule(torch.nn.Module):
                 env = checkpoint(part, int(start), int(stop), env, use_reentrant=False)
         return {t: env[t] for t in (outputs or self.outputs)}
 
-    def _step(self, k: int, env: dict, shared: dict, weights: dict, hooks: dict,
-              input_hooks: dict, wanted: set) -> None:
-        """Run node ``k`` into ``env``; drop the values it is the last reader of."""
+    def _step(self, k: int, env: dict, wanted: set, quant: _Quant | None = None) -> None:
+        """Run node ``k`` into ``env`` (float, or with ``quant``'s weights and hooks); drop
+        the values it is the last reader of."""
+        quant = quant or _FLOAT
         op, name, ins, outs, attrs = self.nodes[k]
         if op == "Constant":
             env[outs[0]] = getattr(self, f"const{k}")
             return
-        values = [self._value(t, env, weights) for t in ins]
+        values = [self._value(t, env, quant.weights) for t in ins]
         for i, t in enumerate(ins):
-            fn = input_hooks.get((name, i))
+            fn = quant.input_hooks.get((name, i))
             if fn is not None:
-                if (fn, t) not in shared:
-                    shared[fn, t] = fn(values[i])
-                values[i] = shared[fn, t]
+                seen = quant.shared.setdefault(t, {})
+                if fn not in seen:
+                    seen[fn] = fn(values[i])
+                values[i] = seen[fn]
         result = OPS[op](attrs, values, self.opset)
         for out, value in zip(outs, result if isinstance(result, list) else [result]):
-            env[out] = hooks[out](value) if out in hooks else value
+            env[out] = quant.hooks[out](value) if out in quant.hooks else value
         for t in self.dead_after[k]:
             if t not in wanted:
                 env.pop(t, None)
-                for fn in [fn for fn, u in shared if u == t]:
-                    del shared[fn, t]
+                quant.shared.pop(t, None)
 
     def _value(self, name: str, env: dict, weights: dict):
         if not name:
@@ -150,6 +152,20 @@ class GraphModule(torch.nn.Module):
     def forward(self, *args):
         out = list(self.run(dict(zip(self.inputs, args))).values())
         return out[0] if len(out) == 1 else out
+
+
+@dataclass
+class _Quant:
+    """What one ``run`` substitutes: learned weights, output and input hooks, and the
+    input hooks' values per tensor (tensor -> {hook: value}: one fake-quant per tensor)."""
+
+    weights: dict
+    hooks: dict
+    input_hooks: dict
+    shared: dict = field(default_factory=dict)
+
+
+_FLOAT = _Quant({}, {}, {})  # no substitution: never holds a shared value
 
 
 def _dead_after(nodes: list) -> list:
