@@ -79,6 +79,7 @@ class BlockTask:
     start: dict = field(default_factory=dict)  # node -> codes to start from (GPTQ's)
     learn_steps: frozenset = frozenset()  # activation tensors whose step may be learned
     batch_ints: dict = field(default_factory=dict)  # block_runs.batch_ints of the model
+    float_outputs: object = None  # () -> the float block's outputs on float_inputs (once)
 
     def positions_per_sample(self) -> int:
         """Spatial positions (or tokens) of one sample of the largest boundary input:
@@ -296,6 +297,7 @@ class _Walk:
         self._slice()
         self.f = dict(self.q) if learned else None
         self.fitted_inputs, self._float_values = dict(self.q), {}  # model inputs (fitted)
+        self._float_block = (None, None)  # (i, block i's float outputs on f)
         self.last = _last_reads(plan.blocks)
         self.outputs = {o.name for o in canonical.graph.output}
 
@@ -322,12 +324,20 @@ class _Walk:
         block = self.plan.blocks[i]
         self.a.update(self.quantized_outputs(i, graph, self.a))
         if self.f is not None:
-            self.f.update(block_runs.run(model, self.f))
+            self.f.update(self.float_outputs(i, model))
+            self._float_block = (None, None)
         for values in (v for v in (self.a, self.f) if v is not None):
             for t in [t for t in values if self.last.get(t, -1) <= i and t not in self.outputs
                       and t not in block.outputs]:
                 del values[t]
         self._slice()
+
+    def float_outputs(self, i: int, model: onnx.ModelProto) -> dict:
+        """Block ``i``'s float outputs on the float inputs f: one run serves MGRQ's global
+        term and the walk's next step."""
+        if self._float_block[0] != i:
+            self._float_block = (i, block_runs.run(model, self.f))
+        return self._float_block[1]
 
     def tail(self, i: int):
         later = self.plan.blocks[i + 1:]
@@ -424,7 +434,8 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> Block
                      block_runs.subplan(walk.plan, nodes), cfg.seed, cfg.reconstruct_iters,
                      walk.f or {}, walk.tail(i) if walk.f is not None else None,
                      lambda info: bar.set_postfix(info, refresh=False),
-                     batch_ints=walk.ints)
+                     batch_ints=walk.ints, float_outputs=None if walk.f is None else (
+                         lambda: walk.float_outputs(i, model)))
     rounded = {layer.site.node: layer.site.weight_spec.with_(codes=None) for layer in layers}
     acts = fits.learnable_steps(walk.plan, model)
     task.learn_steps = frozenset(t for _, _, t, _ in acts)

@@ -273,7 +273,9 @@ def _global_or_none(task, dev):
     if task.tail is None or not task.float_inputs:
         return None
     try:  # z_f: the float block on the float inputs, then the float tail
-        return _Global(task, block_runs.run(task.model, task.float_inputs), dev)
+        block_float = task.float_outputs() if task.float_outputs else \
+            block_runs.run(task.model, task.float_inputs)
+        return _Global(task, block_float, dev)
     except (NotImplementedError, ValueError, KeyError, IndexError) as err:  # last: IndexError
         if task.progress is not None:
             task.progress({"block": task.name, "global": f"off: {str(err)[:60]}"})

@@ -378,3 +378,24 @@ def test_mgrq_local_targets_are_the_float_block_layers_on_each_batch(monkeypatch
         want = Samples(ort, "cpu", ints=task.batch_ints).take(idx)
         for name in targets.names:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_mgrq_runs_each_float_block_on_the_float_inputs_once(monkeypatch):
+    """MGRQ's global term and the walk's next step share one onnxruntime run of the float
+    block on the float inputs: no (model, values) pair is run twice."""
+    import collections
+
+    calls, held = collections.Counter(), []  # held: no id is reused during the run
+    run = block_runs.run
+
+    def counted(model, values, *args, **kwargs):
+        calls[id(model), id(values)] += 1
+        held.append((model, values))
+        return run(model, values, *args, **kwargs)
+
+    monkeypatch.setattr(block_runs, "run", counted)
+    res = quantize(mixed_model(seed=2), calibration(32, seed=1), weight_bits=4,
+                   per_channel=True, weight_symmetric=True, reconstruct="mgrq",
+                   reconstruct_iters=2)
+    assert len(res.plan.reconstruction) > 1
+    assert max(calls.values()) == 1
