@@ -57,6 +57,9 @@ TORCH_METHODS = ("adaround", "brecq", "qdrop", "mgrq")
 # and qdrop from round-to-nearest read 44.7 % and 0 % of the recognizer's lines at W4)
 START_FROM_GPTQ = ("brecq", "mgrq")
 MIN_SAMPLES_EACH_SIDE = 2  # fewer fitted or held-out samples: judge on the fitted ones
+# False: every block keeps the method's own codes and no whole-model check runs, so a
+# method's loss is measured alone (tools/mgrq_ablation.py --no-judge); never for users
+JUDGE = True
 RTN = "round to nearest"
 
 
@@ -359,7 +362,7 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
     start = time.perf_counter()
     original = fits.snapshot(plan)
     plain_gptq = None
-    if cfg.reconstruct in TORCH_METHODS:  # the whole-model check's fallback (_model_check)
+    if JUDGE and cfg.reconstruct in TORCH_METHODS:  # the model check's fallback (_model_check)
         _walk_blocks(canonical, plan, dataclasses.replace(
             cfg, reconstruct="gptq", reconstruct_iters=None, reconstruct_holdout=None), feed,
             progress, run_gptq)
@@ -368,7 +371,8 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
     results, fit, held = _walk_blocks(canonical, plan, cfg, feed, progress,
                                       _method(cfg.reconstruct))
     plan.reconstruction = results
-    plan.reconstruction_check = _model_check(canonical, plan, held or fit, original, plain_gptq)
+    plan.reconstruction_check = _model_check(canonical, plan, held or fit, original,
+                                             plain_gptq) if JUDGE else None
     plan.notes.append(summary(cfg.reconstruct, results, time.perf_counter() - start,
                               plan.reconstruction_check, _judged_on(fit, held, cfg.holdout)))
     if log:
@@ -446,7 +450,7 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> Block
         fits.apply(layers, fit, rounded, acts)
         errors[origin] = block_runs.relative_error(
             walk.quantized_outputs(i, graph, walk.judged), want)
-    kept = min(errors, key=errors.get)  # ties: the earlier, simpler codes
+    kept = min(errors, key=errors.get) if JUDGE else cfg.reconstruct  # ties: the earlier
     fits.apply(layers, candidates[kept], rounded, acts)
     bar.set_postfix({"block": block.name, "err": f"{errors[RTN]:.2e}->{errors[kept]:.2e}"},
                     refresh=False)

@@ -432,3 +432,19 @@ def test_walk_holds_fitted_and_held_out_samples_as_views_of_one_copy():
             want = samples if name == "x" else block_runs.run(model, samples)
             np.testing.assert_array_equal(got[name], want[name])
             assert np.shares_memory(got[name], walk.a[name])
+
+
+def test_without_the_judge_every_block_keeps_the_methods_codes(monkeypatch):
+    """JUDGE = False (tools/mgrq_ablation.py --no-judge): a method whose codes are worse
+    than rounding on every block (shifted 3 steps) still has them written, and no
+    whole-model check runs; with the judge the same codes are never kept."""
+    model, calib = conv_chain_model(seed=2), calibration(16, seed=1)
+    _with_method(monkeypatch, _fake_method([], 3))
+    judged = quantize(model, calib, weight_bits=4, reconstruct="adaround")
+    assert "adaround" not in {r.kept for r in judged.plan.reconstruction}
+    monkeypatch.setattr(reconstruct, "JUDGE", False)
+    raw = quantize(model, calib, weight_bits=4, reconstruct="adaround")
+    assert {r.kept for r in raw.plan.reconstruction} == {"adaround"}
+    assert raw.plan.reconstruction_check is None
+    feed = {"x": calib[:4]}
+    assert np.abs(run_ort(raw.model, feed)[0] - run_ort(judged.model, feed)[0]).max() > 0

@@ -6,10 +6,14 @@ run as --reconstruct mgrq with (a, b) in {(0, 0), (0, b), (a, 0), (a, b)} (the f
 BRECQ's loss) at W4 on the reference checkpoints and the real recognizer: accuracy,
 agreement with float, time. L_local is each layer's relative output MSE (the default);
 --moments adds MGRQ with the earlier per-channel mean/std matching as L_local.
+--no-judge writes every block's learned codes as they are (reconstruct.JUDGE = False): no
+per-block choice among candidates, no whole-model check, so each row measures its loss
+alone; with the judge, rows often end at the same fallback (plain GPTQ's codes).
 
     python tools/mgrq_ablation.py [--models mobilevit_xxs] [--limit 1000] [--iters N]
                                   [--mgrq-only | --moments | --moments-only]
                                   [--no-recognizer | --no-references] [--lines 300]
+                                  [--no-judge]
                                   [--out docs/mgrq_ablation.md]
 """
 
@@ -22,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import int8_table  # noqa: E402
 import reconstruct_table  # noqa: E402
 
-from onnxquant import QuantConfig  # noqa: E402
+from onnxquant import QuantConfig, reconstruct  # noqa: E402
 from onnxquant import reconstruct_torch as rt  # noqa: E402
 
 MGRQ = "L_block + L_global + L_local (MGRQ)"
@@ -50,7 +54,10 @@ def main(argv=None) -> int:
                    help="also MGRQ with per-channel mean/std matching as L_local")
     p.add_argument("--moments-only", action="store_true",
                    help="only MGRQ with per-channel mean/std matching as L_local")
+    p.add_argument("--no-judge", action="store_true",
+                   help="keep each block's learned codes: no choice among candidates")
     args = p.parse_args(argv)
+    reconstruct.JUDGE = not args.no_judge
     args.models = args.models or "mobilevit_xxs"
     base = dict(reconstruct_table.RECIPES["W4"], reconstruct="mgrq",
                 reconstruct_iters=args.iters)
