@@ -9,11 +9,13 @@ agreement with float, time. L_local is each layer's relative output MSE (the def
 --no-judge writes every block's learned codes as they are (reconstruct.JUDGE = False): no
 per-block choice among candidates, no whole-model check, so each row measures its loss
 alone; with the judge, rows often end at the same fallback (plain GPTQ's codes).
+--global-weights 0.01,0.03,0.1 runs only the full MGRQ loss once per global weight a (the
+sweep behind reconstruct_torch.GLOBAL_WEIGHT).
 
     python tools/mgrq_ablation.py [--models mobilevit_xxs] [--limit 1000] [--iters N]
                                   [--mgrq-only | --moments | --moments-only]
                                   [--no-recognizer | --no-references] [--lines 300]
-                                  [--no-judge]
+                                  [--no-judge] [--global-weights A,B,...]
                                   [--out docs/mgrq_ablation.md]
 """
 
@@ -40,6 +42,15 @@ TERMS = {  # label -> (global weight a, local weight b, L_local's form)
 }
 
 
+def _sweep(weights: str) -> list[str]:
+    """Adds one full-MGRQ row per global weight a to TERMS; returns their labels."""
+    labels = []
+    for a in (float(w) for w in weights.split(",")):
+        labels.append(f"MGRQ, a = {a:g}")
+        TERMS[labels[-1]] = (a, rt.LOCAL_WEIGHT, "mse")
+    return labels
+
+
 def _terms(label: str):
     def setup():
         rt.GLOBAL_WEIGHT, rt.LOCAL_WEIGHT, rt.LOCAL_TERM = TERMS[label]
@@ -56,12 +67,15 @@ def main(argv=None) -> int:
                    help="only MGRQ with per-channel mean/std matching as L_local")
     p.add_argument("--no-judge", action="store_true",
                    help="keep each block's learned codes: no choice among candidates")
+    p.add_argument("--global-weights", default=None,
+                   help="comma-separated global weights a: one full-MGRQ row each")
     args = p.parse_args(argv)
     reconstruct.JUDGE = not args.no_judge
     args.models = args.models or "mobilevit_xxs"
     base = dict(reconstruct_table.RECIPES["W4"], reconstruct="mgrq",
                 reconstruct_iters=args.iters)
-    labels = [MGRQ] if args.mgrq_only else [MOMENTS] if args.moments_only else \
+    labels = _sweep(args.global_weights) if args.global_weights else \
+        [MGRQ] if args.mgrq_only else [MOMENTS] if args.moments_only else \
         [label for label in TERMS if args.moments or label != MOMENTS]
     configs = [(label, QuantConfig(**base)) for label in labels]
     int8_table.per_label({label: _terms(label) for label in labels})
