@@ -88,14 +88,18 @@ def reference_rows(ref: dict, configs: list, limit: int, work: Path) -> list:
              "agree": 100.0, "seconds": 0.0, "mb": benchlib.file_mb(ref["path"])}] + rows
 
 
-def recognizer_rows(configs: list, n_lines: int, work: Path) -> list:
+def recognizer_rows(configs: list, n_lines: int, work: Path,
+                    calib_width: int | None = 320) -> list:
+    """The recognizer quantized with every config, on ``n_lines`` rendered lines; calibrated
+    on 32 other lines squeezed to ``calib_width`` px (None: each at its natural width, padded
+    to the widest, as the evaluation's batches run)."""
     from onnxquant import ocr
 
     model = benchlib.ASSETS / "real" / "PP-OCRv6_rec_small.onnx"
     if not model.is_file():
         return []
     calib = work / "rec_calib.npy"
-    np.save(calib, ocr.calibration_array(32, seed=1001))
+    np.save(calib, ocr.calibration_array(32, seed=1001, width=calib_width))
     outs, rows = [], []
     for label, cfg in configs:
         out = work / f"rec.{label.replace(' ', '_')}.onnx"
@@ -119,10 +123,17 @@ COLUMNS = [("model", "model", ""), ("recipe", "recipe", ""),
            ("size MB", "mb", ".2f")]
 
 
+def _width(text: str) -> int | None:
+    return None if text == "natural" else int(text)
+
+
 def parser(doc: str, out: str, lines: int):
     p = benchlib.reference_parser(doc, out)
     p.add_argument("--lines", type=int, default=lines)
     p.add_argument("--no-recognizer", action="store_true")
+    p.add_argument("--rec-calib-width", type=_width, default=320,
+                   help="recognizer calibration lines squeezed to this many px, or 'natural' "
+                        "(each line at its own width, padded to the widest)")
     p.add_argument("--no-references", action="store_true", help="skip the reference checkpoints")
     return p
 
@@ -134,7 +145,7 @@ def all_rows(args, configs: list) -> list:
         for ref in [] if args.no_references else benchlib.selected_references(args):
             rows += reference_rows(ref, configs, args.limit, Path(tmp))
         if not args.no_recognizer:
-            rows += recognizer_rows(configs, args.lines, Path(tmp))
+            rows += recognizer_rows(configs, args.lines, Path(tmp), args.rec_calib_width)
     return rows
 
 
