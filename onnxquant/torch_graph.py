@@ -84,14 +84,15 @@ class GraphModule(torch.nn.Module):
 
     def run(self, feed: dict, outputs=None, weights=None, hooks=None, input_hooks=None,
             keep=()) -> dict:
-        """Values of ``outputs`` (default: the graph's) and of the tensors in ``keep``."""
+        """Values of ``outputs`` (None: the graph's; [] none) and of the tensors in ``keep``."""
         quant = _Quant(weights or {}, hooks or {}, input_hooks or {})
-        wanted = set(outputs or self.outputs) | set(keep)
+        outputs = self.outputs if outputs is None else outputs
+        wanted = set(outputs) | set(keep)
         env = {name: quant.hooks[name](feed[name]) if name in quant.hooks else feed[name]
                for name in self.inputs}
         for k in range(len(self.nodes)):
             self._step(k, env, wanted, quant)
-        return {t: env[t] for t in list(outputs or self.outputs) + list(keep)}
+        return {t: env[t] for t in list(outputs) + list(keep)}
 
     def run_checkpointed(self, feed: dict, outputs=None, parts: int | None = None) -> dict:
         """``run`` of the float graph (no weights, no hooks) in ``parts`` consecutive runs of

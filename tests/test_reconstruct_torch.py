@@ -88,6 +88,8 @@ def test_torch_graph_drops_a_value_after_its_last_reader_and_keeps_what_is_asked
         assert seen["a alive when c is made"] is alive
         assert set(out) == {"d", *keep}
         torch.testing.assert_close(out["d"], x.relu())
+    with torch.no_grad():  # no outputs, only what is kept (_LocalTargets, layer inputs)
+        assert set(gm.run({"x": x}, [], keep=("b",))) == {"b"}
 
 def _layer(seed, rows, cols, bits, symmetric, block=None):
     """A MatMul layer ([in, out] weight) with its min-max grid per output column, or per
