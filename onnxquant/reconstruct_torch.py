@@ -77,8 +77,8 @@ LAMBDA = 0.1  # are still undecided after 300 steps (V moves ~lr per Adam step)
 WARMUP = 0.2
 BETA = (20.0, 2.0)
 DROP = 0.5  # QDrop probability of keeping an element float
-GLOBAL_WEIGHT, LOCAL_WEIGHT = 0.03, 0.1  # a, b of the MGRQ loss (docs/reconstruct.md, a swept
-# in docs/mgrq_ablation.md)
+# a, b of the MGRQ loss (docs/reconstruct.md); a from the sweep in docs/mgrq_ablation.md
+GLOBAL_WEIGHT, LOCAL_WEIGHT = 0.03, 0.1
 LOCAL_TERM = "mse"  # or "moments" (docs/mgrq_ablation.md: mse agrees better, and is faster)
 GLOBAL_EVERY, GLOBAL_BATCH = 8, 2  # the tail is most of the model: its cost bounded
 LEARN_STEPS = True  # block methods learn the activation steps they can write back (_block)

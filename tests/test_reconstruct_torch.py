@@ -91,6 +91,7 @@ def test_torch_graph_drops_a_value_after_its_last_reader_and_keeps_what_is_asked
     with torch.no_grad():  # no outputs, only what is kept (_LocalTargets, layer inputs)
         assert set(gm.run({"x": x}, [], keep=("b",))) == {"b"}
 
+
 def _layer(seed, rows, cols, bits, symmetric, block=None):
     """A MatMul layer ([in, out] weight) with its min-max grid per output column, or per
     ``block`` input rows of each column."""

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 import onnxquant  # noqa: E402
+from onnxquant import ocr  # noqa: E402
 from onnxquant import QuantConfig  # noqa: E402
 
 RECIPES = {
@@ -89,12 +90,10 @@ def reference_rows(ref: dict, configs: list, limit: int, work: Path) -> list:
 
 
 def recognizer_rows(configs: list, n_lines: int, work: Path,
-                    calib_width: int | None = 320) -> list:
+                    calib_width: int | None = ocr.MIN_WIDTH) -> list:
     """The recognizer quantized with every config, on ``n_lines`` rendered lines; calibrated
     on 32 other lines squeezed to ``calib_width`` px (None: each at its natural width, padded
     to the widest, as the evaluation's batches run)."""
-    from onnxquant import ocr
-
     model = benchlib.ASSETS / "real" / "PP-OCRv6_rec_small.onnx"
     if not model.is_file():
         return []
@@ -131,7 +130,7 @@ def parser(doc: str, out: str, lines: int):
     p = benchlib.reference_parser(doc, out)
     p.add_argument("--lines", type=int, default=lines)
     p.add_argument("--no-recognizer", action="store_true")
-    p.add_argument("--rec-calib-width", type=_width, default=320,
+    p.add_argument("--rec-calib-width", type=_width, default=ocr.MIN_WIDTH,
                    help="recognizer calibration lines squeezed to this many px, or 'natural' "
                         "(each line at its own width, padded to the widest)")
     p.add_argument("--no-references", action="store_true", help="skip the reference checkpoints")

@@ -42,18 +42,15 @@ TERMS = {  # label -> (global weight a, local weight b, L_local's form)
 }
 
 
-def _sweep(weights: str) -> list[str]:
-    """Adds one full-MGRQ row per global weight a to TERMS; returns their labels."""
-    labels = []
-    for a in (float(w) for w in weights.split(",")):
-        labels.append(f"MGRQ, a = {a:g}")
-        TERMS[labels[-1]] = (a, rt.LOCAL_WEIGHT, "mse")
-    return labels
+def _sweep(weights: str) -> dict:
+    """One full-MGRQ row per comma-separated global weight a: label -> (a, b, L_local)."""
+    return {f"MGRQ, a = {a:g}": (a, rt.LOCAL_WEIGHT, "mse")
+            for a in (float(w) for w in weights.split(","))}
 
 
-def _terms(label: str):
+def _terms(weights: tuple):
     def setup():
-        rt.GLOBAL_WEIGHT, rt.LOCAL_WEIGHT, rt.LOCAL_TERM = TERMS[label]
+        rt.GLOBAL_WEIGHT, rt.LOCAL_WEIGHT, rt.LOCAL_TERM = weights
     return setup
 
 
@@ -74,11 +71,12 @@ def main(argv=None) -> int:
     args.models = args.models or "mobilevit_xxs"
     base = dict(reconstruct_table.RECIPES["W4"], reconstruct="mgrq",
                 reconstruct_iters=args.iters)
-    labels = _sweep(args.global_weights) if args.global_weights else \
-        [MGRQ] if args.mgrq_only else [MOMENTS] if args.moments_only else \
+    labels = [MGRQ] if args.mgrq_only else [MOMENTS] if args.moments_only else \
         [label for label in TERMS if args.moments or label != MOMENTS]
-    configs = [(label, QuantConfig(**base)) for label in labels]
-    int8_table.per_label({label: _terms(label) for label in labels})
+    terms = _sweep(args.global_weights) if args.global_weights else \
+        {label: TERMS[label] for label in labels}
+    configs = [(label, QuantConfig(**base)) for label in terms]
+    int8_table.per_label({label: _terms(w) for label, w in terms.items()})
     rows = int8_table.all_rows(args, configs)
     int8_table.write_report("MGRQ ablation: each loss term at W4", "tools/mgrq_ablation.py",
                             argv, rows, args.out)
