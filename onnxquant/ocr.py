@@ -188,13 +188,45 @@ def compare(model_a: Model, model_b: Model, lines: Sequence[tuple[Image.Image, s
     return OcrCompare(a, b, agreement(a, b))
 
 
-def calibration_array(n: int, seed: int, width: int = MIN_WIDTH,
-                      alphabet: Sequence[str] | None = None) -> np.ndarray:
-    """float32 N x 3 x 48 x ``width`` of rendered lines, for ``onnxquant --calib FILE.npy``.
+LAYOUTS = ("squeeze", "natural", "packed")
 
+
+def calibration_array(n: int, seed: int, width: int = MIN_WIDTH,
+                      alphabet: Sequence[str] | None = None,
+                      layout: str = "squeeze") -> np.ndarray:
+    """float32 N x 3 x 48 x W of rendered lines, for ``onnxquant --calib FILE.npy``.
+
+    ``layout``: "squeeze" puts one line per sample, squeezed to ``width`` px if wider, else
+    right-padded; "natural" one line per sample at its own aspect, padded to the widest;
+    "packed" fills each ``width``-px sample with lines at their own aspect side by side, the
+    overflow of one sample starting the next (GPTQ's fixed-length segments of concatenated
+    text): no padding and no squeezed glyphs, so every position is text as the model reads it.
     Use a seed other than the evaluation set's, so calibration never sees the test lines.
     """
-    return preprocess([image for image, _ in render_lines(n, seed, alphabet)], width)
+    if layout not in LAYOUTS:
+        raise UserError(f"calibration layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    if layout == "packed":
+        return _packed(n, seed, width, alphabet)
+    lines = [image for image, _ in render_lines(n, seed, alphabet)]
+    return preprocess(lines, width if layout == "squeeze" else None)
+
+
+def _packed(n: int, seed: int, width: int, alphabet) -> np.ndarray:
+    count = max(n, 1)
+    while True:  # render_lines(k, seed) starts with render_lines(j < k, seed): grow until full
+        lines = [image for image, _ in render_lines(count, seed, alphabet)]
+        strip = np.concatenate([_own_width(image) for image in lines], axis=-1)
+        if strip.shape[-1] >= n * width:
+            break
+        count *= 2
+    samples = strip[..., :n * width].reshape(3, HEIGHT, n, width)
+    return np.ascontiguousarray(samples.transpose(2, 0, 1, 3))
+
+
+def _own_width(image: Image.Image) -> np.ndarray:
+    """3 x 48 x w of one line at its own aspect (no padding)."""
+    w = math.ceil(HEIGHT * image.width / image.height)
+    return preprocess([image], w)[0]
 
 
 # ---- text detector (DB): agreement of thresholded probability maps ----

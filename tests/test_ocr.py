@@ -110,6 +110,34 @@ def test_calibration_array():
     np.testing.assert_array_equal(x, ocr.calibration_array(3, seed=7))
 
 
+def _at_own_width(image):
+    w = int(np.ceil(48 * image.width / image.height))
+    return ocr.preprocess([image], width=w)[0]
+
+
+def test_packed_calibration_is_the_lines_side_by_side_cut_into_samples():
+    x = ocr.calibration_array(3, seed=7, width=400, layout="packed")
+    assert x.shape == (3, 3, 48, 400) and x.dtype == np.float32
+    assert np.all(x != 0)  # no padding: a pixel never normalizes to exactly 0
+    lines = [image for image, _ in render_lines(12, seed=7)]
+    stream = np.concatenate([_at_own_width(image) for image in lines], axis=-1)
+    np.testing.assert_array_equal(np.concatenate(list(x), axis=-1), stream[..., :1200])
+
+
+def test_natural_calibration_pads_every_line_to_the_widest():
+    x = ocr.calibration_array(4, seed=7, layout="natural")
+    ratios = [im.width / im.height for im, _ in render_lines(4, seed=7)]
+    assert x.shape[-1] == max(320, int(48 * max(ratios)))
+    widths = [int(np.ceil(48 * r)) for r in ratios]
+    for sample, w in zip(x, widths):
+        assert np.all(sample[..., min(w, x.shape[-1]):] == 0)
+
+
+def test_unknown_calibration_layout_is_a_user_error():
+    with pytest.raises(UserError, match="packed"):
+        ocr.calibration_array(2, seed=7, layout="stacked")
+
+
 def test_alphabet_needs_metadata():
     model = onnx.parser.parse_model("""
         <ir_version: 8, opset_import: ["" : 17]>

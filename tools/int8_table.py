@@ -90,15 +90,17 @@ def reference_rows(ref: dict, configs: list, limit: int, work: Path) -> list:
 
 
 def recognizer_rows(configs: list, n_lines: int, work: Path,
-                    calib_width: int | None = ocr.MIN_WIDTH) -> list:
+                    calib_width: int | None = ocr.MIN_WIDTH, layout: str = "squeeze") -> list:
     """The recognizer quantized with every config, on ``n_lines`` rendered lines; calibrated
-    on 32 other lines squeezed to ``calib_width`` px (None: each at its natural width, padded
-    to the widest, as the evaluation's batches run)."""
+    on 32 samples of other lines in ``layout`` (ocr.calibration_array) at ``calib_width`` px
+    (None: the "natural" layout, each line at its own width padded to the widest)."""
     model = benchlib.ASSETS / "real" / "PP-OCRv6_rec_small.onnx"
     if not model.is_file():
         return []
     calib = work / "rec_calib.npy"
-    np.save(calib, ocr.calibration_array(32, seed=1001, width=calib_width))
+    if calib_width is None:
+        layout, calib_width = "natural", ocr.MIN_WIDTH
+    np.save(calib, ocr.calibration_array(32, seed=1001, width=calib_width, layout=layout))
     outs, rows = [], []
     for label, cfg in configs:
         out = work / f"rec.{label.replace(' ', '_')}.onnx"
@@ -133,6 +135,10 @@ def parser(doc: str, out: str, lines: int):
     p.add_argument("--rec-calib-width", type=_width, default=ocr.MIN_WIDTH,
                    help="recognizer calibration lines squeezed to this many px, or 'natural' "
                         "(each line at its own width, padded to the widest)")
+    p.add_argument("--rec-calib-layout", choices=ocr.LAYOUTS, default="squeeze",
+                   help="recognizer calibration samples: one line squeezed/padded to the "
+                        "width, one line padded to the widest, or lines packed side by side "
+                        "to fill the width (ocr.calibration_array)")
     p.add_argument("--no-references", action="store_true", help="skip the reference checkpoints")
     return p
 
@@ -144,7 +150,8 @@ def all_rows(args, configs: list) -> list:
         for ref in [] if args.no_references else benchlib.selected_references(args):
             rows += reference_rows(ref, configs, args.limit, Path(tmp))
         if not args.no_recognizer:
-            rows += recognizer_rows(configs, args.lines, Path(tmp), args.rec_calib_width)
+            rows += recognizer_rows(configs, args.lines, Path(tmp), args.rec_calib_width,
+                                    args.rec_calib_layout)
     return rows
 
 
