@@ -90,7 +90,8 @@ def reference_rows(ref: dict, configs: list, limit: int, work: Path) -> list:
 
 
 def recognizer_rows(configs: list, n_lines: int, work: Path,
-                    calib_width: int | None = ocr.MIN_WIDTH, layout: str = "squeeze") -> list:
+                    calib_width: int | None = ocr.MIN_WIDTH, layout: str = "squeeze",
+                    calib_seed: int = 1001) -> list:
     """The recognizer quantized with every config, on ``n_lines`` rendered lines; calibrated
     on 32 samples of other lines in ``layout`` (ocr.calibration_array) at ``calib_width`` px
     (None: the "natural" layout, each line at its own width padded to the widest)."""
@@ -100,7 +101,7 @@ def recognizer_rows(configs: list, n_lines: int, work: Path,
     calib = work / "rec_calib.npy"
     if calib_width is None:
         layout, calib_width = "natural", ocr.MIN_WIDTH
-    np.save(calib, ocr.calibration_array(32, seed=1001, width=calib_width, layout=layout))
+    np.save(calib, ocr.calibration_array(32, calib_seed, calib_width, layout=layout))
     outs, rows = [], []
     for label, cfg in configs:
         out = work / f"rec.{label.replace(' ', '_')}.onnx"
@@ -139,6 +140,8 @@ def parser(doc: str, out: str, lines: int):
                    help="recognizer calibration samples: one line squeezed/padded to the "
                         "width, one line padded to the widest, or lines packed side by side "
                         "to fill the width (ocr.calibration_array)")
+    p.add_argument("--rec-calib-seed", type=int, default=1001,
+                   help="seed of the recognizer's calibration lines (the test lines use 1)")
     p.add_argument("--no-references", action="store_true", help="skip the reference checkpoints")
     return p
 
@@ -151,7 +154,7 @@ def all_rows(args, configs: list) -> list:
             rows += reference_rows(ref, configs, args.limit, Path(tmp))
         if not args.no_recognizer:
             rows += recognizer_rows(configs, args.lines, Path(tmp), args.rec_calib_width,
-                                    args.rec_calib_layout)
+                                    args.rec_calib_layout, args.rec_calib_seed)
     return rows
 
 
