@@ -110,7 +110,7 @@ def test_sdpa_and_head_keeps_the_head_in_float():
 def _linear_head_model():
     """A classifier exported as MatMul + Add (no Gemm): MatMul -> Add -> Softmax -> output."""
     b = g.Builder(3)
-    h = b.relu("act", b.conv("stem", "x", 4, 8, k=3))
+    b.relu("act", b.conv("stem", "x", 4, 8, k=3))
     w, bias = b.randn("fc_w", (8, 10)), b.randn("fc_b", (10,))
     b.node("[pool] pooled = GlobalAveragePool(act_out)")
     b.node("[flatten] flat = Flatten(pooled)")

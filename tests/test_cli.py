@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from onnx import helper
 
 from onnxquant.cli import main
