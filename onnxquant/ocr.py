@@ -205,6 +205,8 @@ def calibration_array(n: int, seed: int, width: int = MIN_WIDTH,
     """
     if layout not in LAYOUTS:
         raise UserError(f"calibration layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    if n < 1 or width < 1:
+        raise UserError(f"calibration lines: {n} samples of {width} px; both must be positive")
     if layout == "packed":
         return _packed(n, seed, width, alphabet)
     lines = [image for image, _ in render_lines(n, seed, alphabet)]

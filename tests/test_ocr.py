@@ -136,6 +136,8 @@ def test_natural_calibration_pads_every_line_to_the_widest():
 def test_unknown_calibration_layout_is_a_user_error():
     with pytest.raises(UserError, match="packed"):
         ocr.calibration_array(2, seed=7, layout="stacked")
+    with pytest.raises(UserError, match="positive"):
+        ocr.calibration_array(2, seed=7, width=0, layout="packed")
 
 
 def test_alphabet_needs_metadata():

@@ -5,11 +5,13 @@
     model (lines decoded identically), file size
 
     python tools/ocr_eval.py [FLOAT.onnx] [--compare Q.onnx ...] [--lines 300] [--seed 1]
-                             [--write-calib calib.npy --calib-lines 32 [--calib-seed S]]
+                             [--write-calib calib.npy --calib-lines 32 [--calib-seed S]
+                              [--calib-layout squeeze|natural|packed] [--calib-width 320]]
 
 FLOAT defaults to ../shared/assets/real/PP-OCRv6_rec_small.onnx beside this checkout.
-``--write-calib`` saves rendered lines (another seed than the test lines) as an N x 3 x 48 x 320
-array for ``onnxquant FLOAT.onnx OUT.onnx --calib calib.npy``; ``--lines 0`` only writes it.
+``--write-calib`` saves rendered lines (another seed than the test lines) as an N x 3 x 48 x W
+array for ``onnxquant FLOAT.onnx OUT.onnx --calib calib.npy`` (layouts: ocr.calibration_array);
+``--lines 0`` only writes it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--write-calib", metavar="OUT.npy", help="write calibration lines here")
     p.add_argument("--calib-lines", type=int, default=32)
     p.add_argument("--calib-seed", type=int, help="default: --seed + 1000")
+    p.add_argument("--calib-layout", choices=ocr.LAYOUTS, default="squeeze",
+                   help="one line per sample squeezed/padded to --calib-width, one line "
+                        "padded to the widest, or lines packed side by side")
+    p.add_argument("--calib-width", type=int, default=ocr.MIN_WIDTH)
     return p.parse_args(argv)
 
 
@@ -48,7 +54,8 @@ def write_calib(args, alphabet) -> None:
     seed = args.seed + 1000 if args.calib_seed is None else args.calib_seed
     if seed == args.seed:
         raise UserError("--calib-seed equals --seed: calibration would see the test lines")
-    array = ocr.calibration_array(args.calib_lines, seed, alphabet=alphabet)
+    array = ocr.calibration_array(args.calib_lines, seed, args.calib_width, alphabet,
+                                  args.calib_layout)
     np.save(args.write_calib, array)
     print(f"wrote {args.write_calib}: {list(array.shape)} float32, seed {seed}")
 
