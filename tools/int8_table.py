@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +92,9 @@ def reference_rows(ref: dict, configs: list, limit: int, work: Path) -> list:
 
 def recognizer_rows(configs: list, n_lines: int, work: Path,
                     calib_width: int | None = ocr.MIN_WIDTH, layout: str = "squeeze",
-                    calib_seed: int = 1001) -> list:
+                    calib_seed: int = 1001, calib_n: int = benchlib.NUM_CALIB) -> list:
     """The recognizer quantized with every config, on ``n_lines`` rendered lines; calibrated
-    on 32 samples of other lines in ``layout`` (ocr.calibration_array) at ``calib_width`` px
+    on ``calib_n`` samples of other lines in ``layout`` (ocr.calibration_array) at ``calib_width`` px
     (None: the "natural" layout, each line at its own width padded to the widest)."""
     model = benchlib.ASSETS / "real" / "PP-OCRv6_rec_small.onnx"
     if not model.is_file():
@@ -101,7 +102,7 @@ def recognizer_rows(configs: list, n_lines: int, work: Path,
     calib = work / "rec_calib.npy"
     if calib_width is None:
         layout, calib_width = "natural", ocr.MIN_WIDTH
-    np.save(calib, ocr.calibration_array(32, calib_seed, calib_width, layout=layout))
+    np.save(calib, ocr.calibration_array(calib_n, calib_seed, calib_width, layout=layout))
     outs, rows = [], []
     for label, cfg in configs:
         out = work / f"rec.{label.replace(' ', '_')}.onnx"
@@ -143,18 +144,22 @@ def parser(doc: str, out: str, lines: int):
     p.add_argument("--rec-calib-seed", type=int, default=1001,
                    help="seed of the recognizer's calibration lines (the test lines use 1)")
     p.add_argument("--no-references", action="store_true", help="skip the reference checkpoints")
+    p.add_argument("--num-calib", type=int, default=benchlib.NUM_CALIB,
+                   help="calibration images (reference checkpoints) and lines (recognizer)")
     return p
 
 
 def all_rows(args, configs: list) -> list:
     """Every reference checkpoint, then the recognizer, with every config."""
     rows = []
+    configs = [(label, replace(cfg, num_calib=args.num_calib)) for label, cfg in configs]
     with tempfile.TemporaryDirectory() as tmp:
         for ref in [] if args.no_references else benchlib.selected_references(args):
             rows += reference_rows(ref, configs, args.limit, Path(tmp))
         if not args.no_recognizer:
             rows += recognizer_rows(configs, args.lines, Path(tmp), args.rec_calib_width,
-                                    args.rec_calib_layout, args.rec_calib_seed)
+                                    args.rec_calib_layout, args.rec_calib_seed,
+                                    args.num_calib)
     return rows
 
 
