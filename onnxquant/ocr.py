@@ -214,7 +214,7 @@ def calibration_array(n: int, seed: int, width: int = MIN_WIDTH,
 
 
 def _packed(n: int, seed: int, width: int, alphabet) -> np.ndarray:
-    count = max(n, 1)
+    count = n
     while True:  # render_lines(k, seed) starts with render_lines(j < k, seed): grow until full
         lines = [image for image, _ in render_lines(count, seed, alphabet)]
         strip = np.concatenate([_own_width(image) for image in lines], axis=-1)

@@ -94,8 +94,8 @@ def recognizer_rows(configs: list, n_lines: int, work: Path,
                     calib_width: int | None = ocr.MIN_WIDTH, layout: str = "squeeze",
                     calib_seed: int = 1001, calib_n: int = benchlib.NUM_CALIB) -> list:
     """The recognizer quantized with every config, on ``n_lines`` rendered lines; calibrated
-    on ``calib_n`` samples of other lines in ``layout`` (ocr.calibration_array) at ``calib_width`` px
-    (None: the "natural" layout, each line at its own width padded to the widest)."""
+    on ``calib_n`` samples of other lines (seed ``calib_seed``) in ``layout``
+    (ocr.calibration_array) at ``calib_width`` px (None: the "natural" layout)."""
     model = benchlib.ASSETS / "real" / "PP-OCRv6_rec_small.onnx"
     if not model.is_file():
         return []
