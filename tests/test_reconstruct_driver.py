@@ -59,7 +59,16 @@ def test_methods_fit_only_the_samples_not_held_out(monkeypatch):
     np.testing.assert_array_equal(seen[0]["x"], fit["x"])
     assert len(held["x"]) == 8
     note = next(n for n in res.plan.notes if n.startswith("reconstruct adaround"))
-    assert "judged on 8 held-out samples (fitted on 24)" in note
+    assert "judged on 8 held-out samples (fitted on 24); only 8 to judge on" in note
+
+
+def test_the_summary_asks_for_more_samples_only_when_few_are_held_out(monkeypatch):
+    _with_method(monkeypatch, _fake_method([]))
+    res = quantize(conv_chain_model(seed=2), calibration(64, seed=1), weight_bits=3,
+                   reconstruct="adaround", num_calib=64)
+    note = next(n for n in res.plan.notes if n.startswith("reconstruct adaround"))
+    assert "judged on 16 held-out samples (fitted on 48);" in note
+    assert "--num-calib" not in note
 
 
 @pytest.mark.parametrize("name, holdout", [("adaround", 0.0), ("gptq", None)])
