@@ -31,7 +31,7 @@ from PIL import Image
 
 from .errors import UserError
 from .evaluate import _Runner
-from .ocr_render import render_lines, render_pages
+from .ocr_render import iter_lines, render_lines, render_pages
 
 Model = Union[str, os.PathLike, onnx.ModelProto]
 HEIGHT = 48
@@ -214,15 +214,14 @@ def calibration_array(n: int, seed: int, width: int = MIN_WIDTH,
 
 
 def _packed(n: int, seed: int, width: int, alphabet) -> np.ndarray:
-    count = n
-    while True:  # render_lines(k, seed) starts with render_lines(j < k, seed): grow until full
-        lines = [image for image, _ in render_lines(count, seed, alphabet)]
-        strip = np.concatenate([_own_width(image) for image in lines], axis=-1)
-        if strip.shape[-1] >= n * width:
+    parts, filled = [], 0
+    for image, _ in iter_lines(seed, alphabet):  # as many lines as fill n samples
+        parts.append(_own_width(image))
+        filled += parts[-1].shape[-1]
+        if filled >= n * width:
             break
-        count *= 2
-    samples = strip[..., :n * width].reshape(3, HEIGHT, n, width)
-    return np.ascontiguousarray(samples.transpose(2, 0, 1, 3))
+    strip = np.concatenate(parts, axis=-1)[..., :n * width]
+    return np.ascontiguousarray(strip.reshape(3, HEIGHT, n, width).transpose(2, 0, 1, 3))
 
 
 def _own_width(image: Image.Image) -> np.ndarray:

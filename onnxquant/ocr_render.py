@@ -15,9 +15,10 @@ pastes such lines onto pages for the text detector.
 from __future__ import annotations
 
 import io
+import itertools
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -192,14 +193,18 @@ def render_line(rng: np.random.Generator, text: str, fonts: Sequence[Path]) -> I
 def render_lines(n: int, seed: int, alphabet: Sequence[str] | None = None
                  ) -> list[tuple[Image.Image, str]]:
     """``n`` (image, text) pairs, identical for identical (n, seed, alphabet, fonts)."""
+    return list(itertools.islice(iter_lines(seed, alphabet), n))
+
+
+def iter_lines(seed: int, alphabet: Sequence[str] | None = None
+               ) -> Iterator[tuple[Image.Image, str]]:
+    """(image, text) pairs without end; the first n are ``render_lines(n, seed, alphabet)``."""
     fonts = font_paths()
     chars = charset(alphabet, fonts)
     rng = np.random.default_rng(seed)
-    lines = []
-    for _ in range(n):
+    while True:
         text = random_text(rng, chars)
-        lines.append((render_line(rng, text, fonts), text))
-    return lines
+        yield render_line(rng, text, fonts), text
 
 
 def render_pages(n: int, seed: int, size: tuple[int, int] = (800, 600),

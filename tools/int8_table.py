@@ -91,17 +91,15 @@ def reference_rows(ref: dict, configs: list, limit: int, work: Path) -> list:
 
 
 def recognizer_rows(configs: list, n_lines: int, work: Path,
-                    calib_width: int | None = ocr.MIN_WIDTH, layout: str = "squeeze",
+                    calib_width: int = ocr.MIN_WIDTH, layout: str = "squeeze",
                     calib_seed: int = 1001, calib_n: int = benchlib.NUM_CALIB) -> list:
     """The recognizer quantized with every config, on ``n_lines`` rendered lines; calibrated
     on ``calib_n`` samples of other lines (seed ``calib_seed``) in ``layout``
-    (ocr.calibration_array) at ``calib_width`` px (None: the "natural" layout)."""
+    (ocr.calibration_array) at ``calib_width`` px."""
     model = benchlib.ASSETS / "real" / "PP-OCRv6_rec_small.onnx"
     if not model.is_file():
         return []
     calib = work / "rec_calib.npy"
-    if calib_width is None:
-        layout, calib_width = "natural", ocr.MIN_WIDTH
     np.save(calib, ocr.calibration_array(calib_n, calib_seed, calib_width, layout=layout))
     outs, rows = [], []
     for label, cfg in configs:
@@ -128,6 +126,13 @@ COLUMNS = [("model", "model", ""), ("recipe", "recipe", ""),
 
 def _width(text: str) -> int | None:
     return None if text == "natural" else int(text)
+
+
+def _rec_layout(args) -> tuple:
+    """(width, layout); ``--rec-calib-width natural`` (older commands) is the natural layout."""
+    if args.rec_calib_width is None:
+        return ocr.MIN_WIDTH, "natural"
+    return args.rec_calib_width, args.rec_calib_layout
 
 
 def parser(doc: str, out: str, lines: int):
@@ -157,9 +162,8 @@ def all_rows(args, configs: list) -> list:
         for ref in [] if args.no_references else benchlib.selected_references(args):
             rows += reference_rows(ref, configs, args.limit, Path(tmp))
         if not args.no_recognizer:
-            rows += recognizer_rows(configs, args.lines, Path(tmp), args.rec_calib_width,
-                                    args.rec_calib_layout, args.rec_calib_seed,
-                                    args.num_calib)
+            rows += recognizer_rows(configs, args.lines, Path(tmp), *_rec_layout(args),
+                                    args.rec_calib_seed, args.num_calib)
     return rows
 
 
