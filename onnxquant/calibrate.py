@@ -36,6 +36,11 @@ def model_input(model: onnx.ModelProto):
     return inputs[0].name, [d.dim_value if d.HasField("dim_value") else None for d in dims]
 
 
+def spatial_dims(shape: list) -> tuple[int | None, int | None]:
+    """(H, W) of an N x C x H x W input; None where free."""
+    return (shape[-2], shape[-1]) if len(shape) == 4 else (None, None)
+
+
 def input_dtype(model: onnx.ModelProto) -> np.dtype:
     """NumPy dtype of the single image input (float32, or uint8/int8 for raw-pixel inputs)."""
     name, _ = model_input(model)
@@ -114,6 +119,28 @@ def batches(source, name: str, shape: list, cfg, preprocess=None, dtype=np.float
     yield from _image_batches(path, shape, cfg, preprocess, size, dtype)
 
 
+def image_paths(folder: Path, cfg) -> list[Path]:
+    """The ``cfg.num_calib`` calibration images of ``folder``, spread over its listing."""
+    from . import images
+
+    if not folder.is_dir():
+        raise UserError(f"{folder}: calibration source must be a folder of images or a .npy file")
+    paths = images.take_evenly(images.list_images(folder), cfg.num_calib)
+    if not paths:
+        raise UserError(f"{folder}: no images found (jpg, png, ...); add ~32 representative images")
+    return paths
+
+
+def image_preprocess(paths: list[Path], shape: list, preprocess=None):
+    """The Preprocess the images of ``paths`` get for a model input of ``shape``: the given
+    one (or the default for that shape), its width filled in from the model or the images."""
+    from . import images
+
+    height, width = spatial_dims(shape)
+    pre = images.for_input(preprocess or images.default_preprocess(height, width), height, width)
+    return images.fit_width(paths, pre)
+
+
 def _image_batches(folder: Path, shape: list, cfg, preprocess, size: int, dtype=np.float32):
     from . import images
 
@@ -121,13 +148,8 @@ def _image_batches(folder: Path, shape: list, cfg, preprocess, size: int, dtype=
         raise UserError(f"{folder}: the model takes {np.dtype(dtype)} input, images are "
                         f"preprocessed to float32; pass --calib FILE.npy with {np.dtype(dtype)} "
                         "samples of the model's input shape")
-    if not folder.is_dir():
-        raise UserError(f"{folder}: calibration source must be a folder of images or a .npy file")
-    paths = images.take_evenly(images.list_images(folder), cfg.num_calib)
-    if not paths:
-        raise UserError(f"{folder}: no images found (jpg, png, ...); add ~32 representative images")
-    pre = preprocess or images.Preprocess(input_size=shape[-1] or 224)
-    for batch in images.iter_batches(paths, pre, size):
+    paths = image_paths(folder, cfg)
+    for batch in images.iter_batches(paths, image_preprocess(paths, shape, preprocess), size):
         yield str(folder), batch
 
 

@@ -21,7 +21,8 @@ from .config import (CALIB_METHODS, INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, RECONST
 from .errors import UserError
 from .model_io import check_output_path, load_model, save_model
 from .report import canonical_line
-from .preprocess_args import add_preprocess_arguments, preprocess_from_args
+from .preprocess_args import (add_preprocess_arguments, guessed_normalization,
+                              preprocess_from_args)
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "reference"
 if not BUNDLED.is_dir():  # installed (not editable): the models package carries it
@@ -117,13 +118,34 @@ def config_from_args(args) -> QuantConfig:
 
 
 def _calibration(args, model):
-    from .calibrate import model_input
+    from .calibrate import model_input, spatial_dims
 
     _, shape = model_input(model)
     source = args.calib
     if source is None:
         source = BUNDLED_CALIB
-    return source, preprocess_from_args(args, shape[-1])[0]
+    return source, preprocess_from_args(args, *spatial_dims(shape))[0]
+
+
+def _calibration_line(args, model, cfg, pre) -> str | None:
+    """What calibration images went through, for the summary; None for a .npy source."""
+    from .calibrate import image_paths, image_preprocess, model_input
+
+    folder = Path(args.calib) if args.calib is not None else BUNDLED_CALIB
+    if not folder.is_dir():
+        return None
+    paths = image_paths(folder, cfg)
+    pre = image_preprocess(paths, model_input(model)[1], pre)
+    return f"{args.calib or 'bundled ImageNet images'}: {len(paths)} images, {pre.describe()}"
+
+
+def _warn_guessed_normalization(args, pre) -> None:
+    """Line models are rarely ImageNet-normalized: say what was assumed, and how to change it."""
+    if pre.resize != "crop" and guessed_normalization(args):
+        print("onnxquant: warning: calibration images were normalized with ImageNet's mean/std "
+              f"in {pre.channel_order.upper()}; give --mean, --std and --channel-order as the "
+              "model was trained (PaddleOCR: --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5 "
+              "--channel-order bgr)", file=sys.stderr)
 
 
 def _mb(n: int) -> str:
@@ -180,6 +202,10 @@ def cmd_quantize(args) -> int:
 
         decisions.write(report, result.plan, _recipe(result.config or cfg))
     print_summary(result, cfg, Path(args.input), dst, time.perf_counter() - start)
+    used = result.plan.calibration_tensors() or cfg.auto or cfg.reconstruct != "none"
+    if used and (line := _calibration_line(args, model, cfg, pre)):
+        print(f"  calibration {line}")
+        _warn_guessed_normalization(args, pre)
     if args.calib is None and result.plan.calibration_tensors():
         print("onnxquant: warning: no --calib given, calibrated on the 32 bundled ImageNet "
               "images; pass --calib DIR with your own images (and their preprocessing) for "

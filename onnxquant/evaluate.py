@@ -237,7 +237,8 @@ def _input_side(path) -> int | None:
 
 def _preprocess_from_args(args) -> tuple[Preprocess, list[int] | None]:
     """Shared preprocessing options, plus ``--class-map`` overriding a reference JSON's."""
-    pre, class_map = preprocess_from_args(args, _input_side(args.model))
+    side = _input_side(args.model)
+    pre, class_map = preprocess_from_args(args, side, side)
     if args.class_map:
         try:
             class_map = [int(c) for c in args.class_map.split(",")]

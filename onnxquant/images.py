@@ -8,18 +8,26 @@ accuracy measured in PyTorch without importing torch:
         -> center crop size x size                        (torchvision CenterCrop rounding)
         -> float32 / 255 -> (x - mean) / std              (ToTensor + Normalize, float32)
 
+Models whose input is not a square image (text-line recognizers: fixed height, free or
+wide width) take ``resize="pad"``, PaddleOCR's ``resize_norm_img``: height kept at
+``input_size``, aspect kept, width capped at ``width``, then zero padding on the right (after
+normalization, as PaddleOCR pads). ``resize="stretch"`` resizes to ``input_size x width``
+whatever the aspect. ``channel_order="bgr"`` feeds BGR (OpenCV-trained models); ``mean`` and
+``std`` are per input channel, in the model's channel order.
+
 Labelled folders come in three layouts (see ``list_labelled``); class indices are always
 ImageNet-1k indices (timm/torchvision order: the sorted wnids).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -32,18 +40,24 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CLASSES_TSV = Path(__file__).resolve().parent / "data" / "imagenet_classes.tsv"
+RESIZE_MODES = ("crop", "pad", "stretch")
+CHANNEL_ORDERS = ("rgb", "bgr")
 _FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Eval preprocessing of one model: square crop of ``input_size`` pixels."""
+    """Eval preprocessing of one model: a square crop of ``input_size`` pixels (``resize``
+    "crop"), or a line ``input_size`` high and ``width`` wide ("pad", "stretch")."""
 
     input_size: int
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "crop"
+    width: int | None = None  # "pad": None = the widest image of the set (see ``fit_width``)
+    channel_order: str = "rgb"
 
     def __post_init__(self):
         if not isinstance(self.input_size, int) or self.input_size <= 0:
@@ -57,10 +71,36 @@ class Preprocess:
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(value) != 3:
-                raise ValueError(f"{name} needs 3 values (R, G, B), got {value!r}")
+                raise ValueError(f"{name} needs 3 values (one per channel), got {value!r}")
             object.__setattr__(self, name, tuple(float(v) for v in value))
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std values must be > 0, got {self.std!r}")
+        self._check_shape()
+
+    def _check_shape(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {list(RESIZE_MODES)}, got {self.resize!r}")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise ValueError(f"channel_order must be one of {list(CHANNEL_ORDERS)}, "
+                             f"got {self.channel_order!r}")
+        if self.width is not None and (not isinstance(self.width, int) or self.width <= 0):
+            raise ValueError(f"width must be a positive int, got {self.width!r}")
+        if self.resize == "crop" and self.width not in (None, self.input_size):
+            raise ValueError(f"resize 'crop' makes {self.input_size}x{self.input_size} squares, "
+                             f"not width {self.width}; use resize 'pad' or 'stretch' for an "
+                             "input that is not square")
+        if self.resize == "stretch" and self.width is None:
+            raise ValueError("resize 'stretch' needs a width")
+
+    def describe(self) -> str:
+        """One line: what an image goes through."""
+        if self.resize == "crop":
+            shape = f"center crop {self.input_size}x{self.input_size} (crop_pct {self.crop_pct:g})"
+        else:
+            shape = f"{self.resize} to {self.input_size}x{self.width or 'widest'}"
+        values = lambda v: "/".join(f"{x:g}" for x in v)  # noqa: E731 - local formatter
+        return (f"{shape}, {self.interpolation}, {self.channel_order.upper()}, "
+                f"mean {values(self.mean)}, std {values(self.std)}")
 
     @property
     def resize_size(self) -> int:
@@ -69,19 +109,23 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "Preprocess":
-        """From a timm data config (``input_size`` as ``[3, H, W]`` or an int)."""
-        size = cfg["input_size"]
+        """From a timm data config (``input_size`` as ``[3, H, W]`` or an int), plus the
+        optional keys ``resize``, ``channel_order`` (and ``width`` with an int size)."""
+        resize = cfg.get("resize", "crop")
+        size, width = cfg["input_size"], cfg.get("width")
         if not isinstance(size, int):
-            if len(size) != 3 or size[1] != size[2]:
-                raise ValueError(f"only square inputs [3, N, N] are supported, got {size!r}")
-            size = int(size[1])
+            if len(size) != 3 or (resize == "crop" and size[1] != size[2]):
+                raise ValueError(f"only square inputs [3, N, N] can be center-cropped, got "
+                                 f"{size!r}; add \"resize\": \"pad\" or \"stretch\"")
+            size, width = int(size[1]), None if resize == "crop" else int(size[2])
         crop_mode = cfg.get("crop_mode") or "center"
         if crop_mode != "center":
             raise ValueError(f"crop_mode {crop_mode!r} is not supported (only 'center')")
         return cls(input_size=size, crop_pct=float(cfg.get("crop_pct") or 0.875),
                    interpolation=cfg.get("interpolation", "bicubic"),
                    mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-                   std=tuple(cfg.get("std", IMAGENET_STD)))
+                   std=tuple(cfg.get("std", IMAGENET_STD)),
+                   resize=resize, width=width, channel_order=cfg.get("channel_order", "rgb"))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "Preprocess":
@@ -107,6 +151,22 @@ class Preprocess:
         return cls.from_dict(timm.data.resolve_data_config({}, model=model))
 
 
+def default_preprocess(height: int | None, width: int | None) -> Preprocess:
+    """Preprocessing for a model input of ``height`` x ``width`` (None: free) when the user
+    gives none: timm's ImageNet eval crop for square (or fully free) inputs; for a fixed
+    height with another or a free width (text-line recognizers) the "pad" resize."""
+    if height is None or height == width:
+        return Preprocess(input_size=width or height or 224)
+    return Preprocess(input_size=height, resize="pad", width=width)
+
+
+def for_input(pre: Preprocess, height: int | None, width: int | None) -> Preprocess:
+    """``pre`` with the model's fixed width filled in where a line resize has none."""
+    if pre.resize != "crop" and pre.width is None and width is not None:
+        return replace(pre, width=width)
+    return pre
+
+
 def _resized_size(width: int, height: int, short: int) -> tuple[int, int]:
     """torchvision's Resize(int): shorter side = short, longer side truncated (int())."""
     if width <= height:
@@ -114,17 +174,27 @@ def _resized_size(width: int, height: int, short: int) -> tuple[int, int]:
     return int(short * width / height), short
 
 
-def load_image(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
-    """One image as float32 CHW, exactly as timm's eval transform computes it."""
+@contextlib.contextmanager
+def _reading(path):
+    """Image.open(path), any failure of PIL's a one-line UserError naming the file."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            yield img
     except Image.DecompressionBombError:
         raise UserError(f"{path}: image header claims more than {Image.MAX_IMAGE_PIXELS * 2} "
                         "pixels (decompression bomb?); remove it or resize it") from None
     except (OSError, ValueError, SyntaxError, MemoryError) as exc:  # PIL raises all of these
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{path}: cannot read image ({first}); remove it or fix the file") from None
+
+
+def _open_rgb(path) -> Image.Image:
+    with _reading(path) as img:
+        return img.convert("RGB")
+
+
+def _center_crop(img: Image.Image, pre: Preprocess) -> Image.Image:
+    """timm's eval resize (shorter side) and torchvision's center crop."""
     size = _resized_size(img.width, img.height, pre.resize_size)
     if size != img.size:  # torchvision returns the image untouched when sizes match
         img = img.resize(size, _FILTERS[pre.interpolation])
@@ -132,11 +202,56 @@ def load_image(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
     # Python's round (half to even), as torchvision's CenterCrop.
     top = int(round((img.height - crop) / 2.0))
     left = int(round((img.width - crop) / 2.0))
-    img = img.crop((left, top, left + crop, top + crop))
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def normalize(img: Image.Image, pre: Preprocess) -> np.ndarray:
+    """float32 CHW in the model's channel order: x / 255, then (x - mean) / std per channel."""
     x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    if pre.channel_order == "bgr":
+        x = x[::-1]
     mean = np.asarray(pre.mean, dtype=np.float32).reshape(3, 1, 1)
     std = np.asarray(pre.std, dtype=np.float32).reshape(3, 1, 1)
     return (x - mean) / std
+
+
+def line_width(img_size: tuple[int, int], height: int) -> int:
+    """Width of an image resized to ``height`` with its aspect kept (PaddleOCR rounds up)."""
+    width, h = img_size
+    return math.ceil(height * width / h)
+
+
+def pad_line(img: Image.Image, pre: Preprocess) -> np.ndarray:
+    """PaddleOCR's ``resize_norm_img``: aspect kept, width capped, right zero padding."""
+    height, width = pre.input_size, pre.width
+    w = min(width, line_width(img.size, height))
+    x = np.zeros((3, height, width), np.float32)
+    x[:, :, :w] = normalize(img.resize((w, height), _FILTERS[pre.interpolation]), pre)
+    return x
+
+
+def load_image(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
+    """One image as float32 CHW; "crop" exactly as timm's eval transform computes it."""
+    img = _open_rgb(path)
+    if pre.resize == "crop":
+        return normalize(_center_crop(img, pre), pre)
+    if pre.width is None:
+        raise ValueError("resize 'pad' needs a width here: call fit_width first")
+    if pre.resize == "stretch":
+        return normalize(img.resize((pre.width, pre.input_size), _FILTERS[pre.interpolation]), pre)
+    return pad_line(img, pre)
+
+
+def fit_width(paths: Sequence, pre: Preprocess) -> Preprocess:
+    """``pre`` with the width of the widest image at its height when "pad" has none (the
+    model's width is free): PaddleOCR pads a batch to its widest line. Reads headers only."""
+    if pre.resize != "pad" or pre.width is not None:
+        return pre
+    widest = 1
+    for path in paths:
+        with _reading(path) as img:
+            widest = max(widest, line_width(img.size, pre.input_size))
+    return replace(pre, width=widest)
 
 
 def iter_batches(paths: Sequence, pre: Preprocess, batch_size: int = 32,

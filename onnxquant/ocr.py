@@ -19,7 +19,6 @@ of the probability maps thresholded at 0.3 on rendered pages, as rapidocr thresh
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from PIL import Image
 
 from .errors import UserError
 from .evaluate import _Runner
+from .images import Preprocess, line_width, pad_line
 from .ocr_render import iter_lines, render_lines, render_pages
 
 Model = Union[str, os.PathLike, onnx.ModelProto]
@@ -84,21 +84,24 @@ def _name(model: Model) -> str:
     return model.graph.name if isinstance(model, onnx.ModelProto) else os.fspath(model)
 
 
+def line_preprocess(width: int | None = None) -> Preprocess:
+    """PaddleOCR's recognizer preprocessing as an ``images.Preprocess`` (``onnxquant --calib``
+    with a folder of line images: ``--resize pad --interpolation bilinear --mean 0.5 0.5 0.5
+    --std 0.5 0.5 0.5 --channel-order bgr``)."""
+    return Preprocess(HEIGHT, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3,
+                      resize="pad", width=width, channel_order="bgr")
+
+
 def preprocess(images: Sequence[Image.Image], width: int | None = None) -> np.ndarray:
     """float32 N x 3 x 48 x W: BGR, aspect kept, (x/255-0.5)/0.5, right zero padding.
 
     W is ``width`` when given (wider lines are squeezed to it, as rapidocr caps them at the
     batch width), else ``48 * max(320/48, widest w/h)``. Resizing is PIL bilinear.
     """
-    ratios = [im.width / im.height for im in images]
     if width is None:
-        width = int(HEIGHT * max(MIN_WIDTH / HEIGHT, *ratios))
-    batch = np.zeros((len(images), 3, HEIGHT, width), np.float32)
-    for i, (im, ratio) in enumerate(zip(images, ratios)):
-        w = min(width, math.ceil(HEIGHT * ratio))
-        rgb = np.asarray(im.convert("RGB").resize((w, HEIGHT), Image.BILINEAR), np.float32)
-        batch[i, :, :, :w] = (rgb[:, :, ::-1].transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
-    return batch
+        width = int(HEIGHT * max(MIN_WIDTH / HEIGHT, *(im.width / im.height for im in images)))
+    pre = line_preprocess(width)
+    return np.stack([pad_line(im.convert("RGB"), pre) for im in images])
 
 
 def ctc_decode(probs: np.ndarray, alphabet: Sequence[str]) -> list[str]:
@@ -226,8 +229,7 @@ def _packed(n: int, seed: int, width: int, alphabet) -> np.ndarray:
 
 def _own_width(image: Image.Image) -> np.ndarray:
     """3 x 48 x w of one line at its own aspect (no padding)."""
-    w = math.ceil(HEIGHT * image.width / image.height)
-    return preprocess([image], w)[0]
+    return preprocess([image], line_width(image.size, HEIGHT))[0]
 
 
 # ---- text detector (DB): agreement of thresholded probability maps ----

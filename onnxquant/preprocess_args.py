@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import UserError
-from .images import Preprocess
+from .images import CHANNEL_ORDERS, RESIZE_MODES, Preprocess, default_preprocess, for_input
 
 
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,14 +22,26 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON with eval_preprocessing (and imagenet_index: the class map "
                              "of a reference checkpoint)")
     source.add_argument("--timm-model", help="take preprocessing from this timm model's config")
-    g.add_argument("--input-size", type=int, help="crop size (default: the model input's H)")
+    g.add_argument("--input-size", type=int,
+                   help="crop size, or the height for --resize pad|stretch (default: the model "
+                        "input's)")
+    g.add_argument("--input-width", type=int,
+                   help="width for --resize pad|stretch (default: the model input's; pad with a "
+                        "free width: the widest calibration image)")
+    g.add_argument("--resize", choices=RESIZE_MODES,
+                   help="crop: timm's ImageNet center crop (square inputs, the default); pad: "
+                        "text lines, height fixed, aspect kept, right zero padding (the default "
+                        "for inputs that are not square); stretch: resize to H x W")
     g.add_argument("--crop-pct", type=float, help="crop fraction (default 0.875)")
     g.add_argument("--interpolation", choices=("bicubic", "bilinear", "nearest"),
                    help="resize filter (default bicubic)")
-    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
-                   help="default ImageNet's")
-    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="default ImageNet's")
-
+    g.add_argument("--channel-order", choices=CHANNEL_ORDERS,
+                   help="channel order the model takes (default rgb; bgr for OpenCV-trained "
+                        "models such as PaddleOCR's)")
+    g.add_argument("--mean", type=float, nargs=3, metavar=("C0", "C1", "C2"),
+                   help="per input channel, in the model's channel order (default ImageNet's)")
+    g.add_argument("--std", type=float, nargs=3, metavar=("C0", "C1", "C2"),
+                   help="per input channel, in the model's channel order (default ImageNet's)")
 
 def _from_json(path: Path) -> tuple[Preprocess, list | None]:
     if not path.is_file():
@@ -42,8 +54,10 @@ def _from_json(path: Path) -> tuple[Preprocess, list | None]:
     return pre, class_map
 
 
-def preprocess_from_args(args, input_size: int | None) -> tuple[Preprocess, list | None]:
-    """(Preprocess, class map from a reference JSON or None); ``input_size``: the model's H."""
+def preprocess_from_args(args, height: int | None,
+                         width: int | None) -> tuple[Preprocess, list | None]:
+    """(Preprocess, class map from a reference JSON or None) for a model input of
+    ``height`` x ``width`` (None: free)."""
     class_map = None
     if args.preprocess_json:
         pre, class_map = _from_json(Path(args.preprocess_json))
@@ -53,11 +67,18 @@ def preprocess_from_args(args, input_size: int | None) -> tuple[Preprocess, list
         except (ImportError, RuntimeError, ValueError) as exc:  # timm: RuntimeError if unknown
             raise UserError(f"--timm-model {args.timm_model}: {exc}") from None
     else:
-        pre = Preprocess(input_size=input_size or 224)
+        pre = default_preprocess(height, width)
     flags = {"input_size": args.input_size, "crop_pct": args.crop_pct,
-             "interpolation": args.interpolation, "mean": args.mean, "std": args.std}
+             "interpolation": args.interpolation, "mean": args.mean, "std": args.std,
+             "resize": args.resize, "width": args.input_width,
+             "channel_order": args.channel_order}
     try:
         pre = replace(pre, **{k: v for k, v in flags.items() if v is not None})
     except ValueError as exc:
         raise UserError(f"preprocessing: {exc}") from None
-    return pre, class_map
+    return for_input(pre, height, width), class_map
+
+
+def guessed_normalization(args) -> bool:
+    """True when nothing says how the model normalizes its input (ImageNet's is assumed)."""
+    return not (args.preprocess_json or args.timm_model or args.mean or args.std)

@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from onnxquant.errors import UserError
-from onnxquant.images import (IMAGENET_MEAN, Preprocess, iter_batches, list_images,
-                              list_labelled, load_image, take_evenly, wnid_to_index)
+from onnxquant.images import (IMAGENET_MEAN, Preprocess, default_preprocess, fit_width,
+                              for_input, iter_batches, list_images, list_labelled, load_image,
+                              take_evenly, wnid_to_index)
 
 PLAIN = dict(mean=(0, 0, 0), std=(1, 1, 1))
 
@@ -183,3 +184,96 @@ def test_iter_batches_keeps_order_and_shapes(tmp_path):
     assert all(b.dtype == np.float32 for b in batches)
     red = np.concatenate(batches)[:, 0, 0, 0] * 255
     np.testing.assert_allclose(red, [0, 40, 80, 120, 160], atol=1e-4)
+
+
+# ---- inputs that are not square: text lines ("pad"), "stretch", BGR ----------------------
+
+LINE = dict(interpolation="bilinear", **PLAIN)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(input_size=8, resize="letterbox"), "resize"),
+    (dict(input_size=8, channel_order="gbr"), "channel_order"),
+    (dict(input_size=8, resize="pad", width=0), "width"),
+    (dict(input_size=8, width=16), "crop"),  # a center crop is square
+    (dict(input_size=8, resize="stretch"), "width"),
+])
+def test_preprocess_rejects_bad_line_shapes(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Preprocess(**kwargs)
+
+
+def test_pad_keeps_the_aspect_and_zero_pads_on_the_right(tmp_path):
+    _noise_image(tmp_path / "a.png", 20, 10)  # at height 8: ceil(8 * 20 / 10) = 16 px
+    x = load_image(tmp_path / "a.png", Preprocess(8, resize="pad", width=24, **LINE))
+    with Image.open(tmp_path / "a.png") as img:
+        resized = np.asarray(img.resize((16, 8), Image.BILINEAR), np.float32)
+    assert x.shape == (3, 8, 24) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[:, :, :16] * 255, resized.transpose(2, 0, 1))
+    assert not x[:, :, 16:].any()
+
+
+def test_pad_squeezes_lines_wider_than_the_width(tmp_path):
+    _noise_image(tmp_path / "a.png", 50, 10)  # 40 px at height 8, squeezed into 24
+    x = load_image(tmp_path / "a.png", Preprocess(8, resize="pad", width=24, **LINE))
+    with Image.open(tmp_path / "a.png") as img:
+        resized = np.asarray(img.resize((24, 8), Image.BILINEAR), np.float32)
+    np.testing.assert_array_equal(x * 255, resized.transpose(2, 0, 1))
+
+
+def test_stretch_ignores_the_aspect(tmp_path):
+    _noise_image(tmp_path / "a.png", 11, 30)
+    x = load_image(tmp_path / "a.png", Preprocess(8, resize="stretch", width=20, **LINE))
+    with Image.open(tmp_path / "a.png") as img:
+        resized = np.asarray(img.resize((20, 8), Image.BILINEAR), np.float32)
+    np.testing.assert_array_equal(x * 255, resized.transpose(2, 0, 1))
+
+
+def test_bgr_reverses_channels_and_normalizes_in_the_model_order(tmp_path):
+    Image.new("RGB", (8, 8), (255, 0, 51)).save(tmp_path / "c.png")
+    pre = Preprocess(8, crop_pct=1.0, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0),
+                     channel_order="bgr")
+    x = load_image(tmp_path / "c.png", pre)
+    expected = (np.array([0.2, 0.0, 1.0], np.float32) - [0.1, 0.2, 0.3]) / [0.5, 0.25, 2.0]
+    np.testing.assert_allclose(x[:, 3, 3], expected, rtol=1e-6)
+
+
+def test_fit_width_is_the_widest_line_at_the_height(tmp_path):
+    for i, (w, h) in enumerate([(20, 10), (33, 10), (7, 14)]):  # 16, ceil(26.4) = 27, 4
+        _noise_image(tmp_path / f"{i}.png", w, h)
+    paths = sorted(tmp_path.glob("*.png"))
+    assert fit_width(paths, Preprocess(8, resize="pad")).width == 27
+    assert fit_width(paths, Preprocess(8, resize="pad", width=5)).width == 5  # given: kept
+    assert fit_width(paths, Preprocess(8)).width is None  # a crop has no width
+
+
+def test_fit_width_names_an_unreadable_file(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="bad.png"):
+        fit_width([tmp_path / "bad.png"], Preprocess(8, resize="pad"))
+
+
+@pytest.mark.parametrize("height, width, expected", [
+    (224, 224, Preprocess(224)),
+    (None, None, Preprocess(224)),
+    (None, 96, Preprocess(96)),
+    (48, None, Preprocess(48, resize="pad")),
+    (48, 320, Preprocess(48, resize="pad", width=320)),
+])
+def test_default_preprocess_pads_inputs_that_are_not_square(height, width, expected):
+    assert default_preprocess(height, width) == expected
+
+
+def test_for_input_fills_in_the_model_width_only_where_missing():
+    assert for_input(Preprocess(8, resize="pad"), 8, 40).width == 40
+    assert for_input(Preprocess(8, resize="pad", width=30), 8, 40).width == 30
+    assert for_input(Preprocess(8, resize="pad"), 8, None).width is None
+    assert for_input(Preprocess(8), 8, 8).width is None
+
+
+def test_preprocess_from_json_with_a_line_resize(tmp_path):
+    path = tmp_path / "rec.json"
+    path.write_text(json.dumps({"input_size": [3, 48, 320], "resize": "pad",
+                                "channel_order": "bgr", "mean": [0.5] * 3, "std": [0.5] * 3}))
+    pre = Preprocess.from_json(path)
+    assert (pre.input_size, pre.width, pre.resize, pre.channel_order) == (48, 320, "pad", "bgr")

@@ -11,7 +11,9 @@
 FLOAT defaults to ../shared/assets/real/PP-OCRv6_rec_small.onnx beside this checkout.
 ``--write-calib`` saves rendered lines (another seed than the test lines) as an N x 3 x 48 x W
 array for ``onnxquant FLOAT.onnx OUT.onnx --calib calib.npy`` (layouts: ocr.calibration_array);
-``--lines 0`` only writes it.
+``--write-calib-images DIR`` saves the same lines as PNG files instead, the way a user's own
+line crops arrive, for ``onnxquant FLOAT.onnx OUT.onnx --calib DIR`` with PaddleOCR's
+preprocessing flags (printed); ``--lines 0`` only writes them.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="seed of the test lines")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--write-calib", metavar="OUT.npy", help="write calibration lines here")
+    p.add_argument("--write-calib-images", metavar="DIR",
+                   help="write the calibration lines as PNG files into this new folder")
     p.add_argument("--calib-lines", type=int, default=32)
     p.add_argument("--calib-seed", type=int, help="default: --seed + 1000")
     p.add_argument("--calib-layout", choices=ocr.LAYOUTS, default="squeeze",
@@ -50,10 +54,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def write_calib(args, alphabet) -> None:
+PADDLE_FLAGS = ("--resize pad --interpolation bilinear --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5 "
+                "--channel-order bgr")
+
+
+def _calib_seed(args) -> int:
     seed = args.seed + 1000 if args.calib_seed is None else args.calib_seed
     if seed == args.seed:
         raise UserError("--calib-seed equals --seed: calibration would see the test lines")
+    return seed
+
+
+def write_calib_images(args, alphabet) -> None:
+    """The calibration lines as they come from a line detector: one PNG per line, own size."""
+    folder = Path(args.write_calib_images)
+    if folder.exists():
+        raise UserError(f"{folder}: already exists; name a new folder for the line images")
+    seed = _calib_seed(args)
+    folder.mkdir(parents=True)
+    for i, (image, _) in enumerate(render_lines(args.calib_lines, seed, alphabet)):
+        image.save(folder / f"line_{i:04d}.png")
+    print(f"wrote {args.calib_lines} lines (seed {seed}) into {folder}; quantize with\n"
+          f"  onnxquant {args.model} OUT.onnx --calib {folder} {PADDLE_FLAGS} "
+          f"--input-width {args.calib_width}")
+
+
+def write_calib(args, alphabet) -> None:
+    seed = _calib_seed(args)
     array = ocr.calibration_array(args.calib_lines, seed, args.calib_width, alphabet,
                                   args.calib_layout)
     np.save(args.write_calib, array)
@@ -88,6 +115,8 @@ def run(args) -> int:
     alphabet = ocr.load_alphabet(args.model)
     if args.write_calib:
         write_calib(args, alphabet)
+    if args.write_calib_images:
+        write_calib_images(args, alphabet)
     if args.lines <= 0:
         return 0
     start = time.perf_counter()
