@@ -27,7 +27,7 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
                         "input's)")
     g.add_argument("--input-width", type=int,
                    help="width for --resize pad|stretch (default: the model input's; pad with a "
-                        "free width: the widest calibration image)")
+                        "free width: the calibration images' median width)")
     g.add_argument("--resize", choices=RESIZE_MODES,
                    help="crop: timm's ImageNet center crop (square inputs, the default); pad: "
                         "text lines, height fixed, aspect kept, right zero padding (the default "

@@ -238,11 +238,12 @@ def test_bgr_reverses_channels_and_normalizes_in_the_model_order(tmp_path):
     np.testing.assert_allclose(x[:, 3, 3], expected, rtol=1e-6)
 
 
-def test_fit_width_is_the_widest_line_at_the_height(tmp_path):
-    for i, (w, h) in enumerate([(20, 10), (33, 10), (7, 14)]):  # 16, ceil(26.4) = 27, 4
+def test_fit_width_is_the_median_line_width_at_the_height(tmp_path):
+    for i, (w, h) in enumerate([(20, 10), (33, 10), (7, 14), (50, 10)]):  # 16, 27, 4, 40
         _noise_image(tmp_path / f"{i}.png", w, h)
     paths = sorted(tmp_path.glob("*.png"))
-    assert fit_width(paths, Preprocess(8, resize="pad")).width == 27
+    assert fit_width(paths, Preprocess(8, resize="pad")).width == 22  # ceil((16 + 27) / 2)
+    assert fit_width(paths[:3], Preprocess(8, resize="pad")).width == 16
     assert fit_width(paths, Preprocess(8, resize="pad", width=5)).width == 5  # given: kept
     assert fit_width(paths, Preprocess(8)).width is None  # a crop has no width
 
