@@ -54,8 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-PADDLE_FLAGS = ("--resize pad --interpolation bilinear --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5 "
-                "--channel-order bgr")
+PADDLE_FLAGS = "--interpolation bilinear --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5 --channel-order bgr"
 
 
 def _calib_seed(args) -> int:
@@ -75,8 +74,7 @@ def write_calib_images(args, alphabet) -> None:
     for i, (image, _) in enumerate(render_lines(args.calib_lines, seed, alphabet)):
         image.save(folder / f"line_{i:04d}.png")
     print(f"wrote {args.calib_lines} lines (seed {seed}) into {folder}; quantize with\n"
-          f"  onnxquant {args.model} OUT.onnx --calib {folder} {PADDLE_FLAGS} "
-          f"--input-width {args.calib_width}")
+          f"  onnxquant {args.model} OUT.onnx --calib {folder} {PADDLE_FLAGS}")
 
 
 def write_calib(args, alphabet) -> None:
