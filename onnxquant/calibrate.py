@@ -36,9 +36,9 @@ def model_input(model: onnx.ModelProto):
     return inputs[0].name, [d.dim_value if d.HasField("dim_value") else None for d in dims]
 
 
-def spatial_dims(shape: list) -> tuple[int | None, int | None]:
-    """(H, W) of an N x C x H x W input; None where free."""
-    return (shape[-2], shape[-1]) if len(shape) == 4 else (None, None)
+def image_dims(shape: list) -> tuple[int | None, int | None, int | None]:
+    """(H, W, C) of an N x C x H x W input; None where free or not an image."""
+    return (shape[2], shape[3], shape[1]) if len(shape) == 4 else (None, None, None)
 
 
 def input_dtype(model: onnx.ModelProto) -> np.dtype:
@@ -136,8 +136,8 @@ def image_preprocess(paths: list[Path], shape: list, preprocess=None):
     one (or the default for that shape), its width filled in from the model or the images."""
     from . import images
 
-    height, width = spatial_dims(shape)
-    pre = images.for_input(preprocess or images.default_preprocess(height, width), height, width)
+    dims = image_dims(shape)
+    pre = images.for_input(preprocess or images.default_preprocess(*dims), *dims)
     return images.fit_width(paths, pre)
 
 

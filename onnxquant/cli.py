@@ -118,13 +118,13 @@ def config_from_args(args) -> QuantConfig:
 
 
 def _calibration(args, model):
-    from .calibrate import model_input, spatial_dims
+    from .calibrate import image_dims, model_input
 
     _, shape = model_input(model)
     source = args.calib
     if source is None:
         source = BUNDLED_CALIB
-    return source, preprocess_from_args(args, *spatial_dims(shape))[0]
+    return source, preprocess_from_args(args, *image_dims(shape))[0]
 
 
 def _calibration_line(args, model, cfg, pre) -> str | None:
@@ -140,12 +140,14 @@ def _calibration_line(args, model, cfg, pre) -> str | None:
 
 
 def _warn_guessed_normalization(args, pre) -> None:
-    """Line models are rarely ImageNet-normalized: say what was assumed, and how to change it."""
-    if pre.resize != "crop" and guessed_normalization(args):
-        print("onnxquant: warning: calibration images were normalized with ImageNet's mean/std "
-              f"in {pre.channel_order.upper()}; give --mean, --std and --channel-order as the "
-              "model was trained (PaddleOCR: --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5 "
-              "--channel-order bgr)", file=sys.stderr)
+    """Line and gray models are rarely ImageNet photos: say what was assumed, and the fix."""
+    from .images import slashed
+
+    if (pre.resize != "crop" or pre.channel_order == "gray") and guessed_normalization(args):
+        print(f"onnxquant: warning: calibration images were normalized with a guessed mean "
+              f"{slashed(pre.mean)} and std {slashed(pre.std)} ({pre.channel_order.upper()}); "
+              "give --mean, --std and --channel-order as the model was trained (PaddleOCR: "
+              "--mean 0.5 0.5 0.5 --std 0.5 0.5 0.5 --channel-order bgr)", file=sys.stderr)
 
 
 def _mb(n: int) -> str:

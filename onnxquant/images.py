@@ -12,8 +12,9 @@ Models whose input is not a square image (text-line recognizers: fixed height, f
 wide width) take ``resize="pad"``, PaddleOCR's ``resize_norm_img``: height kept at
 ``input_size``, aspect kept, width capped at ``width``, then zero padding on the right (after
 normalization, as PaddleOCR pads). ``resize="stretch"`` resizes to ``input_size x width``
-whatever the aspect. ``channel_order="bgr"`` feeds BGR (OpenCV-trained models); ``mean`` and
-``std`` are per input channel, in the model's channel order.
+whatever the aspect. ``channel_order="bgr"`` feeds BGR (OpenCV-trained models), "gray" one
+luma channel (PIL's "L", converted before resizing); ``mean`` and ``std`` have one value per
+input channel, in the model's channel order.
 
 Labelled folders come in three layouts (see ``list_labelled``); class indices are always
 ImageNet-1k indices (timm/torchvision order: the sorted wnids).
@@ -41,8 +42,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CLASSES_TSV = Path(__file__).resolve().parent / "data" / "imagenet_classes.tsv"
 RESIZE_MODES = ("crop", "pad", "stretch")
-CHANNEL_ORDERS = ("rgb", "bgr")
+CHANNEL_ORDERS = ("rgb", "bgr", "gray")
 _FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def slashed(values) -> str:
+    """0.5/0.5/0.5: per-channel values for one line of text."""
+    return "/".join(f"{v:g}" for v in values)
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,8 @@ class Preprocess:
     input_size: int
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     resize: str = "crop"
     width: int | None = None  # "pad": None = the images' median width (see ``fit_width``)
     channel_order: str = "rgb"
@@ -68,14 +74,19 @@ class Preprocess:
         if self.interpolation not in _FILTERS:
             raise ValueError(f"interpolation must be one of {sorted(_FILTERS)}, "
                              f"got {self.interpolation!r}")
+        self._check_shape()
         for name in ("mean", "std"):
             value = getattr(self, name)
-            if len(value) != 3:
-                raise ValueError(f"{name} needs 3 values (one per channel), got {value!r}")
+            if len(value) != self.channels:
+                raise ValueError(f"{name} needs {self.channels} values (one per "
+                                 f"{self.channel_order} channel), got {value!r}")
             object.__setattr__(self, name, tuple(float(v) for v in value))
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std values must be > 0, got {self.std!r}")
-        self._check_shape()
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.channel_order == "gray" else 3
 
     def _check_shape(self):
         if self.resize not in RESIZE_MODES:
@@ -98,9 +109,8 @@ class Preprocess:
             shape = f"center crop {self.input_size}x{self.input_size} (crop_pct {self.crop_pct:g})"
         else:
             shape = f"{self.resize} to {self.input_size}x{self.width or 'median width'}"
-        values = lambda v: "/".join(f"{x:g}" for x in v)  # noqa: E731 - local formatter
         return (f"{shape}, {self.interpolation}, {self.channel_order.upper()}, "
-                f"mean {values(self.mean)}, std {values(self.std)}")
+                f"mean {slashed(self.mean)}, std {slashed(self.std)}")
 
     @property
     def resize_size(self) -> int:
@@ -151,17 +161,29 @@ class Preprocess:
         return cls.from_dict(timm.data.resolve_data_config({}, model=model))
 
 
-def default_preprocess(height: int | None, width: int | None) -> Preprocess:
-    """Preprocessing for a model input of ``height`` x ``width`` (None: free) when the user
-    gives none: timm's ImageNet eval crop for square (or fully free) inputs; for a fixed
-    height with another or a free width (text-line recognizers) the "pad" resize."""
+GRAY_NORMALIZATION = dict(mean=(0.5,), std=(0.5,))  # (x/255 - 0.5)/0.5, CRNN's
+
+
+def default_preprocess(height: int | None, width: int | None, channels: int | None = 3
+                       ) -> Preprocess:
+    """Preprocessing for a model input of ``channels`` x ``height`` x ``width`` (None: free)
+    when the user gives none: timm's ImageNet eval crop for square (or fully free) inputs; for
+    a fixed height with another or a free width (text-line recognizers) the "pad" resize; one
+    channel: gray, (x/255 - 0.5)/0.5."""
+    gray = dict(channel_order="gray", **GRAY_NORMALIZATION) if channels == 1 else {}
     if height is None or height == width:
-        return Preprocess(input_size=width or height or 224)
-    return Preprocess(input_size=height, resize="pad", width=width)
+        return Preprocess(input_size=width or height or 224, **gray)
+    return Preprocess(input_size=height, resize="pad", width=width, **gray)
 
 
-def for_input(pre: Preprocess, height: int | None, width: int | None) -> Preprocess:
-    """``pre`` with the model's fixed width filled in where a line resize has none."""
+def for_input(pre: Preprocess, height: int | None, width: int | None,
+              channels: int | None = None) -> Preprocess:
+    """``pre`` with the model's fixed width filled in where a line resize has none; a
+    channel count the model does not take is the user's to fix."""
+    if channels is not None and channels != pre.channels:
+        hint = "gray" if channels == 1 else "rgb or bgr"
+        raise UserError(f"the model input has {channels} channel(s), the preprocessing makes "
+                        f"{pre.channels} ({pre.channel_order}); pass --channel-order {hint}")
     if pre.resize != "crop" and pre.width is None and width is not None:
         return replace(pre, width=width)
     return pre
@@ -207,11 +229,12 @@ def _center_crop(img: Image.Image, pre: Preprocess) -> Image.Image:
 
 def normalize(img: Image.Image, pre: Preprocess) -> np.ndarray:
     """float32 CHW in the model's channel order: x / 255, then (x - mean) / std per channel."""
-    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    x = np.asarray(img, dtype=np.float32)
+    x = (x[None] if x.ndim == 2 else x.transpose(2, 0, 1)) / np.float32(255.0)
     if pre.channel_order == "bgr":
         x = x[::-1]
-    mean = np.asarray(pre.mean, dtype=np.float32).reshape(3, 1, 1)
-    std = np.asarray(pre.std, dtype=np.float32).reshape(3, 1, 1)
+    mean = np.asarray(pre.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(pre.std, dtype=np.float32).reshape(-1, 1, 1)
     return (x - mean) / std
 
 
@@ -225,7 +248,7 @@ def pad_line(img: Image.Image, pre: Preprocess) -> np.ndarray:
     """PaddleOCR's ``resize_norm_img``: aspect kept, width capped, right zero padding."""
     height, width = pre.input_size, pre.width
     w = min(width, line_width(img.size, height))
-    x = np.zeros((3, height, width), np.float32)
+    x = np.zeros((pre.channels, height, width), np.float32)
     x[:, :, :w] = normalize(img.resize((w, height), _FILTERS[pre.interpolation]), pre)
     return x
 
@@ -233,6 +256,8 @@ def pad_line(img: Image.Image, pre: Preprocess) -> np.ndarray:
 def load_image(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
     """One image as float32 CHW; "crop" exactly as timm's eval transform computes it."""
     img = _open_rgb(path)
+    if pre.channel_order == "gray":
+        img = img.convert("L")
     if pre.resize == "crop":
         return normalize(_center_crop(img, pre), pre)
     if pre.width is None:
@@ -247,9 +272,10 @@ def fit_width(paths: Sequence, pre: Preprocess) -> Preprocess:
     of the images at its height, so half the lines are padded and half squeezed.
 
     On the PP-OCRv6 recognizer at W4A8 with GPTQ (three sets of 32 calibration lines, 300
-    test lines; docs/ocr.md) the median width lost 2.67 / 0.67 / 0.33 points of line accuracy,
-    the widest line (PaddleOCR's rule for one batch, mostly padding) 3.33 / 3.67 / 5.33 and
-    took twice the time, its training width 320 2.00 / 2.00 / 3.67. Reads headers only.
+    test lines; docs/ocr.md) the median width lost 0.33 / 0.67 / 0.33 points of line accuracy
+    (a pixel either way: up to 2.67, this figure's noise), the widest line (PaddleOCR's rule
+    for one batch, mostly padding) 3.33 / 3.67 / 5.33 in twice the time, its training width
+    320 2.00 / 2.00 / 3.67. Reads headers only.
     """
     if pre.resize != "pad" or pre.width is not None:
         return pre

@@ -12,7 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import UserError
-from .images import CHANNEL_ORDERS, RESIZE_MODES, Preprocess, default_preprocess, for_input
+from .images import (CHANNEL_ORDERS, GRAY_NORMALIZATION, IMAGENET_MEAN, IMAGENET_STD,
+                     RESIZE_MODES, Preprocess, default_preprocess, for_input)
 
 
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,12 +37,14 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--interpolation", choices=("bicubic", "bilinear", "nearest"),
                    help="resize filter (default bicubic)")
     g.add_argument("--channel-order", choices=CHANNEL_ORDERS,
-                   help="channel order the model takes (default rgb; bgr for OpenCV-trained "
-                        "models such as PaddleOCR's)")
-    g.add_argument("--mean", type=float, nargs=3, metavar=("C0", "C1", "C2"),
-                   help="per input channel, in the model's channel order (default ImageNet's)")
-    g.add_argument("--std", type=float, nargs=3, metavar=("C0", "C1", "C2"),
-                   help="per input channel, in the model's channel order (default ImageNet's)")
+                   help="channels the model takes (default rgb, gray for a one-channel input; "
+                        "bgr for OpenCV-trained models such as PaddleOCR's)")
+    g.add_argument("--mean", type=float, nargs="+", metavar="V",
+                   help="one per input channel, in the model's channel order (default "
+                        "ImageNet's; 0.5 for gray)")
+    g.add_argument("--std", type=float, nargs="+", metavar="V",
+                   help="one per input channel, in the model's channel order (default "
+                        "ImageNet's; 0.5 for gray)")
 
 def _from_json(path: Path) -> tuple[Preprocess, list | None]:
     if not path.is_file():
@@ -54,10 +57,10 @@ def _from_json(path: Path) -> tuple[Preprocess, list | None]:
     return pre, class_map
 
 
-def preprocess_from_args(args, height: int | None,
-                         width: int | None) -> tuple[Preprocess, list | None]:
+def preprocess_from_args(args, height: int | None, width: int | None,
+                         channels: int | None = None) -> tuple[Preprocess, list | None]:
     """(Preprocess, class map from a reference JSON or None) for a model input of
-    ``height`` x ``width`` (None: free)."""
+    ``channels`` x ``height`` x ``width`` (None: free)."""
     class_map = None
     if args.preprocess_json:
         pre, class_map = _from_json(Path(args.preprocess_json))
@@ -67,16 +70,27 @@ def preprocess_from_args(args, height: int | None,
         except (ImportError, RuntimeError, ValueError) as exc:  # timm: RuntimeError if unknown
             raise UserError(f"--timm-model {args.timm_model}: {exc}") from None
     else:
-        pre = default_preprocess(height, width)
+        pre = default_preprocess(height, width, channels)
     flags = {"input_size": args.input_size, "crop_pct": args.crop_pct,
-             "interpolation": args.interpolation, "mean": args.mean, "std": args.std,
-             "resize": args.resize, "width": args.input_width,
-             "channel_order": args.channel_order}
+             "interpolation": args.interpolation, "resize": args.resize,
+             "width": args.input_width, "channel_order": args.channel_order}
+    flags.update(_normalization(args, pre))
     try:
         pre = replace(pre, **{k: v for k, v in flags.items() if v is not None})
     except ValueError as exc:
         raise UserError(f"preprocessing: {exc}") from None
-    return for_input(pre, height, width), class_map
+    return for_input(pre, height, width, channels), class_map
+
+
+def _normalization(args, pre: Preprocess) -> dict:
+    """--mean/--std; switching between gray and colour without them takes that side's default."""
+    given = {"mean": args.mean, "std": args.std}
+    order = args.channel_order
+    if order is not None and (order == "gray") != (pre.channel_order == "gray"):
+        fallback = GRAY_NORMALIZATION if order == "gray" else {"mean": IMAGENET_MEAN,
+                                                                 "std": IMAGENET_STD}
+        given = {k: v if v is not None else fallback[k] for k, v in given.items()}
+    return given
 
 
 def guessed_normalization(args) -> bool:

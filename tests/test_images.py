@@ -278,3 +278,29 @@ def test_preprocess_from_json_with_a_line_resize(tmp_path):
                                 "channel_order": "bgr", "mean": [0.5] * 3, "std": [0.5] * 3}))
     pre = Preprocess.from_json(path)
     assert (pre.input_size, pre.width, pre.resize, pre.channel_order) == (48, 320, "pad", "bgr")
+
+
+def test_gray_is_luma_before_resizing_with_one_mean_and_std(tmp_path):
+    _noise_image(tmp_path / "a.png", 20, 10)
+    pre = Preprocess(8, resize="pad", width=24, interpolation="bilinear", mean=(0.25,),
+                     std=(0.5,), channel_order="gray")
+    x = load_image(tmp_path / "a.png", pre)
+    with Image.open(tmp_path / "a.png") as img:
+        luma = np.asarray(img.convert("L").resize((16, 8), Image.BILINEAR), np.float32)
+    assert x.shape == (1, 8, 24)
+    np.testing.assert_allclose(x[0, :, :16], (luma / 255 - 0.25) / 0.5, rtol=1e-6, atol=1e-6)
+    assert not x[:, :, 16:].any()
+    with pytest.raises(ValueError, match="mean needs 1 value"):
+        Preprocess(8, channel_order="gray")  # ImageNet's three values do not fit one channel
+
+
+def test_default_preprocess_of_a_one_channel_input_is_gray():
+    assert default_preprocess(32, None, 1) == Preprocess(32, resize="pad", channel_order="gray",
+                                                         mean=(0.5,), std=(0.5,))
+    assert default_preprocess(28, 28, 1).channel_order == "gray"
+
+
+def test_for_input_refuses_a_channel_count_the_model_does_not_take():
+    with pytest.raises(UserError, match="--channel-order gray"):
+        for_input(Preprocess(8), 8, 8, channels=1)
+    assert for_input(Preprocess(8), 8, 8, channels=3) == Preprocess(8)
