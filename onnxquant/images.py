@@ -178,12 +178,13 @@ def default_preprocess(height: int | None, width: int | None, channels: int | No
 
 def for_input(pre: Preprocess, height: int | None, width: int | None,
               channels: int | None = None) -> Preprocess:
-    """``pre`` with the model's fixed width filled in where a line resize has none; a
-    channel count the model does not take is the user's to fix."""
+    """``pre`` with the model's fixed width filled in where a line resize has none; with
+    ``channels`` (images are read), a channel count the model does not take is refused."""
     if channels is not None and channels != pre.channels:
-        hint = "gray" if channels == 1 else "rgb or bgr"
+        fix = {1: "pass --channel-order gray", 3: "pass --channel-order rgb or bgr"}.get(
+            channels, f"images give 1 or 3; pass --calib FILE.npy of N x {channels} x H x W")
         raise UserError(f"the model input has {channels} channel(s), the preprocessing makes "
-                        f"{pre.channels} ({pre.channel_order}); pass --channel-order {hint}")
+                        f"{pre.channels} ({pre.channel_order}); {fix}")
     if pre.resize != "crop" and pre.width is None and width is not None:
         return replace(pre, width=width)
     return pre

@@ -79,7 +79,7 @@ def preprocess_from_args(args, height: int | None, width: int | None,
         pre = replace(pre, **{k: v for k, v in flags.items() if v is not None})
     except ValueError as exc:
         raise UserError(f"preprocessing: {exc}") from None
-    return for_input(pre, height, width, channels), class_map
+    return for_input(pre, height, width), class_map  # channels: checked where images are read
 
 
 def _normalization(args, pre: Preprocess) -> dict:
