@@ -18,6 +18,13 @@ def _model(seed: int = 0) -> onnx.ModelProto:
     return b.build({b.conv("conv_out", b.sdpa("attn", y), 8, 4): "float[N,4,4,4]"})
 
 
+def _rgb_model(seed: int = 0) -> onnx.ModelProto:
+    """``_model`` on a 3-channel input, for calibration from image folders."""
+    b = Builder(seed, channels=3)
+    y = b.conv("conv_in", "x", 3, 8, k=3)
+    return b.build({b.conv("conv_out", b.sdpa("attn", y), 8, 4): "float[N,4,4,4]"})
+
+
 def _save(model, path, external=False):
     onnx.save_model(model, str(path), save_as_external_data=external, size_threshold=0,
                     location=f"{path.name}.data" if external else None)
@@ -99,7 +106,7 @@ def test_output_onto_the_inputs_external_data(tmp_path, capsys):
 
 
 def test_decompression_bomb_in_the_calibration_folder(tmp_path, capsys):
-    src = _save(_model(), tmp_path / "m.onnx")
+    src = _save(_rgb_model(), tmp_path / "m.onnx")
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.new("RGB", (8, 8)).save(folder / "ok.png")
