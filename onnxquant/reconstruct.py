@@ -517,6 +517,17 @@ def _won(check: ModelCheck) -> str:
     return "{} of {}".format(*check.wins())
 
 
+def _why_gptq(check: ModelCheck) -> str:
+    """Why plain GPTQ's codes beat the per-block choice: a higher total, or a lower total led
+    by a few samples (``_kept``)."""
+    ours = f"the per-block choice's model output error ({check.error:.2e})"
+    if check.error >= check.gptq_error:
+        return (f"{ours} is above theirs ({check.gptq_error:.2e}), lower on "
+                f"{_won(check)} samples")
+    return (f"{ours} is below theirs ({check.gptq_error:.2e}) in total but lower on only "
+            f"{_won(check)} samples, not on most")
+
+
 def summary(method: str, results: list, seconds: float, check: ModelCheck | None = None,
             judged_on: str = "the calibration samples") -> str:
     if not results:
@@ -532,9 +543,7 @@ def summary(method: str, results: list, seconds: float, check: ModelCheck | None
     gains = ", ".join(f"{r.name} {r.rtn_error:.1e}->{r.error:.1e}" for r in top)
     kept = Counter(r.kept or method for r in results)
     if check is not None and check.kept_gptq:
-        return (f"reconstruct {method}: plain GPTQ's codes kept: the per-block choice's "
-                f"model output error ({check.error:.2e}) is lower than theirs "
-                f"({check.gptq_error:.2e}) on {_won(check)} samples, not on most "
+        return (f"reconstruct {method}: plain GPTQ's codes kept: {_why_gptq(check)} "
                 f"(round to nearest {check.rtn_error:.2e}); judged on {judged_on}; "
                 f"{seconds:.1f} s")
     return (f"reconstruct {method}: {sum(r.layers for r in results)} layers in "

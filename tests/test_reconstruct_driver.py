@@ -226,9 +226,26 @@ def test_the_model_check_falls_back_to_plain_gptq_when_it_is_closer_to_float():
     assert "plain GPTQ's codes kept" in note
     won, n = check.wins()
     assert n == 32 and won < n // 2  # two steps off loses on most samples
-    assert f"lower than theirs ({check.gptq_error:.2e}) on {won} of 32 samples" in note
+    assert f"is above theirs ({check.gptq_error:.2e}), lower on {won} of 32 samples" in note
     assert sum(check.sample_errors["gptq"]) == pytest.approx(check.gptq_error)
     assert sum(check.sample_errors["chosen"]) == pytest.approx(check.error)
+
+
+@pytest.mark.parametrize("chosen, gptq, why", [
+    ([1.0, 1.0, 1.0, 5.0], [2.0, 2.0, 2.0, 1.0], "is above theirs (7.00e+00), lower on 3 of 4"),
+    ([1.0, 1.0, 3.0, 3.0], [2.0, 2.0, 2.5, 2.5], "is below theirs (9.00e+00) in total but lower "
+                                                 "on only 2 of 4 samples, not on most"),
+])
+def test_the_summary_says_why_plain_gptq_was_kept(chosen, gptq, why):
+    """The two reasons ``_kept`` prefers plain GPTQ: a higher total, or a lower total that
+    only a few samples make."""
+    per_sample = {"chosen": np.array(chosen), "gptq": np.array(gptq),
+                  reconstruct.RTN: np.full(4, 9.0)}
+    assert reconstruct._kept(per_sample) == "gptq"
+    check = reconstruct.ModelCheck(36.0, float(sum(chosen)), True, float(sum(gptq)), True,
+                                   {k: v.tolist() for k, v in per_sample.items()})
+    note = reconstruct.summary("mgrq", [reconstruct.BlockResult("b", 1, 2.0, 1.0)], 1.0, check)
+    assert "plain GPTQ's codes kept" in note and why in note, note
 
 
 @settings(max_examples=80, deadline=None)
