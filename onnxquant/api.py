@@ -5,6 +5,7 @@ load -> passes mark a plan -> calibration fills its statistics -> emit inserts Q
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -15,11 +16,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import emit, functions, opset, targets
+from . import block_runs, emit, functions, opset, targets
 from .calibrate import collect_stats, sample_feed
 from .decide import decide
 from .config import INT8_KINDS, QuantConfig
-from .errors import UserError
+from .errors import UserError, first_line
 from .model_io import PROTOBUF_LIMIT, is_large, load_model
 from .passes import PIPELINE, select_sites
 from .plan import PassContext, Plan
@@ -154,7 +155,24 @@ def _block_strategy_inputs(source, graph, config, calibration, preprocess) -> tu
         "--auto scores candidates"
     limit = config.num_calib if config.reconstruct != "none" else search.SEARCH_SAMPLES
     feed = search.calibration_feed(source, calibration, config, preprocess, limit=limit, why=why)
-    return _canonical(source, graph), feed
+    canonical = _canonical(source, graph)
+    return canonical, feed, block_runs.free_batch(canonical)
+
+
+@contextlib.contextmanager
+def _whole_batches(batch: int | None, flag: str):
+    """A model exported for a fixed batch that bakes it into its ops (a Reshape to [1, ...])
+    cannot run all calibration samples at once: one line saying so, not a traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime and torch raise their own types
+        if batch is None:
+            raise
+        raise UserError(f"{flag} runs blocks on all calibration samples at once; the model "
+                        f"was exported for batch {batch} and fails on more ({first_line(exc)})"
+                        "; export it with a dynamic batch axis") from None
 
 
 def _auto_search(canonical, feed: dict, plan, config, progress) -> None:
@@ -320,14 +338,16 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
         t2 = time.perf_counter()
     decide(graph, plan, config)
     if config.auto or config.reconstruct != "none":
-        canonical, samples = _block_strategy_inputs(source, graph, config, calibration,
-                                                    preprocess)
+        canonical, samples, batch = _block_strategy_inputs(source, graph, config, calibration,
+                                                           preprocess)
     if config.auto:
-        _auto_search(canonical, samples, plan, config, progress)
+        with _whole_batches(batch, "--auto"):
+            _auto_search(canonical, samples, plan, config, progress)
         seconds["auto search"] = time.perf_counter() - t2
         t2 = time.perf_counter()
     if config.reconstruct != "none":
-        _reconstruct(canonical, samples, plan, config, progress)
+        with _whole_batches(batch, f"--reconstruct {config.reconstruct}"):
+            _reconstruct(canonical, samples, plan, config, progress)
         seconds["reconstruct"] = time.perf_counter() - t2
         t2 = time.perf_counter()
     if config.weight_bits <= 4 and config.reconstruct == "none":

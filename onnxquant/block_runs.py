@@ -46,6 +46,28 @@ def with_outputs(model: onnx.ModelProto, names: list) -> onnx.ModelProto:
     return out
 
 
+BATCH = "N"
+
+
+def free_batch(model: onnx.ModelProto) -> int | None:
+    """Make the leading dim of every graph input, output and value_info symbolic, in place,
+    when the graph inputs fix a batch size; returns that size, or None (nothing changed).
+
+    A model exported for batch 1 still runs any batch where its ops do not bake the batch
+    in (Reshape to 0 or -1, Shape-derived shapes): the block strategies run all calibration
+    samples at once and only the graph's declared shapes stand in their way. Relaxing a
+    declared dim never makes a valid run fail."""
+    fixed = {i.type.tensor_type.shape.dim[0].dim_value for i in model.graph.input
+             if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_value}
+    if not fixed:
+        return None
+    for info in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        dims = info.type.tensor_type.shape.dim
+        if dims and dims[0].dim_value:
+            dims[0].dim_param = BATCH  # clears dim_value (a oneof)
+    return fixed.pop()
+
+
 def run(model: onnx.ModelProto, values: dict, outputs: list | None = None) -> dict:
     """Run ``model`` on the boundary ``values`` it needs; returns its outputs by name
     (``outputs``: those only; a graph input asked for is passed through)."""

@@ -153,3 +153,48 @@ def test_argument_errors_take_at_most_two_lines(capsys):
         main(["only_one_argument.onnx"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) <= 2
+
+
+def _batch_one(model: onnx.ModelProto, baked: bool) -> onnx.ModelProto:
+    """``model`` exported for batch 1; ``baked``: its attention Reshapes name the batch (1)
+    where the dynamic export copies it (0)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for info in (*fixed.graph.input, *fixed.graph.output):
+        info.type.tensor_type.shape.dim[0].dim_value = 1
+    if baked:
+        for init in fixed.graph.initializer:
+            if init.name.endswith("_shape"):
+                shape = numpy_helper.to_array(init).copy()
+                shape[0] = 1
+                init.CopyFrom(numpy_helper.from_array(shape, init.name))
+    return fixed
+
+
+def test_batch_one_model_reconstructs_on_all_samples_at_once(tmp_path, capsys):
+    """Block strategies run every calibration sample at once: a batch-1 export whose ops
+    do not bake the batch in gets the codes the dynamic export gets, and keeps batch 1."""
+    calib = _calib(tmp_path, calibration(8))
+    argv = ["--calib", calib, "-q", "--weight-bits", "4", "--reconstruct", "gptq", "--auto"]
+    outs = {}
+    for name, model in {"dynamic": _model(), "one": _batch_one(_model(), baked=False)}.items():
+        src = _save(model, tmp_path / f"{name}.onnx")
+        outs[name] = tmp_path / f"{name}.q.onnx"
+        assert main([str(src), str(outs[name]), *argv]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    weights = [{i.name: numpy_helper.to_array(i) for i in onnx.load(outs[k]).graph.initializer}
+               for k in ("dynamic", "one")]
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        np.testing.assert_array_equal(weights[1][name], value, err_msg=name)
+    dims = onnx.load(outs["one"]).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 1
+
+
+@pytest.mark.parametrize("flag", [["--reconstruct", "gptq"], ["--auto"]])
+def test_batch_baked_into_the_ops_is_one_line(tmp_path, capsys, flag):
+    src = _save(_batch_one(_model(), baked=True), tmp_path / "m.onnx")
+    calib = _calib(tmp_path, calibration(8))
+    _refused(capsys, tmp_path, [str(src), str(tmp_path / "q.onnx"), "--calib", calib, "-q",
+                                "--weight-bits", "4", *flag], flag[0], "batch 1",
+             "dynamic batch axis")
