@@ -245,8 +245,15 @@ def line_width(img_size: tuple[int, int], height: int) -> int:
     return math.ceil(height * width / h)
 
 
+def _in_mode(img: Image.Image, pre: Preprocess) -> Image.Image:
+    """``img`` as luma ("L") for a gray model, else as RGB; converted before any resizing."""
+    mode = "L" if pre.channel_order == "gray" else "RGB"
+    return img if img.mode == mode else img.convert(mode)
+
+
 def pad_line(img: Image.Image, pre: Preprocess) -> np.ndarray:
     """PaddleOCR's ``resize_norm_img``: aspect kept, width capped, right zero padding."""
+    img = _in_mode(img, pre)
     height, width = pre.input_size, pre.width
     w = min(width, line_width(img.size, height))
     x = np.zeros((pre.channels, height, width), np.float32)
@@ -256,9 +263,7 @@ def pad_line(img: Image.Image, pre: Preprocess) -> np.ndarray:
 
 def load_image(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
     """One image as float32 CHW; "crop" exactly as timm's eval transform computes it."""
-    img = _open_rgb(path)
-    if pre.channel_order == "gray":
-        img = img.convert("L")
+    img = _in_mode(_open_rgb(path), pre)
     if pre.resize == "crop":
         return normalize(_center_crop(img, pre), pre)
     if pre.width is None:

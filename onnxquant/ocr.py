@@ -101,7 +101,7 @@ def preprocess(images: Sequence[Image.Image], width: int | None = None) -> np.nd
     if width is None:
         width = int(HEIGHT * max(MIN_WIDTH / HEIGHT, *(im.width / im.height for im in images)))
     pre = line_preprocess(width)
-    return np.stack([pad_line(im.convert("RGB"), pre) for im in images])
+    return np.stack([pad_line(im, pre) for im in images])
 
 
 def ctc_decode(probs: np.ndarray, alphabet: Sequence[str]) -> list[str]:

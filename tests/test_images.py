@@ -4,12 +4,14 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from onnxquant.errors import UserError
 from onnxquant.images import (IMAGENET_MEAN, Preprocess, default_preprocess, fit_width,
                               for_input, iter_batches, list_images, list_labelled, load_image,
-                              take_evenly, wnid_to_index)
+                              pad_line, take_evenly, wnid_to_index)
 
 PLAIN = dict(mean=(0, 0, 0), std=(1, 1, 1))
 
@@ -304,3 +306,19 @@ def test_for_input_refuses_a_channel_count_the_model_does_not_take():
     with pytest.raises(UserError, match="--channel-order gray"):
         for_input(Preprocess(8), 8, 8, channels=1)
     assert for_input(Preprocess(8), 8, 8, channels=3) == Preprocess(8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(w=st.integers(1, 60), h=st.integers(1, 60), height=st.integers(1, 12),
+       width=st.integers(1, 40), gray=st.booleans())
+def test_pad_line_shape_and_padding_for_any_size(w, h, height, width, gray):
+    """Any line: C x height x width; the first min(width, ceil(height * w / h)) columns hold
+    the image (white here: (1 - 0.5) / 0.5 = 1), the rest are zeros."""
+    order, norm = ("gray", (0.5,)) if gray else ("bgr", (0.5,) * 3)
+    pre = Preprocess(height, resize="pad", width=width, mean=norm, std=norm,
+                     channel_order=order)
+    x = pad_line(Image.new("RGB", (w, h), (255, 255, 255)), pre)
+    kept = min(width, -(-height * w // h))
+    assert x.shape == (1 if gray else 3, height, width) and x.dtype == np.float32
+    np.testing.assert_allclose(x[:, :, :kept], 1.0, atol=1e-6)
+    assert not x[:, :, kept:].any()
