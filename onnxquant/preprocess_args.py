@@ -46,6 +46,7 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
                    help="one per input channel, in the model's channel order (default "
                         "ImageNet's; 0.5 for gray)")
 
+
 def _from_json(path: Path) -> tuple[Preprocess, list | None]:
     if not path.is_file():
         raise UserError(f"{path}: no such preprocessing JSON")
