@@ -78,8 +78,9 @@ class Preprocess:
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(value) != self.channels:
-                raise ValueError(f"{name} needs {self.channels} values (one per "
-                                 f"{self.channel_order} channel), got {value!r}")
+                count = "1 value" if self.channels == 1 else f"{self.channels} values"
+                raise ValueError(f"{name} needs {count} (one per {self.channel_order} "
+                                 f"channel), got {value!r}")
             object.__setattr__(self, name, tuple(float(v) for v in value))
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std values must be > 0, got {self.std!r}")
@@ -101,7 +102,7 @@ class Preprocess:
                              f"not width {self.width}; use resize 'pad' or 'stretch' for an "
                              "input that is not square")
         if self.resize == "stretch" and self.width is None:
-            raise ValueError("resize 'stretch' needs a width")
+            raise ValueError("resize 'stretch' needs a width (--input-width)")
 
     def describe(self) -> str:
         """One line: what an image goes through."""
