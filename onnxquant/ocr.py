@@ -139,12 +139,13 @@ def scores(predicted: Sequence[str], truth: Sequence[str]) -> tuple[float, float
 def _decode_all(models, lines, batch_size, alphabet):
     """Every model on each batch; lines sorted by aspect ratio so a batch pads little."""
     runners = [_Runner(m, spinning=len(models) == 1) for m in models]
+    width = _fixed_width(runners)
     order = sorted(range(len(lines)), key=lambda i: lines[i][0].width / lines[i][0].height)
     texts = [[""] * len(lines) for _ in runners]
     seconds = [0.0] * len(runners)
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
-        x = preprocess([lines[i][0] for i in index])
+        x = preprocess([lines[i][0] for i in index], width)
         for k, runner in enumerate(runners):
             began = time.perf_counter()
             probs = runner(x).reshape(len(x), -1, len(alphabet))
@@ -152,6 +153,16 @@ def _decode_all(models, lines, batch_size, alphabet):
             for i, text in zip(index, ctc_decode(probs, alphabet)):
                 texts[k][i] = text
     return [r.name for r in runners], texts, seconds
+
+
+def _fixed_width(runners) -> int | None:
+    """The input width the recognizers fix (lines are then squeezed or padded to it), or None
+    (each batch padded to its widest line); fixed widths that differ are the user's to fix."""
+    widths = {r.input_shape[-1] for r in runners if isinstance(r.input_shape[-1], int)}
+    if len(widths) > 1:
+        raise UserError(f"recognizers fix different input widths {sorted(widths)}; compare "
+                        "models of one input shape")
+    return widths.pop() if widths else None
 
 
 def evaluate_many(models: Sequence[Model], lines: Sequence[tuple[Image.Image, str]],

@@ -196,3 +196,15 @@ def test_detector_preprocess_and_found():
     mask[10:20, 10:40] = True  # map at a tenth of the page's 800 x 600
     assert ocr._found(mask, [(100, 100, 400, 200), (500, 400, 700, 500)], (800, 600)) == [
         True, False]
+
+
+def test_lines_are_fed_at_the_width_a_recognizer_fixes():
+    """A recognizer exported for one width gets every batch at that width; a free width pads
+    each batch to its widest line; two fixed widths cannot share batches."""
+    from types import SimpleNamespace as Runner
+
+    free, fixed = Runner(input_shape=["N", 3, 48, "W"]), Runner(input_shape=[1, 3, 48, 320])
+    assert ocr._fixed_width([free]) is None
+    assert ocr._fixed_width([free, fixed]) == 320
+    with pytest.raises(UserError, match="different input widths"):
+        ocr._fixed_width([fixed, Runner(input_shape=[1, 3, 48, 200])])
