@@ -212,9 +212,10 @@ def _reading(path):
         raise UserError(f"{path}: cannot read image ({first}); remove it or fix the file") from None
 
 
-def _open_rgb(path) -> Image.Image:
+def _open(path, pre: Preprocess) -> Image.Image:
+    """The image at ``path``, decoded and converted to the model's mode (``_mode``)."""
     with _reading(path) as img:
-        return img.convert("RGB")
+        return img.convert(_mode(pre))
 
 
 def _center_crop(img: Image.Image, pre: Preprocess) -> Image.Image:
@@ -246,10 +247,13 @@ def line_width(img_size: tuple[int, int], height: int) -> int:
     return math.ceil(height * width / h)
 
 
+def _mode(pre: Preprocess) -> str:
+    """PIL mode of a model's images: luma ("L") for gray, else RGB; set before resizing."""
+    return "L" if pre.channel_order == "gray" else "RGB"
+
+
 def _in_mode(img: Image.Image, pre: Preprocess) -> Image.Image:
-    """``img`` as luma ("L") for a gray model, else as RGB; converted before any resizing."""
-    mode = "L" if pre.channel_order == "gray" else "RGB"
-    return img if img.mode == mode else img.convert(mode)
+    return img if img.mode == _mode(pre) else img.convert(_mode(pre))
 
 
 def pad_line(img: Image.Image, pre: Preprocess) -> np.ndarray:
@@ -264,7 +268,7 @@ def pad_line(img: Image.Image, pre: Preprocess) -> np.ndarray:
 
 def load_image(path: str | os.PathLike, pre: Preprocess) -> np.ndarray:
     """One image as float32 CHW; "crop" exactly as timm's eval transform computes it."""
-    img = _in_mode(_open_rgb(path), pre)
+    img = _open(path, pre)
     if pre.resize == "crop":
         return normalize(_center_crop(img, pre), pre)
     if pre.width is None:

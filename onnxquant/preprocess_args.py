@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .images import (CHANNEL_ORDERS, GRAY_NORMALIZATION, IMAGENET_MEAN, IMAGENET_STD,
-                     RESIZE_MODES, Preprocess, default_preprocess, for_input)
+                     RESIZE_MODES, Preprocess, default_preprocess)
 
 
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +80,7 @@ def preprocess_from_args(args, height: int | None, width: int | None,
         pre = replace(pre, **{k: v for k, v in flags.items() if v is not None})
     except ValueError as exc:
         raise UserError(f"preprocessing: {exc}") from None
-    return for_input(pre, height, width), class_map  # channels: checked where images are read
+    return pre, class_map  # the model's width and channels: calibrate.image_preprocess
 
 
 def _normalization(args, pre: Preprocess) -> dict:
