@@ -58,6 +58,10 @@ torch.Generator draws batches and QDrop masks); CUDA when available.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+
 import numpy as np
 import torch
 
@@ -89,6 +93,38 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@contextlib.contextmanager
+def _cuda_settings(dev: torch.device):
+    """On CUDA: float32 without TF32 (the driver holds torch to onnxruntime's float block
+    at 1e-3, ``_batchable``, and TF32 convs miss that) and deterministic kernels (the same
+    seed gives the same bytes, as on the CPU). torch's previous settings come back after."""
+    if dev.type != "cuda":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    cudnn.deterministic, cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+
+
+def _on_device(method):
+    """Run ``method(task, ...)`` under ``_cuda_settings`` for ``device()``."""
+    @functools.wraps(method)
+    def run(task, *args, **kwargs):
+        with _cuda_settings(device()):
+            return method(task, *args, **kwargs)
+    return run
+
+
 def beta_at(it: int, iters: int, beta=BETA) -> float | None:
     """None during the warm-up (no regularizer), then beta annealed from beta[0] to beta[1]."""
     start = int(WARMUP * iters)
@@ -115,6 +151,7 @@ def _tensor(x: np.ndarray, dev) -> torch.Tensor:
 
 # ---- adaround: layer by layer ------------------------------------------------------------
 
+@_on_device
 def adaround(task) -> dict:
     """Layer-wise AdaRound, layers in graph order."""
     torch.manual_seed(task.seed)
@@ -283,6 +320,7 @@ def _global_or_none(task, dev):
         return None
 
 
+@_on_device
 def _block(task, method: str, qdrop=False, local_weight=0.0, global_weight=0.0):
     """Block-wise reconstruction (brecq, qdrop, mgrq). With LEARN_STEPS, the uniform step
     of each activation tensor in ``task.learn_steps`` (those the driver can write back:

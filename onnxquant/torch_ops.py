@@ -246,8 +246,8 @@ def _expand(node, ins, _):
 
 def _const_of_shape(node, ins, _):
     value = node.get("value")
-    fill = torch.zeros(1) if value is None else value
-    return fill.reshape(-1)[0].expand(_ints(ins[0])).clone()
+    fill = torch.zeros(1) if value is None else value  # an attribute: made on the CPU
+    return fill.to(ins[0].device).reshape(-1)[0].expand(_ints(ins[0])).clone()
 
 
 def _cast(node, ins, _):
@@ -326,10 +326,10 @@ OPS = {
     "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Concat": lambda n, i, _: torch.cat(
         i, n["axis"]), "Split": _split, "Slice": _slice, "Gather": _gather,
     "Shape": lambda n, i, _: torch.tensor(i[0].shape[n.get("start", 0):n.get("end")],
-                                          dtype=torch.int64),
+                                          dtype=torch.int64, device=i[0].device),
     "Cast": _cast, "ConstantOfShape": _const_of_shape, "Expand": _expand, "CumSum": _cumsum,
     "Range": lambda n, i, _: torch.arange(i[0].item(), i[1].item(), i[2].item(),
-                                          dtype=i[0].dtype),
+                                          dtype=i[0].dtype, device=i[0].device),
     "Pad": _pad, "Resize": _resize, "DepthToSpace": _depth_to_space,
     # what onnxquant's output adds: weight/activation Q/DQ and the inlined log2 function
     "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize, "Log": _unary(torch.log),

@@ -402,3 +402,18 @@ def test_mgrq_runs_each_float_block_on_the_float_inputs_once(monkeypatch):
                    reconstruct_iters=2)
     assert len(res.plan.reconstruction) > 1
     assert max(calls.values()) == 1
+
+
+def _torch_settings() -> tuple:
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    return (cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark,
+            torch.are_deterministic_algorithms_enabled())
+
+
+def test_cuda_settings_turn_off_tf32_and_turn_on_determinism_and_restore_after():
+    before = _torch_settings()
+    with reconstruct_torch._cuda_settings(torch.device("cpu")):
+        assert _torch_settings() == before
+    with reconstruct_torch._cuda_settings(torch.device("cuda")):  # sets flags: no GPU needed
+        assert _torch_settings() == (False, False, True, False, True)
+    assert _torch_settings() == before
