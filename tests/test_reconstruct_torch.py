@@ -378,9 +378,9 @@ def test_mgrq_local_targets_are_the_float_block_layers_on_each_batch(monkeypatch
         assert targets.once is None and idx is not None
         task = targets.task
         ort = reconstruct_torch._float_outputs(task, targets.names)
-        want = Samples(ort, "cpu", ints=task.batch_ints).take(idx)
+        want = Samples(ort, "cpu", ints=task.batch_ints).take(idx.cpu())
         for name in targets.names:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got[name].cpu(), want[name], rtol=1e-4, atol=1e-5)
 
 
 def test_mgrq_runs_each_float_block_on_the_float_inputs_once(monkeypatch):
