@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from . import __version__, api
-from .config import (CALIB_METHODS, INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, RECONSTRUCT_METHODS,
-                     SEARCH_METRICS, SOFTMAX_QUANTIZERS, LOG2_BODIES,
+from .config import (CALIB_METHODS, INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, RECONSTRUCT_DEVICES,
+                     RECONSTRUCT_METHODS, SEARCH_METRICS, SOFTMAX_QUANTIZERS, LOG2_BODIES,
                      TARGET_PARTS, TARGETS, WEIGHT_FORMATS, QuantConfig)
 from .errors import UserError
 from .model_io import check_output_path, load_model, save_model
@@ -95,6 +95,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="F", help="fraction of calibration samples kept out of fitting to "
                    "judge each block's codes (torch methods 0.25, gptq 0: judged on the fitted "
                    "samples)")
+    g.add_argument("--reconstruct-device", choices=RECONSTRUCT_DEVICES,
+                   default=d.reconstruct_device, help="where the torch methods run: auto "
+                   "(CUDA when torch sees a device, default), cpu or cuda")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of reconstruction (0)")
     g.add_argument("--exclude", action="append", default=[], metavar="NODE|PATTERN",
                    help="keep these nodes float (names or fnmatch patterns such as '*attn*'; "

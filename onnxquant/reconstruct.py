@@ -79,6 +79,7 @@ class BlockTask:
     plan: Plan  # the block's sites with their specs (activation Q/DQ, log2 ops)
     seed: int = 0
     iters: int | None = None  # method's iteration budget (None: its default)
+    device: str = "auto"  # where a torch method runs (config.RECONSTRUCT_DEVICES)
     float_inputs: dict = field(default_factory=dict)  # boundary inputs in the float model
     tail: object = None  # () -> (ModelProto of the later blocks, their float inputs,
     #                      name -> the float model's value on the fitted samples): MGRQ
@@ -215,12 +216,23 @@ def _as_layer_sees(layer: Layer, x: np.ndarray) -> np.ndarray:
 def _method(name: str):
     if name == "gptq":
         return run_gptq
+    return _torch(name).METHODS[name]
+
+
+def _torch(name: str):
     try:
         from . import reconstruct_torch
     except ImportError as exc:
         raise UserError(f"--reconstruct {name} needs torch: pip install 'onnxquant[torch]' "
                         f"({exc})") from exc
-    return reconstruct_torch.METHODS[name]
+    return reconstruct_torch
+
+
+def _device(cfg) -> str:
+    """Where the torch method of ``cfg`` runs ("" for gptq), checked before the walk."""
+    if cfg.reconstruct not in TORCH_METHODS:
+        return ""
+    return _torch(cfg.reconstruct).device(cfg.reconstruct_device).type
 
 
 def _layers(block, sites: dict, model: onnx.ModelProto, shared: set) -> list:
@@ -364,11 +376,13 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
                 progress: bool = True, log=None) -> list:
     """Replace the codes of the plan's weight specs by reconstructed ones, in place."""
     start = time.perf_counter()
+    where = _device(cfg)
     original = fits.snapshot(plan)
     plain_gptq = None
     if JUDGE and cfg.reconstruct in TORCH_METHODS:  # the model check's fallback (_model_check)
         _walk_blocks(canonical, plan, dataclasses.replace(
-            cfg, reconstruct="gptq", reconstruct_iters=None, reconstruct_holdout=None), feed,
+            cfg, reconstruct="gptq", reconstruct_iters=None, reconstruct_holdout=None,
+            reconstruct_device="auto"), feed,
             progress, run_gptq)
         plain_gptq = fits.snapshot(plan)
         fits.restore(original)
@@ -378,7 +392,8 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
     plan.reconstruction_check = _model_check(canonical, plan, held or fit, original,
                                              plain_gptq) if JUDGE else None
     plan.notes.append(summary(cfg.reconstruct, results, time.perf_counter() - start,
-                              plan.reconstruction_check, _judged_on(fit, held, cfg.holdout)))
+                              plan.reconstruction_check, _judged_on(fit, held, cfg.holdout),
+                              where))
     if log:
         log.info("reconstruct: %d blocks in %.1f s", len(results), time.perf_counter() - start)
     return results
@@ -443,6 +458,7 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> Block
     nodes = set(block.nodes)
     task = BlockTask(block.name, block.kind, model, walk.q, layers,
                      block_runs.subplan(walk.plan, nodes), cfg.seed, cfg.reconstruct_iters,
+                     cfg.reconstruct_device,
                      walk.f or {}, walk.tail(i) if walk.f is not None else None,
                      lambda info: bar.set_postfix(info, refresh=False),
                      batch_ints=walk.ints, float_outputs=None if walk.f is None else (
@@ -529,13 +545,15 @@ def _why_gptq(check: ModelCheck) -> str:
 
 
 def summary(method: str, results: list, seconds: float, check: ModelCheck | None = None,
-            judged_on: str = "the calibration samples") -> str:
+            judged_on: str = "the calibration samples", where: str = "") -> str:
+    """The summary's note on ``--reconstruct``; ``where``: the torch device it ran on."""
+    took = f"{seconds:.1f} s" + (f" on {where}" if where else "")
     if not results:
         return f"reconstruct {method}: no quantized weights to reconstruct"
     if check is not None and not check.kept:
         return (f"reconstruct {method}: rejected, the model's output error with its codes "
                 f"({check.error:.2e}) is above round-to-nearest's ({check.rtn_error:.2e}) on "
-                f"{judged_on}; weights are rounded to nearest; {seconds:.1f} s")
+                f"{judged_on}; weights are rounded to nearest; {took}")
     improved = sum(r.error < r.rtn_error for r in results)
     ratio = np.exp(np.mean([np.log(max(r.error, 1e-30) / max(r.rtn_error, 1e-30))
                             for r in results]))
@@ -544,8 +562,7 @@ def summary(method: str, results: list, seconds: float, check: ModelCheck | None
     kept = Counter(r.kept or method for r in results)
     if check is not None and check.kept_gptq:
         return (f"reconstruct {method}: plain GPTQ's codes kept: {_why_gptq(check)} "
-                f"(round to nearest {check.rtn_error:.2e}); judged on {judged_on}; "
-                f"{seconds:.1f} s")
+                f"(round to nearest {check.rtn_error:.2e}); judged on {judged_on}; {took}")
     return (f"reconstruct {method}: {sum(r.layers for r in results)} layers in "
             f"{len(results)} blocks, {improved} blocks improved; codes kept per block: "
             + ", ".join(f"{k} {v}" for k, v in kept.most_common())
@@ -556,4 +573,4 @@ def summary(method: str, results: list, seconds: float, check: ModelCheck | None
             + ("" if check is None or check.gptq_error is None else
                f", plain GPTQ's {check.gptq_error:.2e} (the choice's lower on "
                f"{_won(check)} samples)")
-            + f"; judged on {judged_on}; {seconds:.1f} s")
+            + f"; judged on {judged_on}; {took}")

@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from . import block_runs
+from .errors import UserError
 from .fits import Fit
 from .torch_graph import GraphModule
 from .block_runs import rows
@@ -89,8 +90,16 @@ LEARN_STEPS = True  # block methods learn the activation steps they can write ba
 STEP_LR = 1e-3  # Adam on log(step): about 0.1 % per step, 10 % over 100 steps at most
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def device(choice: str = "auto") -> torch.device:
+    """The torch device for ``choice`` (config.RECONSTRUCT_DEVICES): "auto" is CUDA when
+    torch sees a device, else the CPU."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise UserError(f"--reconstruct-device cuda: torch {torch.__version__} ({build}) sees "
+                        "no CUDA device; use --reconstruct-device cpu or auto")
+    return torch.device(choice)
 
 
 @contextlib.contextmanager
@@ -117,10 +126,10 @@ def _cuda_settings(dev: torch.device):
 
 
 def _on_device(method):
-    """Run ``method(task, ...)`` under ``_cuda_settings`` for ``device()``."""
+    """Run ``method(task, ...)`` under ``_cuda_settings`` for the task's device."""
     @functools.wraps(method)
     def run(task, *args, **kwargs):
-        with _cuda_settings(device()):
+        with _cuda_settings(device(task.device)):
             return method(task, *args, **kwargs)
     return run
 
@@ -155,7 +164,7 @@ def _tensor(x: np.ndarray, dev) -> torch.Tensor:
 def adaround(task) -> dict:
     """Layer-wise AdaRound, layers in graph order."""
     torch.manual_seed(task.seed)
-    dev = device()
+    dev = device(task.device)
     gm = GraphModule(task.model).to(dev)
     feed = Samples(task.inputs, dev).take(None)
     gen = torch.Generator(device=dev).manual_seed(task.seed)
@@ -328,7 +337,7 @@ def _block(task, method: str, qdrop=False, local_weight=0.0, global_weight=0.0):
     with the codes; the driver keeps both only if they beat the other candidates on the
     held-out samples."""
     torch.manual_seed(task.seed)
-    dev = device()
+    dev = device(task.device)
     gm = GraphModule(task.model).to(dev)
     floats = _float_outputs(task)
     outputs = [o.name for o in task.model.graph.output

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
+import pytest
 
 from onnxquant.cli import main
 from conftest import BUNDLED
@@ -136,3 +137,14 @@ def test_empty_calibration_folder(tmp_path, capsys):
 def test_bad_option_value(tmp_path, capsys):
     _fails(capsys, [str(MODEL), str(tmp_path / "o.onnx"), "--weight-bits", "12"], "weight_bits")
     _fails(capsys, [str(MODEL), str(tmp_path / "o.onnx"), "--parts", "convs"], "unknown parts")
+
+
+def test_reconstruct_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device here: the error is for machines without one")
+    _fails(capsys, [str(MODEL), str(tmp_path / "o.onnx"), "--reconstruct", "brecq",
+                    "--reconstruct-device", "cuda", "-q"], "--reconstruct-device cuda")
+    _fails(capsys, [str(MODEL), str(tmp_path / "o.onnx"), "--reconstruct", "gptq",
+                    "--reconstruct-device", "cpu"], "reconstruct_device applies to")
+    assert not (tmp_path / "o.onnx").exists()

@@ -20,6 +20,9 @@ from onnxquant.cli import main
     ({"target": "tensorrt", "weight_format": "folded"}, "weight_format"),
     ({"target": "ort", "softmax_bits": 6}, "softmax_bits"),
     ({"target": "paper", "parts": {"conv_block"}, "log2_eps": 2.0**-10}, "log2_eps"),
+    ({"reconstruct": "gptq", "reconstruct_device": "cpu"}, "reconstruct_device"),
+    ({"reconstruct_device": "cuda"}, "reconstruct_device"),
+    ({"reconstruct": "mgrq", "reconstruct_device": "gpu"}, "reconstruct_device"),
 ])
 def test_ignored_options_are_errors(options, word):
     with pytest.raises(ValueError, match=word):
@@ -32,6 +35,8 @@ def test_ignored_options_are_errors(options, word):
     {"target": "tensorrt", "weight_bits": 6, "act_bits": 6, "calib_method": "mse"},
     {"target": "ort", "weight_bits": 4, "ort_int8_kinds": ("dense",)},
     {"target": "paper", "weight_bits": 4, "per_channel": True, "softmax_bits": 4},
+    {"reconstruct": "brecq", "reconstruct_device": "cpu"},
+    {"reconstruct": "gptq", "reconstruct_device": "auto"},
 ])
 def test_applicable_options_are_accepted(options):
     QuantConfig(**options)

@@ -417,3 +417,40 @@ def test_cuda_settings_turn_off_tf32_and_turn_on_determinism_and_restore_after()
     with reconstruct_torch._cuda_settings(torch.device("cuda")):  # sets flags: no GPU needed
         assert _torch_settings() == (False, False, True, False, True)
     assert _torch_settings() == before
+
+
+def test_device_auto_follows_torch_and_cuda_without_a_device_is_one_clear_error(monkeypatch):
+    from onnxquant.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert reconstruct_torch.device().type == reconstruct_torch.device("cpu").type == "cpu"
+    with pytest.raises(UserError, match="--reconstruct-device cuda: torch .* sees no CUDA"):
+        reconstruct_torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert reconstruct_torch.device().type == reconstruct_torch.device("cuda").type == "cuda"
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq"])
+def test_reconstruct_device_reaches_every_method_and_the_summary(monkeypatch, method):
+    """--reconstruct-device cpu is what each block's method asks for its device (not the
+    "auto" default), its roundings are made there, and the summary says where."""
+    asked, made = [], []
+    resolve = reconstruct_torch.device
+
+    def device(choice="auto"):
+        asked.append(choice)
+        return resolve(choice)
+
+    class Recorded(Rounding):
+        def __init__(self, layer, dev, *args, **kwargs):
+            made.append(torch.device(dev).type)
+            super().__init__(layer, dev, *args, **kwargs)
+
+    monkeypatch.setattr(reconstruct_torch, "device", device)
+    monkeypatch.setattr(reconstruct_torch, "Rounding", Recorded)
+    res = quantize(mixed_model(seed=2), calibration(16, seed=1), weight_bits=4,
+                   per_channel=True, weight_symmetric=True, reconstruct=method,
+                   reconstruct_iters=5, reconstruct_device="cpu")
+    assert len(asked) > 2 and set(asked) == {"cpu"}
+    assert made and set(made) == {"cpu"}
+    assert _note(res, method).endswith(" s on cpu")
