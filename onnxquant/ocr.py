@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
@@ -225,6 +226,21 @@ def calibration_array(n: int, seed: int, width: int = MIN_WIDTH,
         return _packed(n, seed, width, alphabet)
     lines = [image for image, _ in render_lines(n, seed, alphabet)]
     return preprocess(lines, width if layout == "squeeze" else None)
+
+
+def write_calibration_images(folder, n: int, seed: int, alphabet=None) -> list:
+    """``n`` rendered lines of ``seed`` as PNG files in ``folder`` (made; it must not exist),
+    each at its own size, as a line detector's crops arrive: a folder for ``--calib`` with
+    ``line_preprocess()``'s flags. Returns the paths."""
+    folder = Path(folder)
+    if folder.exists():
+        raise UserError(f"{folder}: already exists; name a new folder for the line images")
+    folder.mkdir(parents=True)
+    paths = []
+    for i, (image, _) in enumerate(render_lines(n, seed, alphabet)):
+        paths.append(folder / f"line_{i:04d}.png")
+        image.save(paths[-1])
+    return paths
 
 
 def _packed(n: int, seed: int, width: int, alphabet) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import need_shared
-from onnxquant import ocr, ocr_render
+from onnxquant import images, ocr, ocr_render
 from onnxquant.errors import UserError
 from onnxquant.ocr_render import charset, font_paths, render_lines
 
@@ -131,6 +131,22 @@ def test_natural_calibration_pads_every_line_to_the_widest():
     widths = [int(np.ceil(48 * r)) for r in ratios]
     for sample, w in zip(x, widths):
         assert np.all(sample[..., min(w, x.shape[-1]):] == 0)
+
+
+def test_calibration_images_are_the_rendered_lines_as_png(tmp_path):
+    """The folder a user's line crops would make: one lossless PNG per line, own size, in
+    rendering order; read with line_preprocess they are the array the tools used."""
+    paths = ocr.write_calibration_images(tmp_path / "lines", 5, seed=9)
+    lines = [image for image, _ in render_lines(5, seed=9)]
+    assert [p.name for p in paths] == [f"line_{i:04d}.png" for i in range(5)]
+    for path, line in zip(paths, lines):
+        np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")),
+                                      np.asarray(line.convert("RGB")))
+    pre = ocr.line_preprocess(320)
+    read = np.stack([images.pad_line(Image.open(p), pre) for p in paths])
+    np.testing.assert_array_equal(read, ocr.preprocess(lines, 320))
+    with pytest.raises(UserError, match="already exists"):
+        ocr.write_calibration_images(tmp_path / "lines", 5, seed=9)
 
 
 def test_unknown_calibration_layout_is_a_user_error():

@@ -6,7 +6,9 @@ and the real PP-OCR recognizer: accuracy, agreement with float, quantization tim
 
 Reference checkpoints: top-1 on imagenette/val (``--limit`` images spread evenly) with their
 own preprocessing, calibrated on 32 imagenette/train images. Recognizer: line/char accuracy
-on ``--lines`` rendered lines (seed 1), calibrated on 32 other rendered lines (seed 1001).
+on ``--lines`` rendered lines (seed 1), calibrated on 32 other rendered lines (seed 1001),
+written as PNG files and read with PaddleOCR's flags as a user would (``--rec-calib-layout
+folder``, the default since 2026-12-04; the tables before it used lines squeezed to 320 px).
 """
 
 from __future__ import annotations
@@ -94,17 +96,17 @@ def recognizer_rows(configs: list, n_lines: int, work: Path,
                     calib_width: int = ocr.MIN_WIDTH, layout: str = "squeeze",
                     calib_seed: int = 1001, calib_n: int = benchlib.NUM_CALIB) -> list:
     """The recognizer quantized with every config, on ``n_lines`` rendered lines; calibrated
-    on ``calib_n`` samples of other lines (seed ``calib_seed``) in ``layout``
-    (ocr.calibration_array) at ``calib_width`` px."""
+    on ``calib_n`` samples of other lines (seed ``calib_seed``) in ``layout``: "folder" as
+    a user does (line PNGs with PaddleOCR's flags, padded at the lines' median width; not
+    ``calib_width``), else an array (ocr.calibration_array) at ``calib_width`` px."""
     model = benchlib.ASSETS / "real" / "PP-OCRv6_rec_small.onnx"
     if not model.is_file():
         return []
-    calib = work / "rec_calib.npy"
-    np.save(calib, ocr.calibration_array(calib_n, calib_seed, calib_width, layout=layout))
+    calib, pre = _rec_calibration(work, calib_n, calib_seed, calib_width, layout)
     outs, rows = [], []
     for label, cfg in configs:
         out = work / f"rec.{label.replace(' ', '_')}.onnx"
-        seconds = timed_quantize(model, cfg, str(calib), None, out)
+        seconds = timed_quantize(model, cfg, str(calib), pre, out)
         outs.append(out)
         rows.append({"model": "PP-OCRv6_rec_small", "recipe": label, "seconds": seconds,
                      "mb": benchlib.file_mb(out)})
@@ -116,6 +118,17 @@ def recognizer_rows(configs: list, n_lines: int, work: Path,
                    agree=ocr.agreement(base, res))
     return [{"model": "PP-OCRv6_rec_small", "recipe": "float", "acc": base.line_acc,
              "change": 0.0, "agree": 100.0, "seconds": 0.0, "mb": benchlib.file_mb(model)}] + rows
+
+
+def _rec_calibration(work: Path, n: int, seed: int, width: int, layout: str) -> tuple:
+    """(calibration source, Preprocess or None) for the recognizer (recognizer_rows)."""
+    if layout == "folder":
+        folder = work / "rec_lines"
+        ocr.write_calibration_images(folder, n, seed)
+        return folder, ocr.line_preprocess()
+    calib = work / "rec_calib.npy"
+    np.save(calib, ocr.calibration_array(n, seed, width, layout=layout))
+    return calib, None
 
 
 COLUMNS = [("model", "model", ""), ("recipe", "recipe", ""),
@@ -142,10 +155,12 @@ def parser(doc: str, out: str, lines: int):
     p.add_argument("--rec-calib-width", type=_width, default=ocr.MIN_WIDTH,
                    help="recognizer calibration lines squeezed to this many px, or 'natural' "
                         "(each line at its own width, padded to the widest)")
-    p.add_argument("--rec-calib-layout", choices=ocr.LAYOUTS, default="squeeze",
-                   help="recognizer calibration samples: one line squeezed/padded to the "
-                        "width, one line padded to the widest, or lines packed side by side "
-                        "to fill the width (ocr.calibration_array)")
+    p.add_argument("--rec-calib-layout", choices=("folder",) + ocr.LAYOUTS, default="folder",
+                   help="recognizer calibration: a folder of line PNGs with PaddleOCR's flags "
+                        "(what a user runs; the lines' median width, not --rec-calib-width; "
+                        "default since 2026-12-04), or an array of lines squeezed/padded to "
+                        "the width, padded to the widest, or packed side by side to fill the "
+                        "width (ocr.calibration_array)")
     p.add_argument("--rec-calib-seed", type=int, default=1001,
                    help="seed of the recognizer's calibration lines (the test lines use 1)")
     p.add_argument("--no-references", action="store_true", help="skip the reference checkpoints")

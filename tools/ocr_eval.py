@@ -67,12 +67,8 @@ def _calib_seed(args) -> int:
 def write_calib_images(args, alphabet) -> None:
     """The calibration lines as they come from a line detector: one PNG per line, own size."""
     folder = Path(args.write_calib_images)
-    if folder.exists():
-        raise UserError(f"{folder}: already exists; name a new folder for the line images")
     seed = _calib_seed(args)
-    folder.mkdir(parents=True)
-    for i, (image, _) in enumerate(render_lines(args.calib_lines, seed, alphabet)):
-        image.save(folder / f"line_{i:04d}.png")
+    ocr.write_calibration_images(folder, args.calib_lines, seed, alphabet)
     print(f"wrote {args.calib_lines} lines (seed {seed}) into {folder}; quantize with\n"
           f"  onnxquant {args.model} OUT.onnx --calib {folder} {PADDLE_FLAGS}")
 
