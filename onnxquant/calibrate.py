@@ -131,13 +131,17 @@ def image_paths(folder: Path, cfg) -> list[Path]:
     return paths
 
 
-def image_preprocess(paths: list[Path], shape: list, preprocess=None):
-    """The Preprocess the images of ``paths`` get for a model input of ``shape``: the given
-    one (or the default for that shape), its width filled in from the model or the images."""
+def image_preprocess(folder: Path, paths: list[Path], shape: list, preprocess=None):
+    """The Preprocess the images of ``paths`` (listed from ``folder``) get for a model input
+    of ``shape``: the given one (or the default for that shape), its width filled in from
+    the model or the images. A channel count images cannot give names the folder."""
     from . import images
 
     dims = image_dims(shape)
-    pre = images.for_input(preprocess or images.default_preprocess(*dims), *dims)
+    try:
+        pre = images.for_input(preprocess or images.default_preprocess(*dims), *dims)
+    except UserError as exc:
+        raise UserError(f"{folder}: {exc}") from None
     return images.fit_width(paths, pre)
 
 
@@ -149,7 +153,8 @@ def _image_batches(folder: Path, shape: list, cfg, preprocess, size: int, dtype=
                         f"preprocessed to float32; pass --calib FILE.npy with {np.dtype(dtype)} "
                         "samples of the model's input shape")
     paths = image_paths(folder, cfg)
-    for batch in images.iter_batches(paths, image_preprocess(paths, shape, preprocess), size):
+    pre = image_preprocess(folder, paths, shape, preprocess)
+    for batch in images.iter_batches(paths, pre, size):
         yield str(folder), batch
 
 

@@ -138,7 +138,7 @@ def _calibration_line(args, model, cfg, pre) -> str | None:
     if not folder.is_dir():
         return None
     paths = image_paths(folder, cfg)
-    pre = image_preprocess(paths, model_input(model)[1], pre)
+    pre = image_preprocess(folder, paths, model_input(model)[1], pre)
     return f"{args.calib or 'bundled ImageNet images'}: {len(paths)} images, {pre.describe()}"
 
 

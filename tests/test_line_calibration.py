@@ -128,10 +128,10 @@ def test_one_channel_model_calibrates_on_gray_lines(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("channels, flags, words", [
-    (1, ["--channel-order", "rgb"], ["1 channel", "--channel-order gray"]),
-    (3, ["--channel-order", "gray"], ["3 channel", "--channel-order rgb or bgr"]),
+    (1, ["--channel-order", "rgb"], ["lines: ", "1 channel", "--channel-order gray"]),
+    (3, ["--channel-order", "gray"], ["lines: ", "3 channel", "--channel-order rgb or bgr"]),
     (3, ["--mean", "0.5", "0.5"], ["mean needs 3 values"]),
-    (4, [], ["4 channel", "--calib FILE.npy of N x 4 x H x W"]),  # a .npy of 4 works
+    (4, [], ["lines: ", "4 channel", "--calib FILE.npy of N x 4 x H x W"]),  # .npy works
 ])
 def test_channels_the_model_does_not_take_are_one_line(tmp_path, capsys, channels, flags,
                                                        words):
