@@ -380,10 +380,9 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
     original = fits.snapshot(plan)
     plain_gptq = None
     if JUDGE and cfg.reconstruct in TORCH_METHODS:  # the model check's fallback (_model_check)
-        _walk_blocks(canonical, plan, dataclasses.replace(
-            cfg, reconstruct="gptq", reconstruct_iters=None, reconstruct_holdout=None,
-            reconstruct_device="auto"), feed,
-            progress, run_gptq)
+        gptq = dataclasses.replace(cfg, reconstruct="gptq", reconstruct_iters=None,
+                                   reconstruct_holdout=None, reconstruct_device="auto")
+        _walk_blocks(canonical, plan, gptq, feed, progress, run_gptq)
         plain_gptq = fits.snapshot(plan)
         fits.restore(original)
     results, fit, held = _walk_blocks(canonical, plan, cfg, feed, progress,
