@@ -316,6 +316,18 @@ def zoo_cache(name: str, input_size=None, exporter="torchscript", opset=None) ->
     return out
 
 
+def zoo_cache_small(name: str, size: int = 64) -> tuple[Path, int]:
+    """(``zoo_cache`` at ``size`` px where the model exports at it, else at its own size;
+    the size): small exports for crash sweeps and tests. Models with a fixed input size
+    (EfficientFormer v1's position biases) raise at another size."""
+    from .zoo import get
+
+    try:
+        return zoo_cache(name, input_size=size), size
+    except Exception:  # noqa: BLE001 - timm/torch raise many types for a size a model lacks
+        return zoo_cache(name), get(name).input_size
+
+
 def main(argv=None) -> int:
     """CLI: python -m onnxquant.models.export NAME OUT.onnx [options]."""
     parser = argparse.ArgumentParser(prog="python -m onnxquant.models.export",

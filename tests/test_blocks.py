@@ -229,13 +229,9 @@ def test_zoo_blocks_cover_follow_roles_and_chain_exactly(name):
 def _zoo_model(name):
     """A zoo export at 64 px where it runs (else its own size), and that size."""
     pytest.importorskip("timm", reason="timm not installed (pip install onnxquant[torch])")
-    from onnxquant.models import zoo
-    from onnxquant.models.export import zoo_cache
+    from onnxquant.models.export import zoo_cache_small
 
-    try:
-        return zoo_cache(name, input_size=64), 64
-    except Exception:  # noqa: BLE001 - fixed-size models (EfficientFormer v1)
-        return zoo_cache(name), zoo.get(name).input_size
+    return zoo_cache_small(name)
 
 
 @pytest.mark.torch

@@ -23,7 +23,7 @@ from onnxquant import QuantConfig, block_runs
 from onnxquant.config import PARTS
 from onnxquant.errors import UserError
 from onnxquant.models import zoo
-from onnxquant.models.export import zoo_cache
+from onnxquant.models.export import zoo_cache_small
 
 RECIPES = {
     "W4": dict(weight_bits=4),
@@ -40,10 +40,7 @@ RECIPES = {
 
 
 def _export(name: str):
-    try:
-        return zoo_cache(name, input_size=64)
-    except Exception:  # noqa: BLE001 - fixed-size models (EfficientFormer v1)
-        return zoo_cache(name)
+    return zoo_cache_small(name)[0]
 
 
 def _calibration(model: onnx.ModelProto, samples: int) -> np.ndarray:
