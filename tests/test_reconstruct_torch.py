@@ -454,3 +454,17 @@ def test_reconstruct_device_reaches_every_method_and_the_summary(monkeypatch, me
     assert len(asked) > 2 and set(asked) == {"cpu"}
     assert made and set(made) == {"cpu"}
     assert _note(res, method).endswith(" s on cpu")
+
+
+def test_iters_and_seed_reach_the_torch_methods(monkeypatch):
+    seen = []
+    brecq = reconstruct_torch.METHODS["brecq"]
+
+    def spy(task):
+        seen.append((task.iters, task.seed))
+        return brecq(task)
+
+    monkeypatch.setitem(reconstruct_torch.METHODS, "brecq", spy)
+    quantize(mixed_model(seed=2), calibration(16, seed=1), weight_bits=4, per_channel=True,
+             weight_symmetric=True, reconstruct="brecq", reconstruct_iters=3, seed=7)
+    assert seen and set(seen) == {(3, 7)}

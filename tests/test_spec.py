@@ -74,6 +74,17 @@ def test_per_channel_uses_the_output_channel_axis_of_non_square_weights():
     np.testing.assert_array_equal(codes, quantizers.uniform_quantize(w, p))
 
 
+def test_per_tensor_weights_get_one_scale_each():
+    """per_channel=False (--per-tensor): one scale per weight tensor, the codes of a
+    whole-tensor range (the default is per channel, so this catches the option ignored)."""
+    r = quantize(_model(), calibration(), per_channel=False, parts=("conv_block", "bridge"))
+    dq, (codes, scale, _) = _dq_of(r.model, "conv_out")
+    assert scale.size == 1
+    w = _inits(_model())["conv_out_w"]
+    np.testing.assert_array_equal(codes, quantizers.uniform_quantize(
+        w, quantizers.uniform_params(w, 8)))
+
+
 def test_weight_format_folded_writes_cast_sub_mul():
     r = quantize(_model(), calibration(), weight_format="folded")
     ops = [n.op_type for n in r.model.graph.node]

@@ -74,8 +74,7 @@ CONFIG_TESTS = {
     "target": "tests/test_passes.py::test_tensorrt_target_is_symmetric_int8_on_every_conv",
     "weight_bits": "tests/test_spec.py::test_weight_bits_and_scheme_reach_the_codes",
     "weight_symmetric": "tests/test_spec.py::test_weight_bits_and_scheme_reach_the_codes",
-    "per_channel": "tests/test_spec.py::"
-                   "test_per_channel_uses_the_output_channel_axis_of_non_square_weights",
+    "per_channel": "tests/test_spec.py::test_per_tensor_weights_get_one_scale_each",
     "weight_format": "tests/test_spec.py::test_weight_format_folded_writes_cast_sub_mul",
     "softmax_bits": "tests/test_spec.py::test_softmax_bits_and_eps_reach_the_log2_node",
     "log2_eps": "tests/test_spec.py::test_softmax_bits_and_eps_reach_the_log2_node",
@@ -93,6 +92,18 @@ CONFIG_TESTS = {
     "act_bits": "tests/test_mutants.py::test_act_bits_set_the_activation_grid",
     "calib_method": "tests/test_mutants.py::test_calib_method_sets_the_activation_ranges",
     "auto": "tests/test_mutants.py::test_auto_runs_the_per_layer_search",
+    "search_metric": "tests/test_fisher.py::"
+                     "test_fisher_search_is_no_worse_than_rounding_and_differs_from_mse",
+    "weight_block_size": "tests/test_block_weights.py::"
+                         "test_block_wise_linears_dequantize_as_the_reference_in_onnxruntime[4]",
+    "reconstruct": "tests/test_gptq.py::test_emitted_codes_are_the_reconstructed_ones",
+    "reconstruct_iters": "tests/test_reconstruct_torch.py::"
+                         "test_iters_and_seed_reach_the_torch_methods",
+    "reconstruct_holdout": "tests/test_reconstruct_driver.py::"
+                           "test_holdout_zero_fits_and_judges_every_sample[adaround-0.0]",
+    "reconstruct_device": "tests/test_reconstruct_torch.py::"
+                          "test_reconstruct_device_reaches_every_method_and_the_summary[brecq]",
+    "seed": "tests/test_reconstruct_torch.py::test_iters_and_seed_reach_the_torch_methods",
 }
 _IGNORE_PLUGIN = """
 import dataclasses, os
