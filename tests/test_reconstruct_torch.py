@@ -468,3 +468,12 @@ def test_iters_and_seed_reach_the_torch_methods(monkeypatch):
     quantize(mixed_model(seed=2), calibration(16, seed=1), weight_bits=4, per_channel=True,
              weight_symmetric=True, reconstruct="brecq", reconstruct_iters=3, seed=7)
     assert seen and set(seen) == {(3, 7)}
+
+
+def test_shape_is_made_on_its_input_device():
+    """A shape vector meets the device's constants in Concat (Reshape targets): it must be
+    made where its input lives (checked on the meta device here, on CUDA in the gpu tier)."""
+    from onnxquant.torch_ops import OPS
+
+    x = torch.empty(2, 3, 5, device="meta")
+    assert OPS["Shape"]({"start": 1}, [x], 17).device.type == "meta"
