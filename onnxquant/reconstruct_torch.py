@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from . import block_runs
-from .errors import UserError
+from .errors import UserError, first_line
 from .fits import Fit
 from .torch_graph import GraphModule
 from .block_runs import rows
@@ -126,11 +126,17 @@ def _cuda_settings(dev: torch.device):
 
 
 def _on_device(method):
-    """Run ``method(task, ...)`` under ``_cuda_settings`` for the task's device."""
+    """Run ``method(task, ...)`` under ``_cuda_settings`` for the task's device; the GPU
+    running out of memory is the user's one line, with the ways out."""
     @functools.wraps(method)
     def run(task, *args, **kwargs):
         with _cuda_settings(device(task.device)):
-            return method(task, *args, **kwargs)
+            try:
+                return method(task, *args, **kwargs)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise UserError(f"block {task.name}: the GPU ran out of memory "
+                                f"({first_line(exc)}); rerun with --reconstruct-device cpu, "
+                                "or with fewer calibration samples (--num-calib)") from None
     return run
 
 

@@ -477,3 +477,22 @@ def test_shape_is_made_on_its_input_device():
 
     x = torch.empty(2, 3, 5, device="meta")
     assert OPS["Shape"]({"start": 1}, [x], 17).device.type == "meta"
+
+
+def test_the_gpu_out_of_memory_is_one_line_naming_the_block_and_the_ways_out(
+        monkeypatch, tmp_path, capsys):
+    from conftest import ROOT
+    from onnxquant.cli import main
+
+    def full(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+    monkeypatch.setattr(reconstruct_torch, "fit_layer", full)
+    out = tmp_path / "q.onnx"
+    code = main([str(ROOT / BUNDLED), str(out), "--weight-bits", "4", "--reconstruct",
+                 "adaround", "--reconstruct-iters", "1", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err
+    assert "block " in err and "--reconstruct-device cpu" in err and "--num-calib" in err
+    assert not out.exists()
