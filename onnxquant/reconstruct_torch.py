@@ -126,13 +126,15 @@ def _cuda_settings(dev: torch.device):
 
 
 def _on_device(method):
-    """Run ``method(task, ...)`` under ``_cuda_settings`` for the task's device; the GPU
-    running out of memory is the user's one line, with the ways out."""
+    """``run(task, ...)`` calls ``method(task, dev, ...)`` with the task's device resolved
+    once, under ``_cuda_settings``; the GPU running out of memory is the user's one line,
+    with the ways out."""
     @functools.wraps(method)
     def run(task, *args, **kwargs):
-        with _cuda_settings(device(task.device)):
+        dev = device(task.device)
+        with _cuda_settings(dev):
             try:
-                return method(task, *args, **kwargs)
+                return method(task, dev, *args, **kwargs)
             except torch.cuda.OutOfMemoryError as exc:
                 raise UserError(f"block {task.name}: the GPU ran out of memory "
                                 f"({first_line(exc)}); rerun with --reconstruct-device cpu, "
@@ -167,10 +169,9 @@ def _tensor(x: np.ndarray, dev) -> torch.Tensor:
 # ---- adaround: layer by layer ------------------------------------------------------------
 
 @_on_device
-def adaround(task) -> dict:
+def adaround(task, dev) -> dict:
     """Layer-wise AdaRound, layers in graph order."""
     torch.manual_seed(task.seed)
-    dev = device(task.device)
     gm = GraphModule(task.model).to(dev)
     feed = Samples(task.inputs, dev).take(None)
     gen = torch.Generator(device=dev).manual_seed(task.seed)
@@ -336,14 +337,13 @@ def _global_or_none(task, dev):
 
 
 @_on_device
-def _block(task, method: str, qdrop=False, local_weight=0.0, global_weight=0.0):
+def _block(task, dev, method: str, qdrop=False, local_weight=0.0, global_weight=0.0):
     """Block-wise reconstruction (brecq, qdrop, mgrq). With LEARN_STEPS, the uniform step
     of each activation tensor in ``task.learn_steps`` (those the driver can write back:
     quantized inside this block) is learned with the roundings, LSQ-style, and returned
     with the codes; the driver keeps both only if they beat the other candidates on the
     held-out samples."""
     torch.manual_seed(task.seed)
-    dev = device(task.device)
     gm = GraphModule(task.model).to(dev)
     floats = _float_outputs(task)
     outputs = [o.name for o in task.model.graph.output

@@ -28,3 +28,21 @@ def need_shared(*parts) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found: the shared assets are not beside this checkout")
     return path
+
+
+@pytest.fixture
+def rounding_devices(monkeypatch):
+    """The device type every learned rounding of reconstruct_torch was made on (torch tier)."""
+    import torch
+
+    from onnxquant import reconstruct_torch, torch_quant
+
+    seen = []
+
+    class Recorded(torch_quant.Rounding):
+        def __init__(self, layer, device, *args, **kwargs):
+            seen.append(torch.device(device).type)
+            super().__init__(layer, device, *args, **kwargs)
+
+    monkeypatch.setattr(reconstruct_torch, "Rounding", Recorded)
+    return seen

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 
 from graphs import calibration, mixed_model, quantize, sdpa_model  # noqa: E402
-from onnxquant import reconstruct_torch, torch_quant  # noqa: E402
+from onnxquant import reconstruct_torch  # noqa: E402
 from onnxquant.torch_graph import GraphModule  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.gpu,
@@ -69,20 +69,6 @@ def test_executor_on_cuda_gives_the_cpu_values(make):
         assert got[k].device.type == "cuda"
         np.testing.assert_allclose(got[k].cpu().numpy(), w.numpy(), rtol=0,
                                    atol=1e-5 * max(float(w.abs().max()), 1.0))
-
-
-@pytest.fixture
-def rounding_devices(monkeypatch):
-    """The devices every learned rounding was made on."""
-    seen = []
-
-    class Recorded(torch_quant.Rounding):
-        def __init__(self, layer, device, *args, **kwargs):
-            seen.append(torch.device(device).type)
-            super().__init__(layer, device, *args, **kwargs)
-
-    monkeypatch.setattr(reconstruct_torch, "Rounding", Recorded)
-    return seen
 
 
 @pytest.mark.parametrize("method", reconstruct_torch.METHODS)

@@ -431,23 +431,18 @@ def test_device_auto_follows_torch_and_cuda_without_a_device_is_one_clear_error(
 
 
 @pytest.mark.parametrize("method", ["adaround", "brecq"])
-def test_reconstruct_device_reaches_every_method_and_the_summary(monkeypatch, method):
+def test_reconstruct_device_reaches_every_method_and_the_summary(monkeypatch, method,
+                                                                  rounding_devices):
     """--reconstruct-device cpu is what each block's method asks for its device (not the
     "auto" default), its roundings are made there, and the summary says where."""
-    asked, made = [], []
+    asked, made = [], rounding_devices
     resolve = reconstruct_torch.device
 
     def device(choice="auto"):
         asked.append(choice)
         return resolve(choice)
 
-    class Recorded(Rounding):
-        def __init__(self, layer, dev, *args, **kwargs):
-            made.append(torch.device(dev).type)
-            super().__init__(layer, dev, *args, **kwargs)
-
     monkeypatch.setattr(reconstruct_torch, "device", device)
-    monkeypatch.setattr(reconstruct_torch, "Rounding", Recorded)
     res = quantize(mixed_model(seed=2), calibration(16, seed=1), weight_bits=4,
                    per_channel=True, weight_symmetric=True, reconstruct=method,
                    reconstruct_iters=5, reconstruct_device="cpu")
