@@ -246,3 +246,22 @@ def test_codes_worse_than_rounding_for_the_whole_model_are_rejected():
     assert not check.kept and check.error > check.rtn_error
     assert all(site.weight_spec is rounded[n] for n, site in sites.items())
     assert "rejected" in reconstruct.summary("gptq", res.plan.reconstruction, 1.0, check)
+
+
+def test_act_order_keeps_tied_columns_in_their_own_order():
+    """Columns whose H diagonals tie (here two levels, 32 columns each) are visited in their
+    own order: the same codes on every machine, whatever sort NumPy picks for the CPU."""
+    rng = np.random.default_rng(3)
+    cols = 64
+    diag = np.repeat([1.0, 2.0], cols // 2)
+    a = rng.standard_normal((cols, cols)) * 0.05
+    h = (np.diag(diag) + a @ a.T)
+    h[np.diag_indices(cols)] = diag  # exact ties on the diagonal, still positive definite
+    w = rng.standard_normal((1, 5, cols))
+    p = quantizers.uniform_params(w.reshape(-1, cols), 4, symmetric=True, axis=0)
+    scale, zero = p.scale.astype(np.float64).reshape(1, 5), np.zeros((1, 5))
+    codes = gptq.gptq(w, h[None], scale, zero, p.qmin, p.qmax, act_order=True)
+    order = np.concatenate([np.arange(32, 64), np.arange(32)])  # larger diagonal first, stable
+    by_hand = gptq.gptq(w[:, :, order], h[order][:, order][None], scale, zero, p.qmin, p.qmax,
+                        act_order=False)
+    np.testing.assert_array_equal(codes[:, :, order], by_hand)

@@ -6,9 +6,10 @@ them), and which learned activation steps can be written back (fits.learnable_st
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from onnx import numpy_helper
 
-from graphs import calibration, conv_chain_model, mixed_model, quantize, run_ort
-from onnxquant import QuantConfig, block_runs, fits, reconstruct
+from graphs import calibration, conv_chain_model, mixed_model, quantize, run_ort, sdpa_model
+from onnxquant import QuantConfig, block_runs, fits, quantizers, reconstruct
 from onnxquant.config import HOLDOUT_DEFAULTS
 
 
@@ -307,12 +308,13 @@ def test_sample_errors_are_each_samples_share_of_the_relative_error(n, k, seed):
     """Per-sample shares add up to relative_error; sample i's share moves only with its own
     rows (n x k rows, sample-major); a tensor without a sample axis is split evenly."""
     rng = np.random.default_rng(seed)
-    want = {"y": rng.standard_normal((n * k, 4)), "s": np.asarray(rng.standard_normal())}
+    want = {"y": rng.standard_normal((n * k, 4)), "z": rng.standard_normal((n, 2)),
+            "s": np.asarray(rng.standard_normal())}
     got = {key: v + rng.standard_normal(v.shape) for key, v in want.items()}
     shares = block_runs.sample_errors(got, want, n)
     assert shares.shape == (n,)
     assert shares.sum() == pytest.approx(block_runs.relative_error(got, want), rel=1e-9)
-    moved = {"y": got["y"].copy(), "s": got["s"]}
+    moved = dict(got, y=got["y"].copy())
     moved["y"][(n - 1) * k:] += 10.0  # the last sample's rows only
     after = block_runs.sample_errors(moved, want, n)
     np.testing.assert_allclose(after[:-1], shares[:-1], rtol=1e-12)
@@ -398,11 +400,12 @@ def test_batch_ints_is_empty_for_a_model_that_runs_at_one_batch_only():
     assert block_runs.batch_ints(model, {"x": x}, blocks.value_types(model)) == {}
 
 
-@pytest.mark.parametrize("name", ["adaround", "mgrq"])
-def test_the_model_check_weighs_plain_gptq(monkeypatch, name):
+@pytest.mark.parametrize("name, holdout", [("adaround", None), ("mgrq", 0.25)])
+def test_the_model_check_weighs_plain_gptq(monkeypatch, name, holdout):
     """The fallback the torch methods' model check weighs is ``--reconstruct gptq``'s own
-    codes (its walk, all samples), not each block's GPTQ candidate: those are fitted on
-    inputs that the method's earlier choices (here rounding, shift 0) produce."""
+    codes (its walk, all samples, whatever share the method holds out), not each block's
+    GPTQ candidate: those are fitted on inputs that the method's earlier choices (here
+    rounding, shift 0) produce."""
     model, calib = mixed_model(seed=2), calibration(32, seed=1)
     plain = quantize(model, calib, weight_bits=3, per_channel=True, reconstruct="gptq")
     assert not plain.plan.reconstruction_check.kept_gptq  # gptq has no such candidate
@@ -418,7 +421,8 @@ def test_the_model_check_weighs_plain_gptq(monkeypatch, name):
 
     monkeypatch.setattr(reconstruct, "_model_check", spy)
     _with_method(monkeypatch, _fake_method([], 0))
-    res = quantize(model, calib, weight_bits=3, per_channel=True, reconstruct=name)
+    res = quantize(model, calib, weight_bits=3, per_channel=True, reconstruct=name,
+                   reconstruct_holdout=holdout)
     assert set(weighed[0]) == set(want)
     for node, codes in want.items():
         if codes is None:
@@ -495,3 +499,225 @@ def test_without_the_judge_every_block_keeps_the_methods_codes(monkeypatch):
     assert raw.plan.reconstruction_check is None
     feed = {"x": calib[:4]}
     assert np.abs(run_ort(raw.model, feed)[0] - run_ort(judged.model, feed)[0]).max() > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 40))
+def test_chunks_cover_every_layer_once_in_order(n):
+    """Small blocks: one layer per run; larger: at most RUNS_PER_BLOCK runs."""
+    layers = list(range(n))
+    chunks = reconstruct._chunks(layers)
+    assert [layer for chunk in chunks for layer in chunk] == layers
+    if n <= reconstruct.SEQUENTIAL_LAYERS:
+        assert all(len(c) == 1 for c in chunks)
+    else:
+        assert len(chunks) <= reconstruct.RUNS_PER_BLOCK
+
+
+def test_layers_reading_one_tensor_share_one_block_run(monkeypatch):
+    """Q, K and V read the same tokens: rounding one cannot change what the next sees, so
+    their Hessians come from one run of the block, not three."""
+    runs = []
+    run = block_runs.run
+
+    def counting(m, values, outputs=None):
+        runs.append(outputs)
+        return run(m, values, outputs)
+
+    monkeypatch.setattr(block_runs, "run", counting)
+    res = quantize(sdpa_model(), calibration(8), weight_bits=4, reconstruct="gptq",
+                   target="tensorrt")
+    assert {r.name: r.layers for r in res.plan.reconstruction}["transformer_1"] == 3
+    assert runs.count(["attn_t"]) == 1
+
+
+def _recording_method(tasks: list):
+    """Records (task, each layer's min-max grid)."""
+    def method(task):
+        tasks.append((task, [quantizers.uniform_params(
+            l.weight, l.site.weight_spec.bits, symmetric=l.params.qmin < 0, axis=0)
+            for l in task.layers]))
+        return _fake_method([])(task)
+    return method
+
+
+def test_each_method_is_told_its_block_and_the_clipped_grid_at_4_bits(monkeypatch):
+    """The task names the block it is for (progress, error messages) and its kind; at 4
+    bits or fewer the layers' grids are MSE-clipped (an outlier no longer stretches every
+    step), at 5 bits they are the plain range."""
+    model = conv_chain_model(seed=2)
+    for t in model.graph.initializer:
+        if t.dims and len(t.dims) == 4:
+            w = numpy_helper.to_array(t).copy()
+            w.flat[0] = 8 * np.abs(w).max()  # one outlier in channel 0
+            t.CopyFrom(numpy_helper.from_array(w, t.name))
+            break
+    for bits, clipped in [(reconstruct.CLIP_BITS, True), (reconstruct.CLIP_BITS + 1, False)]:
+        tasks = []
+        _with_method(monkeypatch, _recording_method(tasks))
+        res = quantize(model, calibration(16, seed=1), weight_bits=bits, reconstruct="adaround")
+        blocks = {b.name: b.kind for b in res.plan.blocks}
+        assert [t.name for t, _ in tasks] == [r.name for r in res.plan.reconstruction]
+        assert all(t.kind == blocks[t.name] for t, _ in tasks)
+        layer, plain = tasks[0][0].layers[0], tasks[0][1][0]
+        smaller = np.asarray(layer.params.scale) < np.asarray(plain.scale)
+        assert smaller.any() == clipped
+        assert np.all(np.asarray(layer.params.scale) <= np.asarray(plain.scale))
+
+
+def test_judged_on_says_how_many_samples_judged():
+    fit = {"x": np.zeros((24, 3))}
+    assert reconstruct._judged_on(fit, None, 0.0) == "the 24 fitted samples"
+    assert reconstruct._judged_on(fit, None, 0.25) == \
+        "the 24 fitted samples (too few to hold any out)"
+    assert reconstruct._judged_on(fit, {"x": np.zeros((8, 3))}, 0.25) == (
+        "8 held-out samples (fitted on 24); only 8 to judge on: more calibration samples "
+        "(--num-calib) make each block's choice surer")
+    assert reconstruct._judged_on(fit, {"x": np.zeros((16, 3))}, 0.25) == \
+        "16 held-out samples (fitted on 24)"
+
+
+def _result(name, rtn, error, kept):
+    return reconstruct.BlockResult(name, 2, rtn, error, kept)
+
+
+def test_summary_counts_the_codes_each_block_kept():
+    results = [_result("a", 1e-2, 5e-3, "gptq"), _result("b", 1e-2, 1e-2, reconstruct.RTN),
+               _result("c", 2e-2, 1e-3, "gptq"), _result("d", 1e-2, 9e-3, "")]
+    check = reconstruct.ModelCheck(3e-2, 1e-2, True)
+    note = reconstruct.summary("brecq", results, 12.34, check, "the 32 fitted samples", "cpu")
+    assert note.startswith("reconstruct brecq: 8 layers in 4 blocks, 3 blocks improved; codes "
+                           "kept per block: gptq 2, round to nearest 1, brecq 1; ")
+    assert "largest gains c 2.0e-02->1.0e-03, a 1.0e-02->5.0e-03, d 1.0e-02->9.0e-03" in note
+    assert note.endswith("; model output error 3.00e-02 -> 1.00e-02; judged on the 32 fitted "
+                         "samples; 12.3 s on cpu")
+
+
+def test_why_plain_gptq_names_both_errors_when_the_choice_is_above():
+    check = reconstruct.ModelCheck(4e-2, 3e-2, True, 2e-2, True,
+                                   {"chosen": [2.0, 1.0, 0.0], "gptq": [1.0, 1.5, 0.5]})
+    assert reconstruct._why_gptq(check) == (
+        "the per-block choice's model output error (3.00e-02) is above theirs (2.00e-02), "
+        "lower on 2 of 3 samples")
+
+
+def test_the_reconstruct_note_gives_the_time_it_took(monkeypatch):
+    import re
+    import time
+
+    _with_method(monkeypatch, _fake_method([]))
+    start = time.perf_counter()
+    res = quantize(conv_chain_model(seed=2), calibration(16, seed=1), weight_bits=4,
+                   reconstruct="adaround")
+    took = time.perf_counter() - start
+    note = next(n for n in res.plan.notes if n.startswith("reconstruct adaround"))
+    seconds = float(re.search(r"; ([0-9.]+) s on \w+$", note).group(1))
+    assert 0 < seconds <= took + 0.1
+
+
+def _conv_then_batch_reshape():
+    """x [N, 4, 4, 4] -> Conv -> Reshape to [N * 8, 16] (the batch baked into the target
+    from Shape, as exporters write it) -> MatMul -> y."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    arrays = {"w": rng.standard_normal((8, 4, 3, 3)).astype(np.float32),
+              "m": rng.standard_normal((16, 16)).astype(np.float32),
+              "zero": np.array([0], np.int64), "one": np.array([1], np.int64),
+              "eight": np.array([8], np.int64), "sixteen": np.array([16], np.int64)}
+    inits = [numpy_helper.from_array(a, name) for name, a in arrays.items()]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["c"], ["shape"]),
+             helper.make_node("Slice", ["shape", "zero", "one"], ["batch"]),
+             helper.make_node("Mul", ["batch", "eight"], ["rows"]),
+             helper.make_node("Concat", ["rows", "sixteen"], ["target"], axis=0),
+             helper.make_node("Reshape", ["c", "target"], ["r"]),
+             helper.make_node("MatMul", ["r", "m"], ["y"], name="mm")]
+    return helper.make_model(helper.make_graph(
+        nodes, "baked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("name", ["adaround", "mgrq"])
+def test_held_out_samples_of_a_model_with_the_batch_in_its_shapes(monkeypatch, name):
+    """A reshape target holding the batch is recomputed for the fitted and held-out
+    samples (24 and 8 of 32), so every block runs on both, and the result runs."""
+    _with_method(monkeypatch, _fake_method([]))
+    model, calib = _conv_then_batch_reshape(), calibration(32, seed=1)
+    res = quantize(model, calib, weight_bits=4, reconstruct=name)
+    assert any("judged on 8 held-out samples (fitted on 24)" in n for n in res.plan.notes)
+    got, want = run_ort(res.model, {"x": calib})[0], run_ort(model, {"x": calib})[0]
+    assert got.shape == want.shape == (32 * 8, 16)
+    assert np.abs(got - want).max() < 0.2 * np.abs(want).max()
+
+
+def test_relative_error_weighs_each_squared_term():
+    rng = np.random.default_rng(0)
+    want = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+    got = {k: v + rng.standard_normal(v.shape) for k, v in want.items()}
+    weights = {k: rng.uniform(0, 2, v.shape) for k, v in want.items()}
+    num = sum(np.sum(weights[k] * (got[k] - want[k]) ** 2) for k in want)
+    den = sum(np.sum(weights[k] * want[k] ** 2) for k in want)
+    assert block_runs.relative_error(got, want, weights) == pytest.approx(num / den, rel=1e-12)
+    plain = sum(np.sum((got[k] - want[k]) ** 2) for k in want) / sum(np.sum(want[k] ** 2)
+                                                                    for k in want)
+    assert block_runs.relative_error(got, want) == pytest.approx(plain, rel=1e-12)
+
+
+def test_take_counts_the_samples_itself_and_integers_alone_are_one_sample():
+    values = {"x": np.arange(12, dtype=np.float32).reshape(6, 2), "shape": np.array([6, 2])}
+    got = block_runs.take(values, slice(0, 2))
+    np.testing.assert_array_equal(got["x"], values["x"][:2])
+    assert block_runs.sample_count({"shape": np.array([6, 2])}) == 1
+    assert block_runs.sample_count({}) == 1
+
+
+def test_free_batch_relaxes_a_fixed_batch_everywhere():
+    """A model exported at batch 1: the leading dim of inputs, outputs and value_info
+    becomes symbolic (the other dims stay), and the batch it had is returned."""
+    from onnx import TensorProto, helper
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["y"])], "b1",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
+        value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 3, 8, 8])]))
+    assert block_runs.free_batch(model) == 1
+    for info in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        dims = info.type.tensor_type.shape.dim
+        assert dims[0].dim_param == block_runs.BATCH and [d.dim_value for d in dims[1:]] == [3, 8, 8]
+    out = block_runs.run(model, {"x": np.ones((4, 3, 8, 8), np.float32)})
+    assert out["y"].shape == (4, 3, 8, 8)
+    assert block_runs.free_batch(model) is None  # nothing fixed any more
+
+
+def test_with_outputs_adds_only_what_the_model_does_not_give_already():
+    model = mixed_model(seed=2)
+    names = [model.graph.output[0].name, "x", model.graph.node[-2].output[0]]
+    out = block_runs.with_outputs(model, names)
+    got = [o.name for o in out.graph.output]
+    assert got == [model.graph.output[0].name, model.graph.node[-2].output[0]]
+    assert len(model.graph.output) == 1  # the input model is not changed
+
+
+def test_subplan_keeps_the_sites_inside_the_block():
+    """A block's plan: its attention (by Softmax), convs, linears and residuals; ``sites``
+    narrows the convs and linears (GPTQ's runs quantize only the layers already done)."""
+    from onnxquant import analyze
+
+    _, plan = analyze(mixed_model(seed=2), QuantConfig(target="tensorrt"))
+    block = next(b for b in plan.blocks if b.kind == "transformer")
+    nodes = set(block.nodes)
+    sub = block_runs.subplan(plan, nodes)
+    assert sub.attention and all(a.softmax in nodes for a in sub.attention)
+    assert {a.softmax for a in sub.attention} == {a.softmax for a in plan.attention
+                                                  if a.softmax in nodes}
+    assert {s.node for s in sub.linears} == {s.node for s in plan.linears if s.node in nodes}
+    assert sub.linears and {s.node for s in sub.convs} == {s.node for s in plan.convs
+                                                           if s.node in nodes}
+    assert {r.node for r in sub.residuals} == {r.node for r in plan.residuals if r.node in nodes}
+    first = sub.linears[0].node
+    narrowed = block_runs.subplan(plan, nodes, {first})
+    assert [s.node for s in narrowed.linears] == [first] and not narrowed.convs
+    assert len(narrowed.attention) == len(sub.attention)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -354,3 +355,178 @@ def test_bypass_activation_quantizers_is_the_float_twin():
     want = np.einsum("oc,nchw->nohw", w[:, :, 0, 0].astype(np.float32) * 0.05, pooled)
     got = graphs.run_ort(checked_convert.bypass_activation_quantizers(pooled_model), pool_feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _with_block_wise_matmul(block_size: int) -> onnx.ModelProto:
+    """_dq_model with a second MatMul whose int8 codes dequantize block-wise along K,
+    after the per-channel ones in initializer order."""
+    model = _dq_model()
+    rng = np.random.default_rng(5)
+    k = 64
+    model.graph.initializer.extend([
+        numpy_helper.from_array(rng.integers(-8, 8, (k, 10)).astype(np.int8), "bw_wq"),
+        numpy_helper.from_array(rng.uniform(0.01, 0.1, (k // block_size, 10)).astype(np.float32),
+                                "bw_s")])
+    model.graph.node.extend([
+        onnx.helper.make_node("DequantizeLinear", ["bw_wq", "bw_s"], ["bw_w"], axis=0,
+                              block_size=block_size),
+        onnx.helper.make_node("MatMul", ["m", "bw_w"], ["bw_y"])])
+    model.graph.output.append(onnx.helper.make_tensor_value_info("bw_y", 1, [1, 10]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_block_wise_only_packs_only_block_wise_codes(block_size):
+    """TensorRT's INT4 is block-wise weight-only: per-channel 4-bit codes (its int8 convs,
+    the MatMul with axis=1) stay INT8."""
+    model = _with_block_wise_matmul(block_size)
+    assert packable(model.graph, block_wise_only=True) == ["bw_wq"]
+    assert set(packable(model.graph)) == {"conv_wq", "dw_wq", "mm_wq", "gemm_wq", "bw_wq"}
+    packed, note = pack_4bit(model, "dq", block_wise_only=True)
+    assert note == "4-bit weights stored as INT4: 1 tensors (opset 21)"
+    types = _types(packed)
+    assert types["bw_wq"] == TensorProto.INT4 and types["mm_wq"] == TensorProto.INT8
+    _same_values(model, packed)
+
+
+def test_codes_that_are_a_graph_output_are_not_packed():
+    model = _dq_model()
+    model.graph.output.append(onnx.helper.make_tensor_value_info("conv_wq", TensorProto.INT8,
+                                                                 [8, 4, 3, 3]))
+    assert "conv_wq" not in packable(model.graph)
+    assert {"dw_wq", "mm_wq", "gemm_wq"} <= set(packable(model.graph))
+
+
+def test_stale_8bit_types_of_packed_codes_are_dropped():
+    """Codes listed as graph inputs (IR < 4 style) and in value_info with their 8-bit type:
+    the packed model keeps no stale INT8/UINT8 declaration of them."""
+    model = _dq_model()
+    for name, dtype, shape in [("conv_wq", TensorProto.INT8, [8, 4, 3, 3]),
+                               ("dw_wq", TensorProto.UINT8, [8, 1, 3, 3])]:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, dtype, shape))
+        model.graph.value_info.append(onnx.helper.make_tensor_value_info(name, dtype, shape))
+    packed, note = pack_4bit(model, "dq")
+    assert note.startswith("4-bit weights stored as INT4/UINT4: 4 tensors")
+    declared = [v.name for v in [*packed.graph.input, *packed.graph.value_info]]
+    assert "conv_wq" not in declared and "dw_wq" not in declared
+    assert [v.name for v in packed.graph.input] == ["x"]
+    onnx.checker.check_model(packed, full_check=True)
+
+
+def test_a_copied_zero_point_gets_a_free_name():
+    """dw_z is shared with an 8-bit weight and ``dw_z_4bit`` is taken: the copy is
+    ``dw_z_4bit_1``."""
+    model = _dq_model()
+    big = np.arange(16, dtype=np.uint8).reshape(8, 2) * 16
+    model.graph.initializer.extend([numpy_helper.from_array(big, "big"),
+                                    numpy_helper.from_array(np.float32(1.0), "dw_z_4bit")])
+    model.graph.node.append(onnx.helper.make_node("DequantizeLinear", ["big", "dw_s", "dw_z"],
+                                                  ["big_f"], axis=0))
+    model.graph.node.append(onnx.helper.make_node("Mul", ["big_f", "dw_z_4bit"], ["big_g"]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("big_g", 1, [8, 2]))
+    packed, _ = pack_4bit(model, "dq")
+    types = _types(packed)
+    assert types["dw_z_4bit"] == TensorProto.FLOAT and types["dw_z_4bit_1"] == TensorProto.UINT4
+    assert next(n for n in packed.graph.node if n.name == "dw_dq").input[2] == "dw_z_4bit_1"
+    _same_values(model, packed)
+
+
+def _if_reading(name: str, depth: int) -> onnx.NodeProto:
+    """An If whose branch (``depth`` Ifs deep) outputs Identity(``name``), an outer value."""
+    def branch(level: int, tag: str) -> onnx.GraphProto:
+        out = f"{tag}_out{level}"
+        if level == depth:
+            node = onnx.helper.make_node("Identity", [name], [out])
+        else:
+            node = _nested(level + 1, out)
+        return onnx.helper.make_graph([node], f"{tag}{level}", [],
+                                      [onnx.helper.make_tensor_value_info(out, 3, None)])
+
+    def _nested(level: int, out: str) -> onnx.NodeProto:
+        return onnx.helper.make_node("If", ["cond"], [out], then_branch=branch(level, "t"),
+                                     else_branch=branch(level, "e"))
+    return _nested(1, "if_out")
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_codes_read_inside_a_subgraph_are_not_packed(depth):
+    """A branch (or a branch's branch) reads the codes by name: they are not only a
+    DequantizeLinear's input, so they stay 8-bit."""
+    model = _dq_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    model.graph.node.append(_if_reading("mm_wq", depth))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("if_out", 3, None))
+    assert "mm_wq" not in packable(model.graph)
+    assert {"conv_wq", "dw_wq", "gemm_wq"} <= set(packable(model.graph))
+
+
+def test_a_model_at_opset_21_with_an_old_ir_version_gets_ir_10():
+    """INT4 needs IR 10: the packed copy's IR version is raised, the model's is not."""
+    model = _dq_model()
+    model.ir_version = 9
+    packed, note = pack_4bit(model, "dq")
+    assert note.startswith("4-bit weights stored as INT4/UINT4")
+    assert packed.ir_version >= 10 and model.ir_version == 9
+    _same_values(model, packed)
+
+
+def test_a_cast_of_a_float_initializer_is_not_a_folded_weight():
+    model = _dq_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(3, np.float32), "ones"))
+    model.graph.node.append(onnx.helper.make_node("Cast", ["ones"], ["ones_h"], to=10))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("ones_h", 10, [3]))
+    packed, note = pack_4bit(model, "dq")
+    assert note == "4-bit weights stored as INT4/UINT4: 4 tensors (opset 21)"
+
+
+def test_packing_that_changes_the_weights_is_refused_and_logged(monkeypatch, caplog):
+    """A packing bug (one code moved) is caught by the exact check, and the refusal is
+    the note and the log line."""
+    from onnxquant import storage4
+
+    pack = storage4._pack
+
+    def off_by_one(graph, codes):
+        pack(graph, codes)
+        t = next(t for t in graph.initializer if t.name == "conv_wq")
+        a = numpy_helper.to_array(t).astype(np.int8)
+        a.flat[0] = 7 if a.flat[0] != 7 else 6
+        t.CopyFrom(numpy_helper.from_array(a.astype(ml_dtypes.int4), "conv_wq"))
+
+    monkeypatch.setattr(storage4, "_pack", off_by_one)
+    model = _dq_model()
+    with caplog.at_level("INFO", logger="onnxquant"):
+        out, note = pack_4bit(model, "dq")
+    assert out is model
+    assert note == "4 4-bit weights stay in 8-bit containers: INT4 weights dequantize differently"
+    assert f"dq: {note}" in caplog.messages
+
+
+def test_the_packed_model_is_also_checked_as_onnxruntime_optimizes_it(monkeypatch, caplog):
+    """onnxruntime rewrites DequantizeLinear -> MatMul (MatMulNBits) only with its graph
+    optimizations on, as users run it: the check runs that way, and its refusal is the note."""
+    from onnxquant import storage4
+
+    seen = []
+    check = storage4.differs_beyond_rounding
+
+    def spy(a, b, step, what, feed, rounding, optimized=False):
+        seen.append((what, optimized))
+        return what if optimized else check(a, b, step, what, feed, rounding, optimized)
+
+    monkeypatch.setattr(storage4, "differs_beyond_rounding", spy)
+    model = _dq_model()
+    with caplog.at_level("INFO", logger="onnxquant"):
+        out, note = pack_4bit(model, "dq")
+    assert seen == [("optimized INT4 model gives other outputs", True)]
+    assert out is model
+    assert note == ("4 4-bit weights stay in 8-bit containers: optimized INT4 model gives "
+                    "other outputs")
+    assert f"dq: {note}" in caplog.messages
+
+
+def test_the_packing_note_is_logged(caplog):
+    with caplog.at_level("INFO", logger="onnxquant"):
+        _, note = pack_4bit(_dq_model(), "dq")
+    assert f"dq: {note}" in caplog.messages
