@@ -40,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MUTMUT = "mutmut==3.8.1"
 MARKERS = "not torch and not tensorrt and not accuracy and not gpu"
+# modules whose code only the torch tier executes: their selection runs torch-marked tests too
+TORCH_MARKERS = "not tensorrt and not accuracy and not gpu"
 # 12 s of kernel timing on every run; its decision is timing-dependent, so not a mutant killer
 DESELECT = ("tests/test_targets.py::test_ort_target_measures_by_default",)
 
@@ -47,7 +49,8 @@ _MATH = ("test_quantizers", "test_log2_function", "test_spec", "test_softmax_qua
 _EMIT = ("test_passes", "test_spec", "test_softmax_quantizers", "test_targets", "test_exclude",
          "test_canonicalize", "test_log2_function")
 _RECON = ("test_gptq", "test_reconstruct_driver", "test_block_weights", "test_blocks",
-          "test_storage4")
+          "test_storage4", "test_reconstruct_torch")
+_TORCH = ("test_reconstruct_torch", "test_reconstruct_driver", "test_blocks")
 _PLAN = ("test_passes", "test_spec", "test_targets", "test_exclude", "test_config",
          "test_softmax_quantizers")
 MODULES = {  # name -> (path in the scratch tree, fast test selection; test_mutants is added)
@@ -62,11 +65,18 @@ MODULES = {  # name -> (path in the scratch tree, fast test selection; test_muta
     "softmax_quantizers": ("onnxquant/softmax_quantizers.py",
                            ("test_softmax_quantizers", "test_spec")),
     "select_sites": ("onnxquant/passes/select_sites.py", _PLAN),
-    "gptq": ("onnxquant/gptq.py", _RECON),
+    "gptq": ("onnxquant/gptq.py", _RECON[:-1]),
     "storage4": ("onnxquant/storage4.py", ("test_storage4", "test_spec", "test_gptq")),
     "reconstruct": ("onnxquant/reconstruct.py", _RECON),
     "block_runs": ("onnxquant/block_runs.py", _RECON),
+    # torch tier (TORCH_MODULES): the methods, their quantizers and the ONNX-to-torch executor
+    "reconstruct_torch": ("onnxquant/reconstruct_torch.py", _TORCH),
+    "torch_quant": ("onnxquant/torch_quant.py", _TORCH),
+    "torch_ops": ("onnxquant/torch_ops.py", _TORCH),
+    "torch_graph": ("onnxquant/torch_graph.py", _TORCH),
 }
+TORCH_MODULES = ("reconstruct", "block_runs", "reconstruct_torch", "torch_quant", "torch_ops",
+                 "torch_graph")
 DEFAULT_MODULES = ("quantizers", "emit", "emit_qdq", "functions", "spec", "decide",
                    "softmax_quantizers")
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no_tests", 33: "no_tests",
@@ -145,7 +155,7 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def prepare(scratch: Path, path: str, tests: list, multiplier: float, fresh: bool,
-            before: bool = False) -> None:
+            before: bool = False, markers: str = MARKERS) -> None:
     """Scratch tree + setup.cfg for one module (the working tree is never written)."""
     if fresh and scratch.exists():
         shutil.rmtree(scratch)
@@ -163,7 +173,7 @@ def prepare(scratch: Path, path: str, tests: list, multiplier: float, fresh: boo
     project = configparser.ConfigParser()
     project.read(ROOT / "setup.cfg")
     cfg = configparser.ConfigParser()
-    pytest_args = ["-p", "no:cacheprovider", "-m", MARKERS]
+    pytest_args = ["-p", "no:cacheprovider", "-m", markers]
     for test in DESELECT:
         pytest_args += ["--deselect", test]
     cfg["mutmut"] = {
@@ -253,7 +263,7 @@ def run_module(venv: Path, workdir: Path, name: str, args) -> dict:
     scratch = workdir / name
     previous = _meta(scratch, path) if args.survivors else {}
     prepare(scratch, path, tests, args.timeout_multiplier, fresh=not args.survivors,
-            before=args.before)
+            before=args.before, markers=TORCH_MARKERS if name in TORCH_MODULES else MARKERS)
     if args.survivors:
         names = tally(previous, None)["survivors"]
         if not names:
