@@ -725,3 +725,33 @@ def test_subplan_keeps_the_sites_inside_the_block():
     narrowed = block_runs.subplan(plan, nodes, {first})
     assert [s.node for s in narrowed.linears] == [first] and not narrowed.convs
     assert len(narrowed.attention) == len(sub.attention)
+
+
+def test_the_bias_widened_grid_of_an_int8_conv_is_not_clipped(monkeypatch):
+    """QLinearConv's weight scale is widened so its int32 bias fits (ort int8 convs):
+    reconstruction keeps that grid at 4 bits, where weight-only layers get clipped ones."""
+    config = dict(weight_bits=4, target="ort", ort_int8_kinds=("dense", "pointwise", "stem"))
+    model, calib = mixed_model(seed=2), calibration(16, seed=1)
+    plain = quantize(model, calib, **config)
+    decided = {s.node: s.weight_spec.uniform_params() for s in plain.plan.convs}
+    seen = {}
+
+    def method(task):
+        seen.update({l.site.node: (getattr(l.site, "int8_output", False), l.params)
+                     for l in task.layers})
+        return {}
+
+    _with_method(monkeypatch, method)
+    quantize(model, calib, reconstruct="adaround", **config)
+    int8 = {node: p for node, (out, p) in seen.items() if out}
+    assert set(int8) == set(decided)
+    for node, p in int8.items():
+        np.testing.assert_array_equal(p.scale, decided[node].scale)
+    assert any(not np.array_equal(quantizers.clipped_params(p, w).scale, p.scale)
+               for p, w in [(int8[n], _weight(model, n)) for n in int8])
+
+
+def _weight(model, node_name):
+    node = next(n for n in model.graph.node if n.name == node_name)
+    return numpy_helper.to_array(next(t for t in model.graph.initializer
+                                      if t.name == node.input[1]))
