@@ -3,6 +3,8 @@ it runs blocks with (torch_graph.py): the executor against onnxruntime on extrac
 the rounding against its definition, every method against round-to-nearest through the
 driver, determinism, and the codes the driver emits against the torch forward."""
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -18,7 +20,8 @@ from onnxquant.torch_graph import GraphModule  # noqa: E402
 from onnxquant.torch_quant import Rounding, block_hooks  # noqa: E402
 
 pytestmark = pytest.mark.torch
-torch.set_num_threads(2)
+# tools/mutation.py asks for 1: autograd on a pool of threads hangs in a forked child
+torch.set_num_threads(int(os.environ.get("ONNXQUANT_TEST_TORCH_THREADS", "2")))
 BUNDLED = "models/reference/mobilevit_xxs.imagenette.onnx"
 
 

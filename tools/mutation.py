@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -215,11 +216,19 @@ def sample(venv: Path, scratch: Path, path: str, n: int, seed: int) -> list:
     return [names[int(offset + i * step)] for i in range(n)]
 
 
+# mutmut forks each mutant from a process that already ran the tests: torch's autograd with
+# a pool of intra-op threads hangs in the forked child (a backward never returns), so torch
+# runs on one thread here (tests/test_reconstruct_torch.py reads the variable)
+FORK_SAFE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                 "ONNXQUANT_TEST_TORCH_THREADS": "1"}
+
+
 def run_mutmut(venv: Path, scratch: Path, names: list) -> tuple[float, int]:
     start = time.monotonic()
     with open(scratch / "mutmut.log", "w") as log:
         done = subprocess.run([str(venv / "bin" / "mutmut"), "run", "--max-children", "1",
-                               *names], cwd=scratch, stdout=log, stderr=subprocess.STDOUT)
+                               *names], cwd=scratch, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, **FORK_SAFE_ENV})
     return time.monotonic() - start, done.returncode
 
 
