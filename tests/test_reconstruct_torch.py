@@ -107,7 +107,7 @@ def _layer(seed, rows, cols, bits, symmetric, block=None):
                      block_size=block)
 
     class Site:
-        weight_spec, node_name = spec, "mm"
+        weight_spec, node_name, node = spec, "mm", "mm"
 
     return Layer(Site(), node, w, spec.uniform_params(w))
 
@@ -251,7 +251,8 @@ def test_config_accepts_the_torch_methods():
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10**6), shape=st.sampled_from([(3, 5, 4, 4), (2, 7, 3), (6, 2)]),
+@given(seed=st.integers(0, 10**6),
+       shape=st.sampled_from([(3, 5, 4, 4), (2, 7, 3), (6, 2), (4, 1, 3)]),
        offset=st.floats(-10, 10))
 def test_local_moments_are_mean_and_unbiased_std(seed, shape, offset):
     t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
@@ -298,6 +299,16 @@ def test_local_term_is_zero_at_float_and_grows_with_the_error(monkeypatch, term)
     if term == "mse":
         rel = [float((noise[k] ** 2).sum() / (want[k] ** 2).sum()) for k in want]
         assert got == pytest.approx(np.mean(rel), rel=1e-5)
+    else:  # the module docstring's formula, per output channel: axis 1 of a Conv, last else
+        def moments_term(q, f, axis):
+            dims = tuple(d for d in range(q.ndim) if d != axis)
+            mq, sq, mf, sf = q.mean(dims), q.std(dims, ddof=1), f.mean(dims), f.std(dims, ddof=1)
+            return ((mq - mf) ** 2 + (sq - sf) ** 2).sum() / (mf ** 2 + sf ** 2).sum()
+
+        q = {k: (want[k] + noise[k]).double().numpy() for k in want}
+        f = {k: want[k].double().numpy() for k in want}
+        ref = np.mean([moments_term(q["a"], f["a"], 1), moments_term(q["b"], f["b"], 2)])
+        assert got == pytest.approx(ref, rel=1e-4)
 
 
 def test_checkpointed_run_gives_the_values_and_gradients_of_a_run_and_saves_less():
@@ -494,3 +505,129 @@ def test_the_gpu_out_of_memory_is_one_line_naming_the_block_and_the_ways_out(
     assert "the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err
     assert "block " in err and "--reconstruct-device cpu" in err and "--num-calib" in err
     assert not out.exists()
+
+
+def test_beta_is_off_during_the_warm_up_then_anneals_from_the_first_to_the_second():
+    beta, iters = (20.0, 2.0), 100
+    start = int(reconstruct_torch.WARMUP * iters)
+    assert all(reconstruct_torch.beta_at(it, iters, beta) is None for it in range(start))
+    got = [reconstruct_torch.beta_at(it, iters, beta) for it in range(start, iters + 1)]
+    assert got[0] == pytest.approx(20.0) and got[-1] == pytest.approx(2.0)
+    assert reconstruct_torch.beta_at(start + (iters - start) // 2, iters, beta) == \
+        pytest.approx(11.0)  # cosine: the middle of the range half-way
+    assert all(a >= b for a, b in zip(got, got[1:]))
+
+
+def test_qdrop_mix_takes_each_element_from_the_float_input_with_probability_drop():
+    g = torch.Generator().manual_seed(0)
+    q, f = torch.zeros(100, 100), torch.ones(100, 100)
+    ints = torch.arange(6)
+    out = reconstruct_torch._mix({"x": q, "i": ints, "other": q[:3], "alone": q},
+                                 {"x": f, "i": ints + 1, "other": f}, g)
+    share = float(out["x"].mean())
+    assert abs(share - reconstruct_torch.DROP) < 0.02
+    assert set(out["x"].unique().tolist()) == {0.0, 1.0}
+    assert out["i"] is ints and out["other"] is not None and out["alone"] is q  # kept whole
+    assert torch.equal(out["other"], q[:3])  # shapes differ: the quantized one
+
+
+@pytest.mark.parametrize("method, mixes", [("qdrop", True), ("brecq", False)])
+def test_qdrop_mixes_the_block_inputs_and_brecq_does_not(monkeypatch, method, mixes):
+    calls = []
+    mix = reconstruct_torch._mix
+
+    def counted(quantized, floats, gen):
+        calls.append(len(quantized))
+        return mix(quantized, floats, gen)
+
+    monkeypatch.setattr(reconstruct_torch, "_mix", counted)
+    quantize(mixed_model(seed=2), calibration(16, seed=1), weight_bits=4, per_channel=True,
+             reconstruct=method, reconstruct_iters=2)
+    assert bool(calls) == mixes
+
+
+def test_block_roundings_start_at_the_given_codes_or_at_rounding():
+    layer = _layer(3, 5, 7, 4, True)
+    p = layer.params
+    rtn = quantizers.uniform_quantize(layer.weight, p).astype(np.int64)
+    start = np.clip(rtn + 1, p.qmin, p.qmax)
+    task = type("Task", (), {"layers": [layer], "start": {}})()
+    assert np.mean(reconstruct_torch._roundings(task, "cpu")[0].numpy_codes() == rtn) > 0.95
+    task.start = {layer.site.node: start}
+    np.testing.assert_array_equal(reconstruct_torch._roundings(task, "cpu")[0].numpy_codes(),
+                                  start)
+
+
+def _tail_task(logits_shift: float = 0.0):
+    """A task whose tail is h [N, 4] -> MatMul -> logits [N, 3] (and a second output),
+    with the float model's logits from onnxruntime (``logits_shift`` added to them)."""
+    import onnx
+
+    rng = np.random.default_rng(0)
+    tail = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        tail (float[N, 4] h) => (float[N, 3] logits, float[N, 4] twice) {
+            logits = MatMul(h, w)
+            twice = Add(h, h)
+        }""")
+    tail.graph.initializer.append(onnx.numpy_helper.from_array(
+        rng.standard_normal((4, 3)).astype(np.float32), "w"))
+    h = rng.standard_normal((6, 4)).astype(np.float32)
+    logits = block_runs.run(tail, {"h": h})["logits"] + np.float32(logits_shift)
+
+    class Task:
+        inputs, batch_ints, name, progress = {"h": h}, {}, "b", None
+
+        def tail(self):
+            return tail, {}, lambda name: logits if name == "logits" else None
+
+    return Task(), h, logits
+
+
+def _log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_mgrq_global_term_is_the_kl_of_float_logits_to_the_tail_on_the_block_output():
+    """L_global = KL(softmax(z_f) || softmax(z_q)), mean over the first GLOBAL_BATCH samples
+    of the step: z_f the float logits, z_q the float tail on the quantized block output."""
+    task, h, logits = _tail_task()
+    glob = reconstruct_torch._Global(task, {"h": h}, "cpu")
+    assert glob.name == "logits"
+    np.testing.assert_allclose(glob.target.numpy(), _log_softmax(logits), atol=1e-6)
+    rng = np.random.default_rng(1)
+    idx = torch.tensor([1, 3, 4, 5])
+    out = h[idx.numpy()] + 0.3 * rng.standard_normal((4, 4)).astype(np.float32)
+    got = float(glob.loss({"h": torch.from_numpy(out)}, idx))
+    k = reconstruct_torch.GLOBAL_BATCH
+    w = _tail_weight(task)
+    p = _log_softmax(logits[idx.numpy()[:k]].astype(np.float64))
+    z = _log_softmax(out[:k].astype(np.float64) @ w)
+    assert got == pytest.approx(float(np.mean((np.exp(p) * (p - z)).sum(-1))), rel=1e-4)
+    assert float(glob.loss({"h": torch.from_numpy(h)}, None)) == pytest.approx(0, abs=1e-6)
+
+
+def _tail_weight(task):
+    import onnx
+
+    return onnx.numpy_helper.to_array(task.tail()[0].graph.initializer[0]).astype(np.float64)
+
+
+def test_mgrq_global_term_refuses_a_tail_that_does_not_reproduce_onnxruntime():
+    task, h, logits = _tail_task(logits_shift=0.01 * 3)
+    with pytest.raises(ValueError, match="the tail in torch does not reproduce onnxruntime"):
+        reconstruct_torch._Global(task, {"h": h}, "cpu")
+    task, h, logits = _tail_task(logits_shift=1e-7)  # float rounding: kept
+    reconstruct_torch._Global(task, {"h": h}, "cpu")
+
+
+def test_the_cuda_error_names_how_torch_was_built(monkeypatch):
+    from onnxquant.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for version, build in [("12.4", "built for CUDA 12.4"), (None, "a CPU-only build")]:
+        monkeypatch.setattr(torch.version, "cuda", version)
+        with pytest.raises(UserError) as err:
+            reconstruct_torch.device("cuda")
+        assert f"({build}) sees no CUDA device" in str(err.value)
