@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from . import emit, functions
+from . import emit, emit_qdq, functions
 from .plan import Plan
 
 
@@ -27,14 +27,35 @@ def subplan(plan: Plan, nodes: set, sites: set | None = None) -> Plan:
                 residuals=[r for r in plan.residuals if r.node in nodes], stats=plan.stats)
 
 
-def emitted(block: gs.Graph, plan: Plan) -> onnx.ModelProto:
-    """A copy of the float block graph with ``plan``'s specs emitted into it."""
+def emitted(block: gs.Graph, plan: Plan, read_later: frozenset = frozenset()) -> onnx.ModelProto:
+    """A copy of the float block graph with ``plan``'s specs emitted into it; the outputs
+    in ``read_later`` (read by later blocks) as those blocks read them
+    (``_requantize_leaving_outputs``)."""
     graph = block.copy()
     emit.emit(graph, plan)
+    _requantize_leaving_outputs(graph, plan, read_later)
     model = gs.export_onnx(graph, do_type_check=False)
     if functions.has_log2_ops(model):
         functions.install(model)
     return model
+
+
+def _requantize_leaving_outputs(graph: gs.Graph, plan: Plan, read_later: frozenset) -> None:
+    """An int8 conv's output Q/DQ (the ort profile's QLinearConv) sits on its readers
+    (emit.py). Where the output leaves the block its readers are in later blocks, so the
+    emitted block would hand them the float output; the whole emitted model hands them the
+    requantized one. Give such a block output that Q/DQ, under the output's own name (a
+    model output nothing reads stays float, as in the emitted model)."""
+    specs = {s.output: s.output_spec for s in plan.convs
+             if s.weight_spec is not None and s.output_spec is not None}
+    for i, t in enumerate(graph.outputs):
+        if t.name not in specs or t.name not in read_later or not t.inputs:
+            continue
+        name = t.name
+        t.name = emit_qdq.tensor_name(graph, name, "float")
+        out = emit_qdq.quant_dequant(graph, t, specs[name].uniform_params())
+        out.name = name
+        graph.outputs[i] = out
 
 
 def with_outputs(model: onnx.ModelProto, names: list) -> onnx.ModelProto:

@@ -335,8 +335,10 @@ class _Walk:
 
     def quantized_outputs(self, i: int, graph: gs.Graph, values: dict) -> dict:
         """Block ``i``'s outputs with the plan's current specs, on quantized ``values``."""
-        nodes = set(self.plan.blocks[i].nodes)
-        model = block_runs.emitted(graph, block_runs.subplan(self.plan, nodes))
+        block = self.plan.blocks[i]
+        read_later = frozenset(t for t in block.outputs if self.last.get(t, -1) > i)
+        model = block_runs.emitted(graph, block_runs.subplan(self.plan, set(block.nodes)),
+                                   read_later)
         return block_runs.run(model, values)
 
     def advance(self, i: int, model: onnx.ModelProto, graph: gs.Graph) -> None:

@@ -755,3 +755,28 @@ def _weight(model, node_name):
     node = next(n for n in model.graph.node if n.name == node_name)
     return numpy_helper.to_array(next(t for t in model.graph.initializer
                                       if t.name == node.input[1]))
+
+
+def test_the_walk_hands_each_block_what_the_emitted_model_computes(monkeypatch):
+    """The ort profile's int8 convs requantize their outputs (QLinearConv); where such an
+    output leaves a block, the next block must get the requantized value, as in the whole
+    emitted model: the last block, run on the inputs the walk gave it, gives the model's
+    output."""
+    import onnx_graphsurgeon as gs
+
+    seen = []
+
+    def method(task):
+        seen.append((task, dict(task.inputs)))  # the walk drops values no later block reads
+        return reconstruct.run_gptq(task)
+
+    monkeypatch.setattr(reconstruct, "_method", lambda name: method)
+    calib = calibration(16, seed=1)
+    res = quantize(mixed_model(seed=2), calib, weight_bits=4, target="ort",
+                   ort_int8_kinds=("dense", "pointwise", "stem"), reconstruct="gptq")
+    assert any(s.output_spec is not None for s in res.plan.convs)
+    last, inputs = seen[-1]
+    name = res.model.graph.output[0].name
+    got = block_runs.run(block_runs.emitted(gs.import_onnx(last.model), last.plan), inputs)[name]
+    want = run_ort(res.model, {"x": calib})[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())

@@ -631,3 +631,57 @@ def test_the_cuda_error_names_how_torch_was_built(monkeypatch):
         with pytest.raises(UserError) as err:
             reconstruct_torch.device("cuda")
         assert f"({build}) sees no CUDA device" in str(err.value)
+
+
+def _bundled_model():
+    import onnx
+    from conftest import ROOT
+
+    return onnx.load(ROOT / BUNDLED)
+
+
+@pytest.mark.parametrize("case", ["bundled-tensorrt", "mixed-ort-int8"])
+def test_the_torch_block_quantizes_activations_where_emission_does(monkeypatch, case):
+    """Every block's torch forward with block_hooks (the methods' forward) and the plan's
+    weights equals the emitted block in onnxruntime: MobileViT's blocks at W4A8 on
+    tensorrt (two attention blocks, residual skips quantized, every conv's input) and the
+    ort profile's int8 convs (output Q/DQ)."""
+    import onnx_graphsurgeon as gs
+
+    from onnxquant.torch_quant import block_hooks
+
+    checked = []
+
+    def method(task):
+        leaving = frozenset(o.name for o in task.model.graph.output)  # as torch quantizes them
+        emitted = block_runs.emitted(gs.import_onnx(task.model), task.plan, leaving)
+        want = block_runs.run(emitted, task.inputs)
+        hooks, input_hooks, by_tensor = block_hooks(task.plan, task.model, "cpu")
+        weights = {}
+        for layer in task.layers:
+            spec = layer.site.weight_spec
+            p = spec.uniform_params(layer.weight)
+            weights[layer.node.input[1]] = torch.from_numpy(
+                quantizers.uniform_dequantize(spec.quantize(layer.weight), p))
+        with torch.no_grad():
+            got = GraphModule(task.model).run(
+                {k: torch.from_numpy(np.asarray(v)) for k, v in task.inputs.items()},
+                weights=weights, hooks=hooks, input_hooks=input_hooks)
+        for name, w in want.items():  # activation codes at rounding ties may differ
+            rel = np.linalg.norm(got[name].numpy() - w) / np.linalg.norm(w)
+            assert rel < 6e-3, (task.name, name, rel)  # an activation left out: 1e-2 or more
+        checked.append((task.plan, by_tensor))
+        return {}
+
+    monkeypatch.setattr(reconstruct, "_method", lambda name: method)
+    if case == "bundled-tensorrt":
+        x = np.random.default_rng(0).random((8, 3, 128, 128)).astype(np.float32)
+        quantize(_bundled_model(), x, target="tensorrt", weight_bits=4, reconstruct="brecq")
+        assert sum(bool(p.attention) for p, _ in checked) >= 2
+        assert any(p.residuals for p, _ in checked)
+    else:
+        quantize(mixed_model(seed=2), calibration(16, seed=1), weight_bits=4, target="ort",
+                 ort_int8_kinds=("dense", "pointwise", "stem"), reconstruct="brecq")
+        assert any(getattr(s, "output_spec", None) is not None for p, _ in checked
+                   for s in p.convs)
+    assert any(by_tensor for _, by_tensor in checked)
