@@ -685,3 +685,72 @@ def test_the_torch_block_quantizes_activations_where_emission_does(monkeypatch, 
         assert any(getattr(s, "output_spec", None) is not None for p, _ in checked
                    for s in p.convs)
     assert any(by_tensor for _, by_tensor in checked)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), bits=st.integers(2, 8), symmetric=st.booleans(),
+       lo=st.floats(-4, 0.5), width=st.floats(0.5, 8))
+def test_activation_fake_quant_is_the_numpy_quantizer(seed, bits, symmetric, lo, width):
+    """ActQuant's uniform Q/DQ equals quantizers' reference on values inside and outside
+    the calibrated range (clamped at both ends, any zero point)."""
+    from onnxquant.torch_quant import ActQuant
+
+    spec = QuantSpec(bits=bits, symmetric=symmetric, range=(lo, lo + width))
+    p = spec.uniform_params()
+    x = np.random.default_rng(seed).uniform(lo - width, lo + 2 * width, 500).astype(np.float32)
+    want = quantizers.uniform_dequantize(quantizers.uniform_quantize(x, p), p)
+    got = ActQuant(spec, "cpu")(torch.from_numpy(x)).numpy()
+    step = float(p.scale[0])
+    off = np.abs(got - want) > 1e-5 * max(1.0, float(np.abs(want).max()))
+    assert off.mean() < 0.01  # float32 x / step vs x * (1 / step): rare ties
+    assert np.all(np.abs(got - want)[off] <= step * 1.0001)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), bits=st.sampled_from([3, 4, 8]))
+def test_log2_fake_quant_is_the_numpy_quantizer_on_its_thresholds_too(seed, bits):
+    from onnxquant.torch_quant import ActQuant
+
+    spec = QuantSpec(kind="log2", bits=bits, range=(0.0, 1.0), eps=2.0 ** -16)
+    p = spec.log2_params()
+    thresholds, _ = quantizers.log2_tables(p)
+    x = np.concatenate([np.random.default_rng(seed).uniform(0, 1, 300).astype(np.float32),
+                        thresholds[:-1].astype(np.float32)])  # exactly on a boundary
+    want = quantizers.log2_fake_quant(x, p)
+    got = ActQuant(spec, "cpu")(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)  # x + (y - x): one ulp at most
+
+
+def test_qdrop_keeps_each_activation_element_float_with_probability_drop():
+    from onnxquant.torch_quant import ActQuant
+
+    spec = QuantSpec(bits=4, symmetric=False, range=(0.0, 1.0))
+    act = ActQuant(spec, "cpu")
+    act.drop, act.generator = 0.5, torch.Generator().manual_seed(0)
+    x = torch.rand(200, 100, generator=torch.Generator().manual_seed(1))
+    q = ActQuant(spec, "cpu")(x)
+    got = act(x)
+    kept = got == x
+    assert abs(float(kept.float().mean()) - 0.5) < 0.02
+    assert torch.equal(got[~kept], q[~kept])
+
+
+def test_rounding_h_stays_in_0_1_and_hard_weights_carry_no_gradient():
+    layer = _layer(1, 5, 7, 4, True)
+    r = Rounding(layer, "cpu")
+    with torch.no_grad():
+        r.v.copy_(torch.linspace(-50, 50, r.v.numel()).reshape(r.v.shape))
+    h = r.h().detach()
+    assert float(h.min()) == 0.0 and float(h.max()) == 1.0
+    hard = r.weight(soft=False)
+    assert not hard.requires_grad and torch.equal(hard, r.hard())
+    assert r.weight(soft=True).requires_grad
+
+
+def test_samples_rescale_the_batch_in_shape_values():
+    from onnxquant.torch_quant import Samples
+
+    values = {"x": np.zeros((8, 3), np.float32), "target": np.array([32, -1], np.int64)}
+    s = Samples(values, "cpu", ints={"target": (np.array([4, -1]), np.array([4, 0]))})
+    got = s.take(torch.arange(3))
+    assert got["x"].shape == (3, 3) and got["target"].tolist() == [12, -1]
