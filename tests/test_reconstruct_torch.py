@@ -754,3 +754,49 @@ def test_samples_rescale_the_batch_in_shape_values():
     s = Samples(values, "cpu", ints={"target": (np.array([4, -1]), np.array([4, 0]))})
     got = s.take(torch.arange(3))
     assert got["x"].shape == (3, 3) and got["target"].tolist() == [12, -1]
+
+
+def test_mgrq_local_targets_of_a_block_that_steps_on_all_samples(monkeypatch):
+    """Where a block cannot step on batches, L_local's targets are onnxruntime's float
+    layer outputs on all the fitted samples, computed once."""
+    seen = []
+    LocalTargets = reconstruct_torch._LocalTargets
+
+    class Recorded(LocalTargets):
+        def __init__(self, task, gm, dev, batched):
+            super().__init__(task, gm, dev, batched)
+            self.task = task
+
+        def take(self, feed, idx):
+            got = super().take(feed, idx)
+            seen.append((self, idx, got))
+            return got
+
+    monkeypatch.setattr(reconstruct_torch, "_LocalTargets", Recorded)
+    monkeypatch.setattr(reconstruct_torch, "_batchable", lambda *args: False)
+    quantize(mixed_model(seed=2), calibration(16, seed=1), weight_bits=4, per_channel=True,
+             weight_symmetric=True, reconstruct="mgrq", reconstruct_iters=2)
+    assert seen
+    for targets, idx, got in seen:
+        assert targets.once is not None and idx is None
+        ort = reconstruct_torch._float_outputs(targets.task, targets.names)
+        for name in targets.names:
+            np.testing.assert_allclose(got[name].cpu().numpy(), ort[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq", "qdrop", "mgrq"])
+def test_each_method_runs_on_its_default_budget(monkeypatch, method):
+    """No --reconstruct-iters: the method's own entry of ITERS (shrunk here to 2 steps)."""
+    budgets = []
+    beta_at = reconstruct_torch.beta_at
+
+    def recorded(it, iters, beta=reconstruct_torch.BETA):
+        budgets.append(iters)
+        return beta_at(it, iters, beta)
+
+    for name in reconstruct_torch.ITERS:
+        monkeypatch.setitem(reconstruct_torch.ITERS, name, 2 if name == method else 10**6)
+    monkeypatch.setattr(reconstruct_torch, "beta_at", recorded)
+    quantize(mixed_model(seed=2), calibration(16, seed=1), weight_bits=4, per_channel=True,
+             reconstruct=method)
+    assert budgets and set(budgets) == {2}
