@@ -800,3 +800,25 @@ def test_each_method_runs_on_its_default_budget(monkeypatch, method):
     quantize(mixed_model(seed=2), calibration(16, seed=1), weight_bits=4, per_channel=True,
              reconstruct=method)
     assert budgets and set(budgets) == {2}
+
+
+def test_mgrq_supervises_every_block_but_the_last_through_the_rest_of_the_model(monkeypatch):
+    """The walk hands MGRQ the float inputs and the tail: L_global is on for every block
+    with a model after it (brecq never builds it)."""
+    built = []
+    make = reconstruct_torch._global_or_none
+
+    def recorded(task, dev):
+        glob = make(task, dev)
+        built.append((task.name, glob is not None))
+        return glob
+
+    monkeypatch.setattr(reconstruct_torch, "_global_or_none", recorded)
+    res = quantize(mixed_model(seed=2), calibration(16, seed=1), weight_bits=4,
+                   per_channel=True, reconstruct="mgrq", reconstruct_iters=2)
+    last = res.plan.blocks[-1].name
+    assert built and all(on == (name != last) for name, on in built)
+    built.clear()
+    quantize(mixed_model(seed=2), calibration(16, seed=1), weight_bits=4, per_channel=True,
+             reconstruct="brecq", reconstruct_iters=2)
+    assert not built
