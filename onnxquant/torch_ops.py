@@ -75,22 +75,51 @@ def _conv_transpose(node, ins, _):
 
 
 def _pool(kind):
+    """ONNX MaxPool/AveragePool: strides default to 1; with count_include_pad 0 (the
+    default) an average is over the real inputs under the window, ``pads`` or ``auto_pad``
+    alike; with ceil_mode a window that would start in the right padding is dropped
+    (onnxruntime; the ONNX spec since opset 19)."""
     def run(node, ins, _):
         kernel = node["kernel_shape"]
-        x = _pad_for(ins[0], node, kernel, float("-inf") if kind == "max" else 0.0)
+        n = len(kernel)
+        strides, x = node.get("strides", [1] * n), ins[0]
+        ceil = bool(node.get("ceil_mode", 0))
+        padded = _pad_for(x, node, kernel, float("-inf") if kind == "max" else 0.0)
         if kind == "max":
-            fn = {1: F.max_pool1d, 2: F.max_pool2d}[len(kernel)]
-            return fn(x, kernel, node.get("strides", kernel), 0, node.get("dilations", 1),
-                      bool(node.get("ceil_mode", 0)))
-        pads = node.get("pads", [0] * 2 * len(kernel))
-        if any(pads) and not node.get("count_include_pad", 0):  # average over real inputs
-            ones = _pad_for(torch.ones_like(ins[0][:1, :1]), node, kernel)
-            fn = {1: F.avg_pool1d, 2: F.avg_pool2d}[len(kernel)]
-            s = node.get("strides", kernel)
-            return fn(x, kernel, s, 0, bool(node.get("ceil_mode", 0))) / fn(ones, kernel, s, 0)
-        fn = {1: F.avg_pool1d, 2: F.avg_pool2d}[len(kernel)]
-        return fn(x, kernel, node.get("strides", kernel), 0, bool(node.get("ceil_mode", 0)))
+            fn = {1: F.max_pool1d, 2: F.max_pool2d}[n]
+            out = fn(padded, kernel, strides, 0, node.get("dilations", 1), ceil)
+        else:
+            fn = {1: F.avg_pool1d, 2: F.avg_pool2d}[n]
+            out = fn(padded, kernel, strides, 0, ceil)
+            if padded.shape != x.shape and not node.get("count_include_pad", 0):
+                ones = _pad_for(torch.ones_like(x[:1, :1]), node, kernel)
+                out = out / fn(ones, kernel, strides, 0, ceil)
+        return _drop_windows_in_right_pad(out, x, padded, node, strides) if ceil else out
     return run
+
+
+def _drop_windows_in_right_pad(out, x, padded, node, strides):
+    """torch saw the padding as input, so it keeps a last ceil_mode window that starts in
+    the right padding: keep only windows starting before the input's end."""
+    index = [slice(None)] * out.dim()
+    for i, s in enumerate(strides):
+        dim = 2 + i
+        head = _head_pad(x, padded, node, i)
+        keep = out.shape[dim]
+        while keep > 1 and (keep - 1) * s >= x.shape[dim] + head:
+            keep -= 1
+        index[dim] = slice(0, keep)
+    return out[tuple(index)]
+
+
+def _head_pad(x, padded, node, i):
+    n = x.dim() - 2
+    auto = node.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        total = padded.shape[2 + i] - x.shape[2 + i]
+        return total // 2 if auto == "SAME_UPPER" else total - total // 2
+    return node.get("pads", [0] * 2 * n)[i]
 
 
 def _gather(node, ins, _):

@@ -51,7 +51,7 @@ _EMIT = ("test_passes", "test_spec", "test_softmax_quantizers", "test_targets", 
          "test_canonicalize", "test_log2_function")
 _RECON = ("test_gptq", "test_reconstruct_driver", "test_block_weights", "test_blocks",
           "test_storage4", "test_reconstruct_torch")
-_TORCH = ("test_reconstruct_torch", "test_reconstruct_driver", "test_blocks")
+_TORCH = ("test_reconstruct_torch", "test_reconstruct_driver", "test_blocks", "test_torch_ops")
 _PLAN = ("test_passes", "test_spec", "test_targets", "test_exclude", "test_config",
          "test_softmax_quantizers")
 MODULES = {  # name -> (path in the scratch tree, fast test selection; test_mutants is added)
