@@ -365,12 +365,8 @@ def test_every_block_steps_on_batches_not_on_all_samples(monkeypatch, method):
     assert set(steps) == {(24, reconstruct_torch.BATCH)}
 
 
-def test_mgrq_local_targets_are_the_float_block_layers_on_each_batch(monkeypatch):
-    """L_local's targets are computed per batch in torch (no copy over every sample is
-    held) and equal onnxruntime's float block layer outputs on the batch's quantized
-    input samples."""
-    from onnxquant.torch_quant import Samples
-
+def _recorded_local_targets(monkeypatch) -> list:
+    """(targets, idx, got) of every L_local target taken (reconstruct_torch._LocalTargets)."""
     seen = []
     LocalTargets = reconstruct_torch._LocalTargets
 
@@ -385,6 +381,16 @@ def test_mgrq_local_targets_are_the_float_block_layers_on_each_batch(monkeypatch
             return got
 
     monkeypatch.setattr(reconstruct_torch, "_LocalTargets", Recorded)
+    return seen
+
+
+def test_mgrq_local_targets_are_the_float_block_layers_on_each_batch(monkeypatch):
+    """L_local's targets are computed per batch in torch (no copy over every sample is
+    held) and equal onnxruntime's float block layer outputs on the batch's quantized
+    input samples."""
+    from onnxquant.torch_quant import Samples
+
+    seen = _recorded_local_targets(monkeypatch)
     quantize(mixed_model(seed=2), calibration(32, seed=1), weight_bits=4, per_channel=True,
              weight_symmetric=True, reconstruct="mgrq", reconstruct_iters=2)
     assert len(seen) > 2
@@ -759,20 +765,7 @@ def test_samples_rescale_the_batch_in_shape_values():
 def test_mgrq_local_targets_of_a_block_that_steps_on_all_samples(monkeypatch):
     """Where a block cannot step on batches, L_local's targets are onnxruntime's float
     layer outputs on all the fitted samples, computed once."""
-    seen = []
-    LocalTargets = reconstruct_torch._LocalTargets
-
-    class Recorded(LocalTargets):
-        def __init__(self, task, gm, dev, batched):
-            super().__init__(task, gm, dev, batched)
-            self.task = task
-
-        def take(self, feed, idx):
-            got = super().take(feed, idx)
-            seen.append((self, idx, got))
-            return got
-
-    monkeypatch.setattr(reconstruct_torch, "_LocalTargets", Recorded)
+    seen = _recorded_local_targets(monkeypatch)
     monkeypatch.setattr(reconstruct_torch, "_batchable", lambda *args: False)
     quantize(mixed_model(seed=2), calibration(16, seed=1), weight_bits=4, per_channel=True,
              weight_symmetric=True, reconstruct="mgrq", reconstruct_iters=2)
