@@ -26,6 +26,7 @@ def test_split_feed_holds_out_an_even_share_or_nothing(n, fraction):
         return
     f, h = fit["x"][:, 0].astype(int), held["x"][:, 0].astype(int)
     assert len(h) == want and len(f) == n - want
+    assert min(len(f), len(h)) >= reconstruct.MIN_SAMPLES_EACH_SIDE
     assert sorted(np.concatenate([f, h]).tolist()) == list(range(n))  # disjoint, complete
     assert np.all(np.diff(f) > 0) and np.all(np.diff(h) > 0)  # order kept
     assert h[0] == 0 and h[-1] == n - 1  # spread over the whole set
@@ -591,6 +592,11 @@ def test_summary_counts_the_codes_each_block_kept():
     assert "largest gains c 2.0e-02->1.0e-03, a 1.0e-02->5.0e-03, d 1.0e-02->9.0e-03" in note
     assert note.endswith("; model output error 3.00e-02 -> 1.00e-02; judged on the 32 fitted "
                          "samples; 12.3 s on cpu")
+    check = reconstruct.ModelCheck(3e-2, 1e-2, True, 2e-2, False,
+                                   {"chosen": [0.0, 1.0, 0.0], "gptq": [1.0, 0.5, 0.5]})
+    note = reconstruct.summary("brecq", results, 1.0, check)
+    assert ("; model output error 3.00e-02 -> 1.00e-02, plain GPTQ's 2.00e-02 (the choice's "
+            "lower on 2 of 3 samples); judged on") in note
 
 
 def test_why_plain_gptq_names_both_errors_when_the_choice_is_above():
@@ -780,3 +786,31 @@ def test_the_walk_hands_each_block_what_the_emitted_model_computes(monkeypatch):
     got = block_runs.run(block_runs.emitted(gs.import_onnx(last.model), last.plan), inputs)[name]
     want = run_ort(res.model, {"x": calib})[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_weight_two_layers_share_keeps_rounding_to_nearest(monkeypatch):
+    """Codes chosen for one reader would be wrong for the other: a shared weight is not
+    handed to the method, the others are."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), n)
+             for n in ("shared", "own")]
+    nodes = [helper.make_node("Conv", ["x", "shared"], ["a"], name="first"),
+             helper.make_node("Conv", ["a", "shared"], ["b"], name="second"),
+             helper.make_node("Conv", ["b", "own"], ["y"], name="third")]
+    model = helper.make_model(helper.make_graph(
+        nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+    handed = []
+
+    def method(task):
+        handed.extend(layer.site.node for layer in task.layers)
+        return reconstruct.run_gptq(task)
+
+    _with_method(monkeypatch, method)
+    res = quantize(model, calibration(16, seed=1), weight_bits=4, reconstruct="gptq")
+    assert handed == ["third"]
+    sites = {s.node: s for s in res.plan.convs}
+    assert sites["first"].weight_spec.codes is None and sites["second"].weight_spec.codes is None
