@@ -265,3 +265,14 @@ def test_act_order_keeps_tied_columns_in_their_own_order():
     by_hand = gptq.gptq(w[:, :, order], h[order][:, order][None], scale, zero, p.qmin, p.qmax,
                         act_order=False)
     np.testing.assert_array_equal(codes[:, :, order], by_hand)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_codes_do_not_depend_on_the_scale_of_the_hessian(seed):
+    """H from inputs 64 times larger is 4096 H: the damping is a share of its mean diagonal,
+    so the codes are the same (an absolute damping would weigh differently)."""
+    w, h, scale, zero, p = _problem(seed, groups=2, cols=16, n=20)  # few samples: damping matters
+    codes = gptq.gptq(w, h, scale, zero, p.qmin, p.qmax, damp=0.1)
+    for factor in (2.0 ** -12, 2.0 ** 12):  # powers of two: the scaling itself is exact
+        np.testing.assert_array_equal(
+            gptq.gptq(w, h * factor, scale, zero, p.qmin, p.qmax, damp=0.1), codes)
