@@ -709,6 +709,9 @@ def test_with_outputs_adds_only_what_the_model_does_not_give_already():
     got = [o.name for o in out.graph.output]
     assert got == [model.graph.output[0].name, model.graph.node[-2].output[0]]
     assert len(model.graph.output) == 1  # the input model is not changed
+    x = calibration(2, seed=1)
+    values = block_runs.run(out, {"x": x}, names)
+    assert list(values) == names and values["x"] is x  # an input asked for passes through
 
 
 def test_subplan_keeps_the_sites_inside_the_block():
