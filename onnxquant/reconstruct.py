@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from . import block_runs, fits, gptq, quantizers
 from . import blocks as blockmap
-from .errors import UserError
+from .errors import UserError, first_line
 from .layers import Layer
 from .plan import Plan
 
@@ -111,6 +111,7 @@ class BlockResult:
     error: float  # with the kept codes
     kept: str = ""  # which codes: RTN, "gptq" or the method's name
     candidates: dict = field(default_factory=dict)  # origin -> error on the judged samples
+    unsupported: str = ""  # why the method could not run this block (torch executor)
 
 
 @dataclass
@@ -436,8 +437,10 @@ def _judged_on(fit: dict, held: dict | None, holdout: float) -> str:
     return f"{n} held-out samples (fitted on {count(fit)}){few}"
 
 
-def _candidates(task: BlockTask, method, name: str, every_sample: dict) -> dict:
-    """Fit by origin ({} codes: round to nearest), in order of preference. GPTQ's codes
+def _candidates(task: BlockTask, method, name: str, every_sample: dict) -> tuple:
+    """(fit by origin ({} codes: round to nearest), in order of preference; why the method
+    could not run the block, or ""). A block the torch executor cannot run (an op or an op
+    form it lacks) keeps the better of GPTQ's codes and rounding. GPTQ's codes
     (the start of brecq and mgrq, a candidate for every torch method) are fitted on
     ``every_sample``, held-out ones included: at 3 bits GPTQ on 24 of the
     recognizer's 32 lines read 77.7 % of lines against 90.7 % on all 32, and the learned
@@ -449,9 +452,12 @@ def _candidates(task: BlockTask, method, name: str, every_sample: dict) -> dict:
         out["gptq"] = fits.Fit(codes)
         if name in START_FROM_GPTQ:
             task.start = codes
-    fit = method(task)
+    try:
+        fit = method(task)
+    except NotImplementedError as exc:  # an op, or an op form, the torch executor lacks
+        return out, first_line(exc)
     out[name] = fit if isinstance(fit, fits.Fit) else fits.Fit(fit)
-    return out
+    return out, ""
 
 
 def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> BlockResult:
@@ -468,18 +474,20 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> Block
     rounded = {layer.site.node: layer.site.weight_spec.with_(codes=None) for layer in layers}
     acts = fits.learnable_steps(walk.plan, model)
     task.learn_steps = frozenset(t for _, _, t, _ in acts)
-    candidates = _candidates(task, method, cfg.reconstruct, walk.a)
+    candidates, unsupported = _candidates(task, method, cfg.reconstruct, walk.a)
     want = block_runs.run(model, walk.judged)  # float block on the quantized inputs
     errors = {}
     for origin, fit in candidates.items():
         fits.apply(layers, fit, rounded, acts)
         errors[origin] = block_runs.relative_error(
             walk.quantized_outputs(i, graph, walk.judged), want)
-    kept = min(errors, key=errors.get) if JUDGE else cfg.reconstruct  # ties: the earlier
+    own = cfg.reconstruct if not JUDGE and cfg.reconstruct in candidates else None
+    kept = own or min(errors, key=errors.get)  # ties: the earlier
     fits.apply(layers, candidates[kept], rounded, acts)
     bar.set_postfix({"block": block.name, "err": f"{errors[RTN]:.2e}->{errors[kept]:.2e}"},
                     refresh=False)
-    return BlockResult(block.name, len(layers), errors[RTN], errors[kept], kept, errors)
+    return BlockResult(block.name, len(layers), errors[RTN], errors[kept], kept, errors,
+                       unsupported)
 
 
 def _model_check(canonical, plan: Plan, feed: dict, original: list,
@@ -572,6 +580,16 @@ def _why_gptq(check: ModelCheck) -> str:
             f"{WINS_ALPHA:.0%})")
 
 
+def _unsupported(method: str, results: list) -> str:
+    """The blocks the torch executor could not run (they chose among GPTQ and rounding)."""
+    skipped = [r for r in results if r.unsupported]
+    if not skipped:
+        return ""
+    names = ", ".join(r.name for r in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+    return (f"; {len(skipped)} blocks without {method} ({names}: {skipped[0].unsupported}), "
+            "GPTQ's codes or rounding kept there")
+
+
 def summary(method: str, results: list, seconds: float, check: ModelCheck | None = None,
             judged_on: str = "the calibration samples", where: str = "") -> str:
     """The summary's note on ``--reconstruct``; ``where``: the torch device it ran on."""
@@ -588,9 +606,11 @@ def summary(method: str, results: list, seconds: float, check: ModelCheck | None
     top = sorted(results, key=lambda r: r.error - r.rtn_error)[:3]
     gains = ", ".join(f"{r.name} {r.rtn_error:.1e}->{r.error:.1e}" for r in top)
     kept = Counter(r.kept or method for r in results)
+    unsupported = _unsupported(method, results)
     if check is not None and check.kept_gptq:
         return (f"reconstruct {method}: plain GPTQ's codes kept: {_why_gptq(check)} "
-                f"(round to nearest {check.rtn_error:.2e}); judged on {judged_on}; {took}")
+                f"(round to nearest {check.rtn_error:.2e}); judged on {judged_on}"
+                f"{unsupported}; {took}")
     return (f"reconstruct {method}: {sum(r.layers for r in results)} layers in "
             f"{len(results)} blocks, {improved} blocks improved; codes kept per block: "
             + ", ".join(f"{k} {v}" for k, v in kept.most_common())
@@ -601,4 +621,4 @@ def summary(method: str, results: list, seconds: float, check: ModelCheck | None
             + ("" if check is None or check.gptq_error is None else
                f", plain GPTQ's {check.gptq_error:.2e} (the choice's lower on "
                f"{_won(check)} samples)")
-            + f"; judged on {judged_on}; {took}")
+            + f"; judged on {judged_on}{unsupported}; {took}")

@@ -68,7 +68,8 @@ def _conv_transpose(node, ins, _):
     w = ins[1]
     n = w.dim() - 2
     p = node.get("pads", [0] * 2 * n)
-    assert p[:n] == p[n:], "asymmetric ConvTranspose pads"
+    if p[:n] != p[n:]:
+        raise NotImplementedError(f"ConvTranspose with asymmetric pads {p}")
     fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d}[n]
     return fn(ins[0], w, ins[2] if len(ins) > 2 else None, node.get("strides", 1), p[:n],
               node.get("output_padding", 0), node.get("group", 1), node.get("dilations", 1))
@@ -204,14 +205,43 @@ def _resize(node, ins, _):
     sizes = _ints(ins[3])[2:] if len(ins) > 3 and ins[3] is not None else None
     mode = node.get("mode", b"nearest").decode()
     coord = node.get("coordinate_transformation_mode", b"half_pixel").decode()
-    kwargs = {"size": sizes} if sizes else {
-        "scale_factor": [float(s) for s in scales.tolist()[2:]], "recompute_scale_factor": False}
+    factors = [float(s) for s in scales.tolist()[2:]] if scales is not None else None
     if mode == "nearest":
-        assert coord == "asymmetric" and node.get("nearest_mode", b"").decode() == "floor", coord
-        return F.interpolate(x, mode="nearest", **kwargs)
+        return _resize_nearest(x, sizes, factors, coord,
+                               node.get("nearest_mode", b"round_prefer_floor").decode())
+    if mode != "linear" or coord not in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        raise NotImplementedError(f"Resize mode {mode} with {coord} coordinates")
+    kwargs = {"size": sizes} if sizes else {"scale_factor": factors,
+                                            "recompute_scale_factor": False}
     torch_mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[x.dim() - 2]
-    assert mode == "linear" and coord in ("half_pixel", "pytorch_half_pixel", "align_corners")
     return F.interpolate(x, mode=torch_mode, align_corners=coord == "align_corners", **kwargs)
+
+
+_NEAREST = {"round_prefer_floor": lambda v: torch.ceil(v - 0.5),
+            "round_prefer_ceil": lambda v: torch.floor(v + 0.5),
+            "floor": torch.floor, "ceil": torch.ceil}
+
+
+def _resize_nearest(x, sizes, factors, coord: str, nearest_mode: str):
+    """ONNX Resize, mode nearest, for every coordinate transformation and rounding: each
+    output index mapped to an input index per spatial axis (the ONNX formulas), gathered."""
+    if nearest_mode not in _NEAREST or coord not in (
+            "half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
+            "tf_half_pixel_for_nn"):
+        raise NotImplementedError(f"Resize nearest with {coord} coordinates, {nearest_mode}")
+    for i in range(x.dim() - 2):
+        axis, size = 2 + i, x.shape[2 + i]
+        out = sizes[i] if sizes else int(math.floor(size * factors[i]))
+        scale = out / size if sizes else factors[i]
+        j = torch.arange(out, dtype=torch.float64, device=x.device)
+        v = {"half_pixel": (j + 0.5) / scale - 0.5,
+             "pytorch_half_pixel": (j + 0.5) / scale - 0.5 if out > 1 else j * 0,
+             "align_corners": j * ((size - 1) / (out - 1)) if out > 1 else j * 0,
+             "asymmetric": j / scale,
+             "tf_half_pixel_for_nn": (j + 0.5) / scale}[coord]
+        index = _NEAREST[nearest_mode](v).clamp(0, size - 1).long()
+        x = x.index_select(axis, index)
+    return x
 
 
 def _pad(node, ins, opset):

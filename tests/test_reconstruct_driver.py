@@ -817,3 +817,26 @@ def test_a_weight_two_layers_share_keeps_rounding_to_nearest(monkeypatch):
     assert handed == ["third"]
     sites = {s.node: s for s in res.plan.convs}
     assert sites["first"].weight_spec.codes is None and sites["second"].weight_spec.codes is None
+
+
+@pytest.mark.parametrize("judge", [True, False])
+def test_a_block_the_torch_executor_cannot_run_keeps_gptq_or_rounding(monkeypatch, judge):
+    """An op (or op form) torch_graph lacks in one block: that block chooses between GPTQ's
+    codes and rounding, the others run the method, and the summary names the block."""
+    def method(task):
+        if task.name == "bridge_1":
+            raise NotImplementedError("ops not implemented: FancyOp\nmore")
+        return _fake_method([], 0)(task)
+
+    _with_method(monkeypatch, method)
+    monkeypatch.setattr(reconstruct, "JUDGE", judge)
+    res = quantize(mixed_model(seed=2), calibration(32, seed=1), weight_bits=4,
+                   reconstruct="brecq")
+    results = {r.name: r for r in res.plan.reconstruction}
+    assert results["bridge_1"].unsupported == "ops not implemented: FancyOp"
+    assert set(results["bridge_1"].candidates) == {reconstruct.RTN, "gptq"}
+    assert all(not r.unsupported and "brecq" in r.candidates
+               for name, r in results.items() if name != "bridge_1")
+    note = next(n for n in res.plan.notes if n.startswith("reconstruct brecq"))
+    assert ("; 1 blocks without brecq (bridge_1: ops not implemented: FancyOp), GPTQ's codes "
+            "or rounding kept there; ") in note

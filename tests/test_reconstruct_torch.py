@@ -815,3 +815,27 @@ def test_mgrq_supervises_every_block_but_the_last_through_the_rest_of_the_model(
     quantize(mixed_model(seed=2), calibration(16, seed=1), weight_bits=4, per_channel=True,
              reconstruct="brecq", reconstruct_iters=2)
     assert not built
+
+
+@pytest.mark.parametrize("method", ["brecq", "mgrq"])
+def test_a_model_with_an_op_torch_lacks_still_reconstructs(method):
+    """Einsum (not in torch_ops.OPS) inside a block: that block keeps GPTQ's codes or
+    rounding, MGRQ's tail through it is off, the rest is learned; no traceback."""
+    import onnx
+
+    b = Builder(0)
+    h = b.conv("c1", "x", 4, 8, k=3)
+    b.node(f'[ein] e = Einsum<equation="nchw->nchw">({h})')
+    h = b.relu("act", b.conv("c2", "e", 8, 8))
+    model = b.build({b.conv("c3", h, 8, 4, k=3): "float[N,4,4,4]"})
+    from onnxquant.torch_ops import OPS
+
+    assert "Einsum" not in OPS
+    res = quantize(model, calibration(16, seed=1), weight_bits=4, per_channel=True,
+                   reconstruct=method, reconstruct_iters=2)
+    skipped = [r for r in res.plan.reconstruction if r.unsupported]
+    assert skipped and all("Einsum" in r.unsupported for r in skipped)
+    assert any(method in r.candidates for r in res.plan.reconstruction)
+    note = next(n for n in res.plan.notes if n.startswith(f"reconstruct {method}"))
+    assert f"without {method} (" in note
+    onnx.checker.check_model(res.model)

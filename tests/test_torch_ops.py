@@ -58,6 +58,17 @@ CASES = {
     "resize-nearest-asymmetric": ("Resize", X4, {"": None, "s": np.array([1, 1, 2, 2], np.float32)},
                                   {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
                                    "nearest_mode": "floor", "_order": ["x", "", "s"]}, 13),
+    **{f"resize-nearest-{coord}-{rounding}-{how}": (
+        "Resize", X4, {"": None, **({"s": np.array([1, 1, 1.5, 2.5], np.float32)} if how == "scales"
+                                    else {"z": np.array([2, 4, 13, 5], I64)})},
+        {"mode": "nearest", "coordinate_transformation_mode": coord, "nearest_mode": rounding,
+         "_order": ["x", "", "s"] if how == "scales" else ["x", "", "", "z"]}, 13)
+       for coord in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
+                     "tf_half_pixel_for_nn")
+       for rounding in ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+       for how in ("scales", "sizes")},
+    "resize-nearest-defaults": ("Resize", X4, {"": None, "s": np.array([1, 1, 2, 2], np.float32)},
+                                {"_order": ["x", "", "s"]}, 13),
     "resize-linear-half-pixel": ("Resize", X4, {"": None, "s": np.array([1, 1, 2, 2], np.float32)},
                                  {"mode": "linear", "_order": ["x", "", "s"]}, 13),
     "resize-linear-align-sizes": ("Resize", X4, {"": None,
