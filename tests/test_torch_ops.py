@@ -127,6 +127,12 @@ CASES = {
     "layer-norm-last": ("LayerNormalization", {"x": [2, 3, 4]},
                         {"g": np.float32([1, 2, 3, 4]), "b": np.float32([0, 1, 0, 1])}, {}, 17),
     "expand": ("Expand", {"x": [3, 1]}, {"s": np.array([2, 3, 4], I64)}, {}, 17),
+    "conv-1d-pads-dilation": ("Conv", {"x": [2, 4, 11]},
+                              {"w": np.float32(np.random.default_rng(3).standard_normal((3, 4, 3)))},
+                              {"pads": [2, 1], "dilations": [2], "strides": [2]}, 17),
+    "conv-same-upper-stride-2": ("Conv", X4, {"w": np.float32(np.random.default_rng(4)
+                                                              .standard_normal((2, 4, 3, 2)))},
+                                 {"auto_pad": "SAME_UPPER", "strides": [2, 2]}, 17),
 }
 
 
@@ -156,3 +162,15 @@ def test_quantize_dequantize_per_axis_and_per_tensor(signed, axis):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     _check(model, {"x": [2, 4, 3]}, atol=1e-6)
+
+
+def test_constant_of_shape_fills_with_its_value_attribute():
+    value = numpy_helper.from_array(np.array([0.75], np.float32), "value")
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("ConstantOfShape", ["s"], ["c"], value=value),
+             helper.make_node("Add", ["x", "c"], ["y0"])]
+    graph = helper.make_graph(nodes, "cos", [helper.make_tensor_value_info("x", F32, [2, 3])],
+                              [helper.make_tensor_value_info("y0", F32, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    _check(model, {"x": [2, 3]})
