@@ -40,18 +40,21 @@ def _same_pads(x, kernel, strides, dilations, upper=True):
     return pads
 
 
-def _pad_for(x, node, kernel, value=0.0):
-    """Apply ONNX ``pads``/``auto_pad`` explicitly (torch's padding is symmetric only)."""
+def _pad_pairs(x, node, kernel) -> list:
+    """(head, tail) padding per spatial axis from ONNX ``pads`` or ``auto_pad``."""
     n = len(kernel)
     strides, dil = node.get("strides", [1] * n), node.get("dilations", [1] * n)
     auto = node.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pairs = _same_pads(x, kernel, strides, dil, auto == "SAME_UPPER")
-    else:
-        p = node.get("pads", [0] * 2 * n)
-        pairs = list(zip(p[:n], p[n:]))
-    flat = [v for pair in reversed(pairs) for v in pair]
+        return _same_pads(x, kernel, strides, dil, auto == "SAME_UPPER")
+    p = node.get("pads", [0] * 2 * n)
+    return list(zip(p[:n], p[n:]))
+
+
+def _pad_for(x, node, kernel, value=0.0):
+    """Apply ONNX ``pads``/``auto_pad`` explicitly (torch's padding is symmetric only)."""
+    flat = [v for pair in reversed(_pad_pairs(x, node, kernel)) for v in pair]
     return F.pad(x, flat, value=value) if any(flat) else x
 
 
@@ -95,32 +98,23 @@ def _pool(kind):
             if padded.shape != x.shape and not node.get("count_include_pad", 0):
                 ones = _pad_for(torch.ones_like(x[:1, :1]), node, kernel)
                 out = out / fn(ones, kernel, strides, 0, ceil)
-        return _drop_windows_in_right_pad(out, x, padded, node, strides) if ceil else out
+        if not ceil:
+            return out
+        return _drop_windows_in_right_pad(out, x, _pad_pairs(x, node, kernel), strides)
     return run
 
 
-def _drop_windows_in_right_pad(out, x, padded, node, strides):
+def _drop_windows_in_right_pad(out, x, pairs: list, strides):
     """torch saw the padding as input, so it keeps a last ceil_mode window that starts in
     the right padding: keep only windows starting before the input's end."""
     index = [slice(None)] * out.dim()
-    for i, s in enumerate(strides):
+    for i, (s, (head, _)) in enumerate(zip(strides, pairs)):
         dim = 2 + i
-        head = _head_pad(x, padded, node, i)
         keep = out.shape[dim]
         while keep > 1 and (keep - 1) * s >= x.shape[dim] + head:
             keep -= 1
         index[dim] = slice(0, keep)
     return out[tuple(index)]
-
-
-def _head_pad(x, padded, node, i):
-    n = x.dim() - 2
-    auto = node.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        total = padded.shape[2 + i] - x.shape[2 + i]
-        return total // 2 if auto == "SAME_UPPER" else total - total // 2
-    return node.get("pads", [0] * 2 * n)[i]
 
 
 def _gather(node, ins, _):
@@ -222,23 +216,27 @@ _NEAREST = {"round_prefer_floor": lambda v: torch.ceil(v - 0.5),
             "floor": torch.floor, "ceil": torch.ceil}
 
 
+# ONNX Resize's coordinate transformations: output index j -> input coordinate
+_SOURCE = {
+    "half_pixel": lambda j, scale, size, out: (j + 0.5) / scale - 0.5,
+    "pytorch_half_pixel": lambda j, scale, size, out: (j + 0.5) / scale - 0.5 if out > 1 else j * 0,
+    "align_corners": lambda j, scale, size, out: j * ((size - 1) / (out - 1)) if out > 1 else j * 0,
+    "asymmetric": lambda j, scale, size, out: j / scale,
+    "tf_half_pixel_for_nn": lambda j, scale, size, out: (j + 0.5) / scale,
+}
+
+
 def _resize_nearest(x, sizes, factors, coord: str, nearest_mode: str):
     """ONNX Resize, mode nearest, for every coordinate transformation and rounding: each
     output index mapped to an input index per spatial axis (the ONNX formulas), gathered."""
-    if nearest_mode not in _NEAREST or coord not in (
-            "half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
-            "tf_half_pixel_for_nn"):
+    if nearest_mode not in _NEAREST or coord not in _SOURCE:
         raise NotImplementedError(f"Resize nearest with {coord} coordinates, {nearest_mode}")
     for i in range(x.dim() - 2):
         axis, size = 2 + i, x.shape[2 + i]
         out = sizes[i] if sizes else int(math.floor(size * factors[i]))
         scale = out / size if sizes else factors[i]
         j = torch.arange(out, dtype=torch.float64, device=x.device)
-        v = {"half_pixel": (j + 0.5) / scale - 0.5,
-             "pytorch_half_pixel": (j + 0.5) / scale - 0.5 if out > 1 else j * 0,
-             "align_corners": j * ((size - 1) / (out - 1)) if out > 1 else j * 0,
-             "asymmetric": j / scale,
-             "tf_half_pixel_for_nn": (j + 0.5) / scale}[coord]
+        v = _SOURCE[coord](j, scale, size, out)
         index = _NEAREST[nearest_mode](v).clamp(0, size - 1).long()
         x = x.index_select(axis, index)
     return x
