@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from onnx import numpy_helper
 
-from graphs import calibration, conv_chain_model, mixed_model, quantize, run_ort, sdpa_model
+from graphs import (calibration, conv_chain_model, mixed_model, nodes_by_name, quantize, run_ort,
+                    sdpa_model, weight_value)
 from onnxquant import QuantConfig, block_runs, fits, quantizers, reconstruct
 from onnxquant.config import HOLDOUT_DEFAULTS
 
@@ -753,17 +754,12 @@ def test_the_bias_widened_grid_of_an_int8_conv_is_not_clipped(monkeypatch):
     _with_method(monkeypatch, method)
     quantize(model, calib, reconstruct="adaround", **config)
     int8 = {node: p for node, (out, p) in seen.items() if out}
+    nodes = nodes_by_name(model)
     assert set(int8) == set(decided)
     for node, p in int8.items():
         np.testing.assert_array_equal(p.scale, decided[node].scale)
     assert any(not np.array_equal(quantizers.clipped_params(p, w).scale, p.scale)
-               for p, w in [(int8[n], _weight(model, n)) for n in int8])
-
-
-def _weight(model, node_name):
-    node = next(n for n in model.graph.node if n.name == node_name)
-    return numpy_helper.to_array(next(t for t in model.graph.initializer
-                                      if t.name == node.input[1]))
+               for p, w in [(int8[n], weight_value(model, nodes[n].input[1])) for n in int8])
 
 
 def test_the_walk_hands_each_block_what_the_emitted_model_computes(monkeypatch):
