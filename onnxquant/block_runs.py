@@ -58,6 +58,21 @@ def _requantize_leaving_outputs(graph: gs.Graph, plan: Plan, read_later: frozens
         graph.outputs[i] = out
 
 
+def last_reads(blocks: list) -> dict:
+    """Tensor -> index of the last block in ``blocks`` that reads it."""
+    last = {}
+    for i, block in enumerate(blocks):
+        for t in block.inputs:
+            last[t] = i
+    return last
+
+
+def read_after(run: list, i: int, last: dict) -> frozenset:
+    """The outputs of the blocks ``run`` (the last one is block ``i``) that a block after
+    ``i`` reads (``last``: ``last_reads`` of all blocks): those ``emitted`` requantizes."""
+    return frozenset(t for b in run for t in b.outputs if last.get(t, -1) > i)
+
+
 def with_outputs(model: onnx.ModelProto, names: list) -> onnx.ModelProto:
     """``model`` with extra graph outputs (intermediate tensors it computes)."""
     out = onnx.ModelProto()

@@ -268,14 +268,6 @@ def _shared_weights(plan: Plan) -> set:
     return shared
 
 
-def _last_reads(blocks: list) -> dict:
-    last = {}
-    for i, block in enumerate(blocks):
-        for t in block.inputs:
-            last[t] = i
-    return last
-
-
 def split_indices(n: int, fraction: float) -> tuple | None:
     """(indices of the samples the methods fit on, of the held-out samples that judge the
     codes), or None where either side would have fewer than MIN_SAMPLES_EACH_SIDE. The
@@ -319,7 +311,7 @@ class _Walk:
         self.f = dict(self.q) if learned else None
         self.fitted_inputs, self._float_values = dict(self.q), {}  # model inputs (fitted)
         self._float_block = (None, None)  # (i, block i's float outputs on f)
-        self.last = _last_reads(plan.blocks)
+        self.last = block_runs.last_reads(plan.blocks)
         self.outputs = {o.name for o in canonical.graph.output}
 
     def _slice(self) -> None:
@@ -337,9 +329,8 @@ class _Walk:
     def quantized_outputs(self, i: int, graph: gs.Graph, values: dict) -> dict:
         """Block ``i``'s outputs with the plan's current specs, on quantized ``values``."""
         block = self.plan.blocks[i]
-        read_later = frozenset(t for t in block.outputs if self.last.get(t, -1) > i)
         model = block_runs.emitted(graph, block_runs.subplan(self.plan, set(block.nodes)),
-                                   read_later)
+                                   block_runs.read_after([block], i, self.last))
         return block_runs.run(model, values)
 
     def advance(self, i: int, model: onnx.ModelProto, graph: gs.Graph) -> None:

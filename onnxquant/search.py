@@ -7,6 +7,8 @@ onnxruntime run of the float model; then, layer by layer, every candidate the ta
 is emitted into the extracted block (with the block's other layers at their current
 choice), run in onnxruntime, and scored by the relative squared error of the block outputs,
     err = sum ||Y_q - Y||^2 / sum ||Y||^2 ;
+Y_q as the emitted model hands it on: an int8 conv's output (target ort) that a later block
+reads is requantized, as its readers requantize it.
 the best candidate stays (greedy coordinate descent, one pass). A bridge block (a conv
 entering or leaving a transformer, whose post-activation range is one-sided: a zero point
 far from the middle, the bridge problem of Q-HyViT) is scored jointly with the block after
@@ -79,6 +81,8 @@ class _Search:
         self.nodes = {n.name: n for n in gs.import_onnx(canonical).nodes}
         self.sites = {s.node: s for s in plan.convs + plan.linears}
         self.extracted = {}  # the float run being searched, imported once
+        self.index = {b.name: i for i, b in enumerate(plan.blocks)}
+        self.last = block_runs.last_reads(plan.blocks)
 
     def _float_run(self, run: list) -> gs.Graph:
         key = tuple(b.name for b in run)
@@ -87,9 +91,12 @@ class _Search:
         return self.extracted[key]
 
     def error(self, run: list) -> float:
-        """Relative squared error of the run's outputs, with the plan's current specs."""
+        """Relative squared error of the run's outputs, with the plan's current specs (an
+        int8 conv's output that later blocks read, requantized as they read it)."""
         nodes = {n for b in run for n in b.nodes}
-        model = block_runs.emitted(self._float_run(run), block_runs.subplan(self.plan, nodes))
+        read_later = block_runs.read_after(run, self.index[run[-1].name], self.last)
+        model = block_runs.emitted(self._float_run(run), block_runs.subplan(self.plan, nodes),
+                                   read_later)
         got = block_runs.run(model, self.values)
         weights = self.weights if self.weights and all(k in self.weights for k in got) else None
         return block_runs.relative_error(got, self.values, weights)
