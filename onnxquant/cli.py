@@ -21,6 +21,7 @@ from .config import (CALIB_METHODS, INT8_KINDS, DEFAULT_LOG2_EPS, PARTS, RECONST
 from .errors import UserError
 from .model_io import check_output_path, load_model, save_model
 from .report import canonical_line
+from .wording import count
 from .preprocess_args import (add_preprocess_arguments, guessed_normalization,
                               preprocess_from_args)
 
@@ -172,7 +173,7 @@ def print_summary(result: api.Result, cfg: QuantConfig, src: Path, dst: Path, se
     quantized_convs = sum(c.quantize for c in plan.convs)
     print(f"onnxquant {__version__}: {src} -> {dst}")
     print(f"  recipe      {_recipe(result.config or cfg)}")
-    print(f"  attention   {len(plan.attention)} blocks {patterns or ''}"
+    print(f"  attention   {count(len(plan.attention), 'block')} {patterns or ''}"
           f"{'; ' + str(len(plan.unmatched_softmax)) + ' other Softmax left float' if plan.unmatched_softmax else ''}")
     print(f"  convs       {len(plan.convs)} (conv blocks {roles['conv_block']}, inside "
           f"transformer {roles['transformer']}, bridges {roles['bridge']})")

@@ -48,6 +48,7 @@ from . import blocks as blockmap
 from .errors import UserError, first_line
 from .layers import Layer
 from .plan import Plan
+from .wording import count
 
 METHODS = ("none", "gptq", "adaround", "brecq", "qdrop", "mgrq")
 CLIP_BITS = 4  # grids of this many bits or fewer get per-channel MSE clipping first
@@ -577,7 +578,7 @@ def _unsupported(method: str, results: list) -> str:
     if not skipped:
         return ""
     names = ", ".join(r.name for r in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
-    return (f"; {len(skipped)} blocks without {method} ({names}: {skipped[0].unsupported}), "
+    return (f"; {count(len(skipped), 'block')} without {method} ({names}: {skipped[0].unsupported}), "
             "GPTQ's codes or rounding kept there")
 
 
@@ -602,8 +603,9 @@ def summary(method: str, results: list, seconds: float, check: ModelCheck | None
         return (f"reconstruct {method}: plain GPTQ's codes kept: {_why_gptq(check)} "
                 f"(round to nearest {check.rtn_error:.2e}); judged on {judged_on}"
                 f"{unsupported}; {took}")
-    return (f"reconstruct {method}: {sum(r.layers for r in results)} layers in "
-            f"{len(results)} blocks, {improved} blocks improved; codes kept per block: "
+    return (f"reconstruct {method}: {count(sum(r.layers for r in results), 'layer')} in "
+            f"{count(len(results), 'block')}, {count(improved, 'block')} improved; codes kept "
+            "per block: "
             + ", ".join(f"{k} {v}" for k, v in kept.most_common())
             + f"; block output error x{ratio:.2f} of round-to-nearest (geometric mean; "
             f"largest gains {gains})"

@@ -30,6 +30,7 @@ from onnx import TensorProto, numpy_helper
 
 from .checked_convert import at_least, copy_model, differs, differs_beyond_rounding, random_feed
 from .opset import model_opset
+from .wording import count
 
 log = logging.getLogger("onnxquant")
 
@@ -70,7 +71,7 @@ def pack_4bit(model: onnx.ModelProto, name: str = "model", feed: dict | None = N
                 "agree with the activation quantizers bypassed")
     types = "/".join(sorted({_NAMES[t.data_type] for t in packed.graph.initializer
                              if t.name in codes}))
-    note = f"4-bit weights stored as {types}: {len(codes)} tensors ({how})"
+    note = f"4-bit weights stored as {types}: {count(len(codes), 'tensor')} ({how})"
     log.info("%s: %s", name, note)
     return packed, note if not folded_note else f"{note}; {folded_note}"
 

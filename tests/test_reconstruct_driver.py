@@ -834,5 +834,5 @@ def test_a_block_the_torch_executor_cannot_run_keeps_gptq_or_rounding(monkeypatc
     assert all(not r.unsupported and "brecq" in r.candidates
                for name, r in results.items() if name != "bridge_1")
     note = next(n for n in res.plan.notes if n.startswith("reconstruct brecq"))
-    assert ("; 1 blocks without brecq (bridge_1: ops not implemented: FancyOp), GPTQ's codes "
+    assert ("; 1 block without brecq (bridge_1: ops not implemented: FancyOp), GPTQ's codes "
             "or rounding kept there; ") in note

@@ -307,7 +307,7 @@ def test_rounding_moved_activation_code_still_packs():
     model, feed = _code_boundary_model()
     packed, note = pack_4bit(model, "pool", feed)
     assert _types(packed)["wq"] == TensorProto.INT4
-    assert note == ("4-bit weights stored as INT4: 1 tensors (opset 13 converted to 21; float "
+    assert note == ("4-bit weights stored as INT4: 1 tensor (opset 13 converted to 21; float "
                     "rounding moved activation codes (opset 13 -> 21): outputs agree with the "
                     "activation quantizers bypassed)")
 
@@ -384,7 +384,7 @@ def test_block_wise_only_packs_only_block_wise_codes(block_size):
     assert packable(model.graph, block_wise_only=True) == ["bw_wq"]
     assert set(packable(model.graph)) == {"conv_wq", "dw_wq", "mm_wq", "gemm_wq", "bw_wq"}
     packed, note = pack_4bit(model, "dq", block_wise_only=True)
-    assert note == "4-bit weights stored as INT4: 1 tensors (opset 21)"
+    assert note == "4-bit weights stored as INT4: 1 tensor (opset 21)"
     types = _types(packed)
     assert types["bw_wq"] == TensorProto.INT4 and types["mm_wq"] == TensorProto.INT8
     _same_values(model, packed)
