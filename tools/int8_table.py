@@ -76,7 +76,8 @@ def per_label(setup: dict):
     timed_quantize = timed
 
 
-def reference_rows(ref: dict, configs: list, limit: int, work: Path) -> list:
+def reference_rows(ref: dict, configs: list, limit: int, work: Path,
+                   image_set: str = "imagenette/val") -> list:
     models, rows = [], []
     for label, cfg in configs:
         out = work / f"{ref['name']}.{label.replace(' ', '_')}.onnx"
@@ -84,7 +85,7 @@ def reference_rows(ref: dict, configs: list, limit: int, work: Path) -> list:
         models.append(out)
         rows.append({"model": ref["name"], "recipe": label, "seconds": seconds,
                      "mb": benchlib.file_mb(out)})
-    fp32, results = benchlib.against_fp32(ref["path"], models, benchlib.IMAGE_SETS["imagenette/val"],
+    fp32, results = benchlib.against_fp32(ref["path"], models, benchlib.IMAGE_SETS[image_set],
                                           ref, limit, ref["name"])
     for row, res in zip(rows, results):
         row.update(acc=res["top1"], change=res["change"], agree=res["agree"])
@@ -94,8 +95,10 @@ def reference_rows(ref: dict, configs: list, limit: int, work: Path) -> list:
 
 def recognizer_rows(configs: list, n_lines: int, work: Path,
                     calib_width: int = ocr.MIN_WIDTH, layout: str = "squeeze",
-                    calib_seed: int = 1001, calib_n: int = benchlib.NUM_CALIB) -> list:
-    """The recognizer quantized with every config, on ``n_lines`` rendered lines; calibrated
+                    calib_seed: int = 1001, calib_n: int = benchlib.NUM_CALIB,
+                    test_seed: int = 1) -> list:
+    """The recognizer quantized with every config, on ``n_lines`` rendered lines (seed
+    ``test_seed``); calibrated
     on ``calib_n`` samples of other lines (seed ``calib_seed``) in ``layout``: "folder" as
     a user does (line PNGs with PaddleOCR's flags, padded at the lines' median width; not
     ``calib_width``), else an array (ocr.calibration_array) at ``calib_width`` px."""
@@ -110,7 +113,7 @@ def recognizer_rows(configs: list, n_lines: int, work: Path,
         outs.append(out)
         rows.append({"model": "PP-OCRv6_rec_small", "recipe": label, "seconds": seconds,
                      "mb": benchlib.file_mb(out)})
-    lines = ocr.render_lines(n_lines, seed=1)
+    lines = ocr.render_lines(n_lines, seed=test_seed)
     results = ocr.evaluate_many([str(model)] + [str(o) for o in outs], lines)
     base = results[0]
     for row, res in zip(rows, results[1:]):
@@ -162,7 +165,13 @@ def parser(doc: str, out: str, lines: int):
                         "the width, padded to the widest, or packed side by side to fill the "
                         "width (ocr.calibration_array)")
     p.add_argument("--rec-calib-seed", type=int, default=1001,
-                   help="seed of the recognizer's calibration lines (the test lines use 1)")
+                   help="seed of the recognizer's calibration lines")
+    p.add_argument("--test-seed", type=int, default=1,
+                   help="seed of the recognizer's test lines (another seed: lines no choice "
+                        "was made on)")
+    p.add_argument("--image-set", choices=tuple(benchlib.IMAGE_SETS), default="imagenette/val",
+                   help="images the reference checkpoints are scored on (imagenet-val/nette: "
+                        "500 other val images of the same classes, no choice was made on)")
     p.add_argument("--no-references", action="store_true", help="skip the reference checkpoints")
     p.add_argument("--num-calib", type=int, default=benchlib.NUM_CALIB,
                    help="calibration images (reference checkpoints) and lines (recognizer)")
@@ -175,10 +184,10 @@ def all_rows(args, configs: list) -> list:
     configs = [(label, replace(cfg, num_calib=args.num_calib)) for label, cfg in configs]
     with tempfile.TemporaryDirectory() as tmp:
         for ref in [] if args.no_references else benchlib.selected_references(args):
-            rows += reference_rows(ref, configs, args.limit, Path(tmp))
+            rows += reference_rows(ref, configs, args.limit, Path(tmp), args.image_set)
         if not args.no_recognizer:
             rows += recognizer_rows(configs, args.lines, Path(tmp), *_rec_layout(args),
-                                    args.rec_calib_seed, args.num_calib)
+                                    args.rec_calib_seed, args.num_calib, args.test_seed)
     return rows
 
 
