@@ -212,11 +212,19 @@ def cmd_quantize(args) -> int:
     if used and (line := _calibration_line(args, model, cfg, pre)):
         print(f"  calibration {line}")
         _warn_guessed_normalization(args, pre)
-    if args.calib is None and result.plan.calibration_tensors():
-        print("onnxquant: warning: no --calib given, calibrated on the 32 bundled ImageNet "
-              "images; pass --calib DIR with your own images (and their preprocessing) for "
-              "best accuracy", file=sys.stderr)
+    if used and args.calib is None:
+        _warn_bundled_calibration(cfg)
     return 0
+
+
+def _warn_bundled_calibration(cfg) -> None:
+    """The bundled images stood in for the user's (ranges, --auto or --reconstruct)."""
+    from .calibrate import image_paths
+
+    n = len(image_paths(BUNDLED_CALIB, cfg))
+    print(f"onnxquant: warning: no --calib given, calibrated on {n} bundled ImageNet "
+          "images; pass --calib DIR with your own images (and their preprocessing) for "
+          "best accuracy", file=sys.stderr)
 
 
 def cmd_inspect(args) -> int:

@@ -51,6 +51,18 @@ def test_default_calibration_is_the_bundled_images(tmp_path, capsys):
     assert out.exists()
 
 
+def test_the_bundled_images_warning_counts_them_whatever_used_them(tmp_path, capsys):
+    """No activation ranges here (conv weights only), but GPTQ fits on the bundled images:
+    the warning still comes, with the number used."""
+    out = tmp_path / "q.onnx"
+    argv = [str(MODEL), str(out), "-q", *PRE, "--parts", "conv_block", "--weight-bits", "4",
+            "--reconstruct", "gptq", "--num-calib", "8"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "calibration bundled ImageNet images: 8 images" in captured.out
+    assert "calibrated on 8 bundled ImageNet images" in captured.err
+
+
 def test_console_script_runs(tmp_path):
     out = tmp_path / "q.onnx"
     proc = subprocess.run([sys.executable, "-m", "onnxquant", str(MODEL), str(out), "-q", *PRE,
