@@ -578,8 +578,8 @@ def _unsupported(method: str, results: list) -> str:
     if not skipped:
         return ""
     names = ", ".join(r.name for r in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
-    return (f"; {count(len(skipped), 'block')} without {method} ({names}: {skipped[0].unsupported}), "
-            "GPTQ's codes or rounding kept there")
+    return (f"; {count(len(skipped), 'block')} without {method} "
+            f"({names}: {skipped[0].unsupported}), GPTQ's codes or rounding kept there")
 
 
 def summary(method: str, results: list, seconds: float, check: ModelCheck | None = None,
