@@ -19,11 +19,50 @@ BLOCK = 128  # columns rounded per lazy-update block
 MAX_SAMPLES = 16384  # input columns (positions x images) used for H per layer
 
 
-def hessian(x: np.ndarray) -> np.ndarray:
-    """H = 2/n X X^T per group; ``x``: [G, C, n] -> [G, C, C] float64."""
+def hessian(x: np.ndarray, samples: np.ndarray | None = None) -> np.ndarray:
+    """H = 2/n X X^T per group; ``x``: [G, C, n] -> [G, C, C] float64. With ``samples``
+    (the calibration sample of each column, ascending), H is shrunk toward a scaled
+    identity by ``shrinkage``: (1 - rho) H + rho mean(diag H) I."""
     x32 = np.asarray(x, np.float32)
-    h = np.matmul(x32, np.swapaxes(x32, 1, 2)).astype(np.float64)
-    return h * (2.0 / max(x.shape[2], 1))
+    s = np.matmul(x32, np.swapaxes(x32, 1, 2)).astype(np.float64) / max(x.shape[2], 1)
+    if samples is not None:
+        rho = shrinkage(x32, s, samples)[:, None, None]
+        mu = np.trace(s, axis1=1, axis2=2)[:, None, None] / s.shape[1]
+        s = (1 - rho) * s + rho * mu * np.eye(s.shape[1])[None]
+    return 2.0 * s
+
+
+def shrinkage(x: np.ndarray, s: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """Ledoit-Wolf shrinkage intensity per group, the calibration samples taken as the
+    observations, not the columns.
+
+    The columns of one image (overlapping im2col patches, the tokens of one image or text
+    line) are far from independent: a layer seeing 32 images has 32 draws of its input
+    statistics, however many columns they give. Where those few draws leave X X^T / n
+    uncertain (late layers: few positions per image, many columns), GPTQ's error
+    compensation fits the calibration images' noise and generalizes worse than it scores
+    on them. With S_i the second moment of sample i's columns (weight w_i = its share of
+    the columns) and S = sum w_i S_i,
+
+        rho = min(1, sum_i w_i^2 ||S_i - S||_F^2 / ||S - mu I||_F^2),   mu = tr(S) / C:
+
+    the estimated variance of S over its distance from the scaled identity. rho = 0 with
+    one sample (nothing to estimate the variance from); rho -> 1 (rounding to nearest)
+    where the samples disagree about everything but the scale. ``samples``: ascending,
+    one per column of ``x`` [G, C, n]; ``s``: [G, C, C]."""
+    samples = np.asarray(samples)
+    _, starts, counts = np.unique(samples, return_index=True, return_counts=True)
+    if len(counts) < 2:
+        return np.zeros(s.shape[0])
+    n = x.shape[2]
+    var = np.zeros(s.shape[0])
+    for start, count in zip(starts, counts):
+        xi = x[:, :, start:start + count]
+        si = np.matmul(xi, np.swapaxes(xi, 1, 2)).astype(np.float64) / count
+        var += (count / n) ** 2 * np.sum((si - s) ** 2, axis=(1, 2))
+    mu = np.trace(s, axis1=1, axis2=2) / s.shape[1]
+    spread = np.sum((s - mu[:, None, None] * np.eye(s.shape[1])[None]) ** 2, axis=(1, 2))
+    return np.clip(var / np.maximum(spread, 1e-300), 0.0, 1.0)
 
 
 def quantize_rows(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int):

@@ -65,15 +65,25 @@ class Layer:
 
     def columns(self, x: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
         """The layer's input ``x`` as sample columns [G, C, n], at most ``limit`` of them."""
+        return self.sample_columns(x, limit, seed)[0]
+
+    def sample_columns(self, x: np.ndarray, limit: int, seed: int = 0,
+                       samples: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
+        """``columns`` and the calibration sample each column comes from ([n], ascending),
+        for ``x`` holding ``samples`` samples sample-major along its leading axis (images,
+        or tokens of n x k rows); None where that axis does not split into them."""
         if self.node.op_type == "Conv":
-            return conv_columns(x, self.attrs, self.weight.shape, limit, seed)
+            cols, image = _conv_columns(x, self.attrs, self.weight.shape, limit, seed)
+            return cols, _sample_of(image, len(x), samples)
         x = np.asarray(x, np.float32)
         if self.node.op_type == "Gemm" and self.attrs.get("transA", 0):
             x = x.T
         x = x.reshape(-1, x.shape[-1])
-        if len(x) > limit:
-            x = x[np.sort(np.random.default_rng(seed).choice(len(x), limit, replace=False))]
-        return x.T[None]
+        total, rows = len(x), np.arange(len(x))
+        if total > limit:
+            rows = np.sort(np.random.default_rng(seed).choice(total, limit, replace=False))
+            x = x[rows]
+        return x.T[None], _sample_of(rows, total, samples)
 
 
 def _pads(attrs: dict, spatial: tuple, kernel: tuple, strides: list, dilations: list) -> list:
@@ -94,10 +104,23 @@ def _pads(attrs: dict, spatial: tuple, kernel: tuple, strides: list, dilations: 
     return begin + end
 
 
+def _sample_of(index: np.ndarray, total: int, samples: int) -> np.ndarray | None:
+    """The sample of each of ``index`` (rows of a leading axis of ``total`` holding
+    ``samples`` samples sample-major), or None where ``total`` does not split into them."""
+    if samples < 1 or total % samples:
+        return None
+    return np.asarray(index) // (total // samples)
+
+
 def conv_columns(x: np.ndarray, attrs: dict, w_shape: tuple, limit: int, seed: int = 0):
     """im2col of a Conv input [B, Cin, *spatial] -> [G, Cin/G * prod(k), n]; columns in
     the order of ``W.reshape(Cout, -1)``; at most ``limit`` output positions, spread evenly
     over the images and drawn at random within each (only those are gathered)."""
+    return _conv_columns(x, attrs, w_shape, limit, seed)[0]
+
+
+def _conv_columns(x: np.ndarray, attrs: dict, w_shape: tuple, limit: int, seed: int = 0):
+    """``conv_columns`` and the image (index along B) of each column."""
     kernel = tuple(w_shape[2:])
     nd = len(kernel)
     strides = list(attrs.get("strides", [1] * nd))
@@ -112,13 +135,14 @@ def conv_columns(x: np.ndarray, attrs: dict, w_shape: tuple, limit: int, seed: i
     per_image = max(limit // len(x), 1)
     rng = np.random.default_rng(seed)
     offsets = np.array(list(itertools.product(*(range(k) for k in kernel))))  # [K, nd]
-    cols = []
-    for image in xp:
+    cols, image_of = [], []
+    for b, image in enumerate(xp):
         picked = (np.arange(total) if total <= per_image
                   else np.sort(rng.choice(total, per_image, replace=False)))
+        image_of.append(np.full(len(picked), b))
         pos = np.stack(np.unravel_index(picked, out), axis=1)  # [n, nd] output positions
         where = (pos[None, :, :] * np.array(strides)
                  + offsets[:, None, :] * np.array(dilations))  # [K, n, nd] input positions
         patches = image[(slice(None),) + tuple(where[..., i] for i in range(nd))]  # [C, K, n]
         cols.append(patches.reshape(g, -1, len(picked)))
-    return np.concatenate(cols, axis=2)
+    return np.concatenate(cols, axis=2), np.concatenate(image_of)

@@ -90,6 +90,12 @@ class BlockTask:
     learn_steps: frozenset = frozenset()  # activation tensors whose step may be learned
     batch_ints: dict = field(default_factory=dict)  # block_runs.batch_ints of the model
     float_outputs: object = None  # () -> the float block's outputs on float_inputs (once)
+    samples: int = 0  # calibration samples in inputs (0: block_runs.sample_count's guess)
+
+    def sample_count(self) -> int:
+        """Calibration samples in ``inputs``. Boundary values may hold n x k rows
+        (MobileViT's [B * patches, tokens, C]): the walk says n, a guess may say n x k."""
+        return self.samples or block_runs.sample_count(self.inputs)
 
     def positions_per_sample(self) -> int:
         """Spatial positions (or tokens) of one sample of the largest boundary input:
@@ -147,18 +153,18 @@ BIG_INPUT = 32768  # positions per sample above which layer inputs use fewer sam
 MIN_SAMPLES = 4
 
 
-def _layer_input_samples(task: BlockTask) -> dict:
+def _layer_input_samples(task: BlockTask) -> tuple:
     """The boundary inputs the layer-input runs use: all samples, or, where one sample
     already has more positions than H needs (full-resolution detector maps), the first
     few (the runs of a large block cost about the whole model each). Taken as the walk
     takes samples: every value with a sample axis, shape values that hold the batch
-    recomputed (``task.batch_ints``)."""
+    recomputed (``task.batch_ints``). Returns (values, their sample count)."""
     positions = task.positions_per_sample()
+    total = task.sample_count()
     if positions < BIG_INPUT:
-        return task.inputs
-    total = block_runs.sample_count(task.inputs)
+        return task.inputs, total
     n = min(total, max(MIN_SAMPLES, -(-2 * gptq.MAX_SAMPLES // positions)))
-    return block_runs.take(task.inputs, slice(0, n), total, task.batch_ints)
+    return block_runs.take(task.inputs, slice(0, n), total, task.batch_ints), n
 
 
 def _chunks(layers: list) -> list:
@@ -174,7 +180,7 @@ def run_gptq(task: BlockTask) -> dict:
     out, done = {}, set()
     graph = gs.import_onnx(task.model)
     nodes = {n.name for n in task.model.graph.node}
-    inputs, xs, previous = _layer_input_samples(task), {}, []
+    (inputs, samples), xs, previous = _layer_input_samples(task), {}, []
     for chunk in _chunks(task.layers):
         wanted = list(dict.fromkeys(l.site.input for l in chunk if l.site.input not in inputs))
         # one layer after another reading the same tensor: that tensor is upstream of both
@@ -185,8 +191,8 @@ def run_gptq(task: BlockTask) -> dict:
             xs = block_runs.run(block_runs.with_outputs(model, wanted), inputs, wanted)
         for layer in chunk:
             x = _as_layer_sees(layer, xs.get(layer.site.input, inputs.get(layer.site.input)))
-            codes = _gptq_codes(layer, gptq.hessian(layer.columns(x, gptq.MAX_SAMPLES,
-                                                                   task.seed)))
+            codes = _gptq_codes(layer, gptq.hessian(*layer.sample_columns(
+                x, gptq.MAX_SAMPLES, task.seed, samples)))
             if codes is None:  # H not positive definite even damped: round to nearest
                 continue
             layer.site.weight_spec = fits.codes_spec(layer, codes)
@@ -429,18 +435,19 @@ def _judged_on(fit: dict, held: dict | None, holdout: float) -> str:
     return f"{n} held-out samples (fitted on {count(fit)}){few}"
 
 
-def _candidates(task: BlockTask, method, name: str, every_sample: dict) -> tuple:
+def _candidates(task: BlockTask, method, name: str, every_sample: tuple) -> tuple:
     """(fit by origin ({} codes: round to nearest), in order of preference; why the method
     could not run the block, or ""). A block the torch executor cannot run (an op or an op
     form it lacks) keeps the better of GPTQ's codes and rounding. GPTQ's codes
     (the start of brecq and mgrq, a candidate for every torch method) are fitted on
-    ``every_sample``, held-out ones included: at 3 bits GPTQ on 24 of the
+    ``every_sample`` (values, count), held-out ones included: at 3 bits GPTQ on 24 of the
     recognizer's 32 lines read 77.7 % of lines against 90.7 % on all 32, and the learned
     codes must then beat codes that saw the judging samples (a judge biased toward the
     start, the safe side)."""
     out = {RTN: fits.Fit({})}
     if name in TORCH_METHODS:
-        codes = run_gptq(dataclasses.replace(task, inputs=every_sample))
+        codes = run_gptq(dataclasses.replace(task, inputs=every_sample[0],
+                                             samples=every_sample[1]))
         out["gptq"] = fits.Fit(codes)
         if name in START_FROM_GPTQ:
             task.start = codes
@@ -462,11 +469,12 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> Block
                      walk.f or {}, walk.tail(i) if walk.f is not None else None,
                      lambda info: bar.set_postfix(info, refresh=False),
                      batch_ints=walk.ints, float_outputs=None if walk.f is None else (
-                         lambda: walk.float_outputs(i, model)))
+                         lambda: walk.float_outputs(i, model)),
+                     samples=walk.n if walk.split is None else len(walk.split[0]))
     rounded = {layer.site.node: layer.site.weight_spec.with_(codes=None) for layer in layers}
     acts = fits.learnable_steps(walk.plan, model)
     task.learn_steps = frozenset(t for _, _, t, _ in acts)
-    candidates, unsupported = _candidates(task, method, cfg.reconstruct, walk.a)
+    candidates, unsupported = _candidates(task, method, cfg.reconstruct, (walk.a, walk.n))
     want = block_runs.run(model, walk.judged)  # float block on the quantized inputs
     errors = {}
     for origin, fit in candidates.items():

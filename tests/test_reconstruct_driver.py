@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from graphs import (calibration, conv_chain_model, mixed_model, nodes_by_name, quantize, run_ort,
                     sdpa_model, weight_value)
 from onnxquant import QuantConfig, block_runs, fits, quantizers, reconstruct
-from onnxquant.config import HOLDOUT_DEFAULTS
+from onnxquant.config import HOLDOUT_DEFAULTS, PARTS
 
 
 @settings(max_examples=60, deadline=None)
@@ -448,19 +448,20 @@ def test_full_resolution_layer_inputs_take_whole_samples_and_rescale_the_batch()
               "target": np.array([n * 4, -1], np.int64)}
     task = reconstruct.BlockTask("b", "transformer", None, inputs, [], None,
                                  batch_ints={"target": (np.array([4, -1]), np.array([4, 0]))})
-    got = reconstruct._layer_input_samples(task)
-    m = got["map"].shape[0]
+    got, m = reconstruct._layer_input_samples(task)
+    assert got["map"].shape[0] == m
     assert reconstruct.MIN_SAMPLES <= m < n
     assert got["tokens"].shape == (m * k, 2)
     np.testing.assert_array_equal(got["tokens"], inputs["tokens"][:m * k])
     assert got["target"].tolist() == [m * 4, -1]
     few = {"map": inputs["map"][:2], "target": np.array([8, -1], np.int64)}
-    got = reconstruct._layer_input_samples(reconstruct.BlockTask(
+    got, m = reconstruct._layer_input_samples(reconstruct.BlockTask(
         "b", "transformer", None, few, [], None, batch_ints=task.batch_ints))
-    assert got["map"].shape[0] == 2 and got["target"].tolist() == [8, -1]  # all there are
+    assert m == 2 and got["map"].shape[0] == 2 and got["target"].tolist() == [8, -1]
     small = dict(inputs, map=np.zeros((n, 1, 4, 4), np.float32))
-    assert reconstruct._layer_input_samples(
-        reconstruct.BlockTask("b", "transformer", None, small, [], None)) is small
+    got, m = reconstruct._layer_input_samples(
+        reconstruct.BlockTask("b", "transformer", None, small, [], None, samples=n))
+    assert got is small and m == n
 
 
 def test_walk_holds_fitted_and_held_out_samples_as_views_of_one_copy():
@@ -836,3 +837,29 @@ def test_a_block_the_torch_executor_cannot_run_keeps_gptq_or_rounding(monkeypatc
     note = next(n for n in res.plan.notes if n.startswith("reconstruct brecq"))
     assert ("; 1 block without brecq (bridge_1: ops not implemented: FancyOp), GPTQ's codes "
             "or rounding kept there; ") in note
+
+
+@pytest.mark.parametrize("method, fitted", [("gptq", 32), ("brecq", 32)])
+def test_gptq_shrinks_each_hessian_over_the_calibration_samples(monkeypatch, method, fitted):
+    """Every layer's H is shrunk with the calibration samples as its observations
+    (gptq.shrinkage): all of them, as GPTQ's codes are fitted on every sample (brecq's
+    start too, 8 of them held out from brecq itself), conv (one image per sample) and
+    linear (the sample's tokens) alike."""
+    from onnxquant import gptq
+
+    seen = []
+    real = gptq.hessian
+
+    def hessian(x, samples=None):
+        seen.append(samples)
+        return real(x, samples)
+
+    monkeypatch.setattr(gptq, "hessian", hessian)
+    if method != "gptq":
+        _with_method(monkeypatch, _fake_method([]))
+    quantize(sdpa_model(head=True, seed=2), calibration(32, seed=1), weight_bits=4,
+             per_channel=True, parts=frozenset(PARTS),
+             reconstruct=method)
+    assert len(seen) >= 4  # conv_in, q/k/v, conv_out, the head
+    for samples in seen:
+        assert samples is not None and sorted(set(samples.tolist())) == list(range(fitted))
