@@ -8,6 +8,12 @@ conv has one H per group; dense layers have G = 1), R output rows, C input colum
 fixed beforehand (the spec's parameters: one per tensor, per row, or per block of columns,
 GPTQ's "static groups"); GPTQ only chooses the integer codes. Reference: ``quantize_rows``
 is plain rounding to nearest, the result GPTQ must beat on ``layer_error``.
+
+H is estimated from a few calibration samples (32 images) whose columns are far from
+independent; ``hessian(x, samples)`` shrinks it toward a scaled identity by the Ledoit-Wolf
+intensity over those samples (``shrinkage``), so that the error feedback does not fit the
+calibration images (docs/reconstruct_table.md, "GPTQ's H shrunk over the calibration
+samples").
 """
 
 from __future__ import annotations
