@@ -49,8 +49,8 @@ DESELECT = ("tests/test_targets.py::test_ort_target_measures_by_default",)
 _MATH = ("test_quantizers", "test_log2_function", "test_spec", "test_softmax_quantizers")
 _EMIT = ("test_passes", "test_spec", "test_softmax_quantizers", "test_targets", "test_exclude",
          "test_canonicalize", "test_log2_function")
-_GPTQ = ("test_gptq", "test_reconstruct_driver", "test_block_weights", "test_blocks",
-         "test_storage4")
+_GPTQ = ("test_gptq", "test_gptq_shrinkage", "test_reconstruct_driver", "test_block_weights",
+         "test_blocks", "test_storage4")
 _RECON = (*_GPTQ, "test_reconstruct_torch")
 _TORCH = ("test_reconstruct_torch", "test_reconstruct_driver", "test_blocks", "test_torch_ops")
 _PLAN = ("test_passes", "test_spec", "test_targets", "test_exclude", "test_config",
@@ -68,9 +68,10 @@ MODULES = {  # name -> (path in the scratch tree, fast test selection; test_muta
                            ("test_softmax_quantizers", "test_spec")),
     "select_sites": ("onnxquant/passes/select_sites.py", _PLAN),
     "gptq": ("onnxquant/gptq.py", _GPTQ),
+    "layers": ("onnxquant/layers.py", _GPTQ),
     "storage4": ("onnxquant/storage4.py", ("test_storage4", "test_spec", "test_gptq")),
     "reconstruct": ("onnxquant/reconstruct.py", _RECON),
-    "block_runs": ("onnxquant/block_runs.py", _RECON),
+    "block_runs": ("onnxquant/block_runs.py", (*_RECON, "test_search")),
     # torch tier (TORCH_MODULES): the methods, their quantizers and the ONNX-to-torch executor
     "reconstruct_torch": ("onnxquant/reconstruct_torch.py", _TORCH),
     "torch_quant": ("onnxquant/torch_quant.py", _TORCH),
