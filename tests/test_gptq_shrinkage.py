@@ -117,3 +117,24 @@ def test_columns_know_their_sample():
     rows = cols[0, 0] // 3  # the row each column came from (x[..., 0] = 3 * row)
     np.testing.assert_array_equal(ids, rows // 20)
     assert np.all(np.diff(ids) >= 0) and set(ids) == {0, 1, 2}
+
+
+def test_sampled_columns_follow_the_seed_and_gemm_trans_a():
+    """Subsampled columns are the same for the same seed and differ for another (conv and
+    linear); Gemm with transA reads its input transposed, rows still the samples."""
+    rng = np.random.default_rng(0)
+    conv = Layer(None, helper.make_node("Conv", ["x", "w"], ["y"]),
+                 np.zeros((2, 3, 1, 1), np.float32), None)
+    linear = Layer(None, helper.make_node("MatMul", ["x", "w"], ["y"]),
+                   np.zeros((3, 2), np.float32), None)
+    for layer, x in ((conv, rng.standard_normal((2, 3, 6, 6))),
+                     (linear, rng.standard_normal((4, 9, 3)))):
+        a, b, c = (layer.sample_columns(x, 10, seed, 2)[0] for seed in (1, 1, 2))
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
+    gemm = Layer(None, helper.make_node("Gemm", ["x", "w"], ["y"], transA=1),
+                 np.zeros((3, 2), np.float32), None)
+    x = rng.standard_normal((3, 8)).astype(np.float32)  # [K, M]: M = 8 samples
+    cols, ids = gemm.sample_columns(x, 100, 0, 8)
+    np.testing.assert_array_equal(cols[0], x)
+    np.testing.assert_array_equal(ids, np.arange(8))
