@@ -313,6 +313,10 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
     placement, let the kernel probe choose (kernel_probe.py), then emit the chosen one.
     """
     config = config or QuantConfig()
+    if config.reconstruct != "none":  # torch and the device, before any calibration runs
+        from . import reconstruct
+
+        reconstruct.check_device(config)
     t0 = time.perf_counter()
     original = _as_model(model)
     minimum, why = _opset_needed(config)

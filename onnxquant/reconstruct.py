@@ -237,6 +237,12 @@ def _torch(name: str):
     return reconstruct_torch
 
 
+def check_device(cfg) -> str:
+    """Where the torch method of ``cfg`` runs ("" for gptq); UserError where torch is
+    missing or the asked device is not there (api.run asks before calibrating)."""
+    return _device(cfg)
+
+
 def _device(cfg) -> str:
     """Where the torch method of ``cfg`` runs ("" for gptq), checked before the walk."""
     if cfg.reconstruct not in TORCH_METHODS:
