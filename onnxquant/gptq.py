@@ -63,12 +63,23 @@ def shrinkage(x: np.ndarray, s: np.ndarray, samples: np.ndarray) -> np.ndarray:
     n = x.shape[2]
     var = np.zeros(s.shape[0])
     for start, count in zip(starts, counts):
-        xi = x[:, :, start:start + count]
-        si = np.matmul(xi, np.swapaxes(xi, 1, 2)).astype(np.float64) / count
-        var += (count / n) ** 2 * np.sum((si - s) ** 2, axis=(1, 2))
+        var += (count / n) ** 2 * _distance2(x[:, :, start:start + count], s)
     mu = np.trace(s, axis1=1, axis2=2) / s.shape[1]
     spread = np.sum((s - mu[:, None, None] * np.eye(s.shape[1])[None]) ** 2, axis=(1, 2))
     return np.clip(var / np.maximum(spread, 1e-300), 0.0, 1.0)
+
+
+def _distance2(xi: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """||X_i X_i^T / m - S||_F^2 per group (m: the sample's columns). Where m < C, without
+    the C x C matrix of one sample: ||X_i^T X_i||^2 / m^2 - 2 <S X_i, X_i> / m + ||S||^2."""
+    m, c = xi.shape[2], xi.shape[1]
+    if m >= c:
+        si = np.matmul(xi, np.swapaxes(xi, 1, 2)).astype(np.float64) / m
+        return np.sum((si - s) ** 2, axis=(1, 2))
+    x64 = xi.astype(np.float64)
+    gram = np.matmul(np.swapaxes(x64, 1, 2), x64)  # [G, m, m]
+    cross = np.sum(np.matmul(s, x64) * x64, axis=(1, 2))
+    return np.sum(gram ** 2, axis=(1, 2)) / m ** 2 - 2 * cross / m + np.sum(s ** 2, axis=(1, 2))
 
 
 def quantize_rows(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int):

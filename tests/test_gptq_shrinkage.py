@@ -43,6 +43,18 @@ def test_the_intensity_is_ledoit_wolf_over_samples(seed, groups, cols, counts):
     np.testing.assert_allclose(np.trace(h, axis1=1, axis2=2), 2 * cols * mu, rtol=1e-9)
 
 
+def test_a_sample_with_fewer_columns_than_inputs_gives_the_same_intensity():
+    """Samples of 3 columns for 10 inputs (the Gram route) and of 30 (C x C): both as the
+    formula written out."""
+    rng = np.random.default_rng(4)
+    for per_sample in (3, 30):
+        ids = np.repeat(np.arange(5), per_sample)
+        x = (rng.standard_normal((2, 10, len(ids))) * rng.uniform(0.2, 3, (1, 10, 1)))
+        x = x.astype(np.float32)
+        np.testing.assert_allclose(gptq.shrinkage(x, gptq.hessian(x) / 2, ids),
+                                   _reference_rho(x, ids), rtol=1e-5)
+
+
 def test_nothing_to_shrink_with_one_sample_or_samples_that_agree():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 6, 10)).astype(np.float32)
