@@ -54,7 +54,12 @@ def _pad_pairs(x, node, kernel) -> list:
 
 def _pad_for(x, node, kernel, value=0.0):
     """Apply ONNX ``pads``/``auto_pad`` explicitly (torch's padding is symmetric only)."""
-    flat = [v for pair in reversed(_pad_pairs(x, node, kernel)) for v in pair]
+    return _padded(x, _pad_pairs(x, node, kernel), value)
+
+
+def _padded(x, pairs: list, value=0.0):
+    """``x`` padded by (head, tail) ``pairs`` per spatial axis."""
+    flat = [v for pair in reversed(pairs) for v in pair]
     return F.pad(x, flat, value=value) if any(flat) else x
 
 
@@ -88,7 +93,8 @@ def _pool(kind):
         n = len(kernel)
         strides, x = node.get("strides", [1] * n), ins[0]
         ceil = bool(node.get("ceil_mode", 0))
-        padded = _pad_for(x, node, kernel, float("-inf") if kind == "max" else 0.0)
+        pairs = _pad_pairs(x, node, kernel)
+        padded = _padded(x, pairs, float("-inf") if kind == "max" else 0.0)
         if kind == "max":
             fn = {1: F.max_pool1d, 2: F.max_pool2d}[n]
             out = fn(padded, kernel, strides, 0, node.get("dilations", 1), ceil)
@@ -96,11 +102,11 @@ def _pool(kind):
             fn = {1: F.avg_pool1d, 2: F.avg_pool2d}[n]
             out = fn(padded, kernel, strides, 0, ceil)
             if padded.shape != x.shape and not node.get("count_include_pad", 0):
-                ones = _pad_for(torch.ones_like(x[:1, :1]), node, kernel)
+                ones = _padded(torch.ones_like(x[:1, :1]), pairs)
                 out = out / fn(ones, kernel, strides, 0, ceil)
         if not ceil:
             return out
-        return _drop_windows_in_right_pad(out, x, _pad_pairs(x, node, kernel), strides)
+        return _drop_windows_in_right_pad(out, x, pairs, strides)
     return run
 
 
