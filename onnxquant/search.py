@@ -84,19 +84,22 @@ class _Search:
         self.index = {b.name: i for i, b in enumerate(plan.blocks)}
         self.last = block_runs.last_reads(plan.blocks)
 
-    def _float_run(self, run: list) -> gs.Graph:
+    def _float_run(self, run: list) -> tuple:
+        """The run being searched, made once for all its candidates: its float graph, its
+        nodes, and its outputs that later blocks read."""
         key = tuple(b.name for b in run)
         if key not in self.extracted:
-            self.extracted = {key: gs.import_onnx(blockmap.extract(self.model, run, self.types))}
+            graph = gs.import_onnx(blockmap.extract(self.model, run, self.types))
+            self.extracted = {key: (graph, {n for b in run for n in b.nodes},
+                                    block_runs.read_after(run, self.index[run[-1].name],
+                                                          self.last))}
         return self.extracted[key]
 
     def error(self, run: list) -> float:
         """Relative squared error of the run's outputs, with the plan's current specs (an
         int8 conv's output that later blocks read, requantized as they read it)."""
-        nodes = {n for b in run for n in b.nodes}
-        read_later = block_runs.read_after(run, self.index[run[-1].name], self.last)
-        model = block_runs.emitted(self._float_run(run), block_runs.subplan(self.plan, nodes),
-                                   read_later)
+        graph, nodes, read_later = self._float_run(run)
+        model = block_runs.emitted(graph, block_runs.subplan(self.plan, nodes), read_later)
         got = block_runs.run(model, self.values)
         weights = self.weights if self.weights and all(k in self.weights for k in got) else None
         return block_runs.relative_error(got, self.values, weights)
