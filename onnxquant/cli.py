@@ -131,8 +131,9 @@ def _calibration(args, model):
     return source, preprocess_from_args(args, *image_dims(shape))[0]
 
 
-def _calibration_line(args, model, cfg, pre) -> str | None:
-    """What calibration images went through, for the summary; None for a .npy source."""
+def _calibration_line(args, model, cfg, pre) -> tuple | None:
+    """(what calibration images went through, for the summary; how many), or None for a
+    .npy source."""
     from .calibrate import image_paths, image_preprocess, model_input
 
     folder = Path(args.calib) if args.calib is not None else BUNDLED_CALIB
@@ -140,7 +141,8 @@ def _calibration_line(args, model, cfg, pre) -> str | None:
         return None
     paths = image_paths(folder, cfg)
     pre = image_preprocess(folder, paths, model_input(model)[1], pre)
-    return f"{args.calib or 'bundled ImageNet images'}: {len(paths)} images, {pre.describe()}"
+    line = f"{args.calib or 'bundled ImageNet images'}: {len(paths)} images, {pre.describe()}"
+    return line, len(paths)
 
 
 def _warn_guessed_normalization(args, pre) -> None:
@@ -209,19 +211,17 @@ def cmd_quantize(args) -> int:
         decisions.write(report, result.plan, _recipe(result.config or cfg))
     print_summary(result, cfg, Path(args.input), dst, time.perf_counter() - start)
     used = result.plan.calibration_tensors() or cfg.auto or cfg.reconstruct != "none"
-    if used and (line := _calibration_line(args, model, cfg, pre)):
+    if used and (described := _calibration_line(args, model, cfg, pre)):
+        line, images = described
         print(f"  calibration {line}")
         _warn_guessed_normalization(args, pre)
-    if used and args.calib is None:
-        _warn_bundled_calibration(cfg)
+        if args.calib is None:
+            _warn_bundled_calibration(images)
     return 0
 
 
-def _warn_bundled_calibration(cfg) -> None:
-    """The bundled images stood in for the user's (ranges, --auto or --reconstruct)."""
-    from .calibrate import image_paths
-
-    n = len(image_paths(BUNDLED_CALIB, cfg))
+def _warn_bundled_calibration(n: int) -> None:
+    """The ``n`` bundled images stood in for the user's (ranges, --auto or --reconstruct)."""
     print(f"onnxquant: warning: no --calib given, calibrated on {n} bundled ImageNet "
           "images; pass --calib DIR with your own images (and their preprocessing) for "
           "best accuracy", file=sys.stderr)
