@@ -153,7 +153,7 @@ def _block_strategy_inputs(source, graph, config, calibration, preprocess) -> tu
 
     why = "--reconstruct fits weights" if config.reconstruct != "none" else \
         "--auto scores candidates"
-    limit = config.num_calib if config.reconstruct != "none" else search.SEARCH_SAMPLES
+    limit = config.calib_samples if config.reconstruct != "none" else search.SEARCH_SAMPLES
     feed = search.calibration_feed(source, calibration, config, preprocess, limit=limit, why=why)
     canonical = _canonical(source, graph)
     return canonical, feed, block_runs.free_batch(canonical)

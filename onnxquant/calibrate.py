@@ -92,11 +92,11 @@ def batches(source, name: str, shape: list, cfg, preprocess=None, dtype=np.float
     """Yield (origin, float32 batch) from any supported calibration source."""
     size = cfg.batch_size if shape[0] is None else shape[0]
     if hasattr(source, "get_next"):
-        for b in _reader_batches(source, name, cfg.num_calib):
+        for b in _reader_batches(source, name, cfg.calib_samples):
             yield "calibration reader", b
         return
     if isinstance(source, np.ndarray):
-        yield from (("calibration array", b) for b in _array_batches(source, size, cfg.num_calib))
+        yield from (("calibration array", b) for b in _array_batches(source, size, cfg.calib_samples))
         return
     try:
         path = Path(source)
@@ -114,18 +114,18 @@ def batches(source, name: str, shape: list, cfg, preprocess=None, dtype=np.float
             raise UserError(f"{path}: calibration array has shape {list(array.shape)}, the "
                             f"model input has {len(shape)} dimensions (N x C x H x W)")
         yield from ((str(path), np.ascontiguousarray(b))
-                    for b in _array_batches(array, size, cfg.num_calib))
+                    for b in _array_batches(array, size, cfg.calib_samples))
         return
     yield from _image_batches(path, shape, cfg, preprocess, size, dtype)
 
 
 def image_paths(folder: Path, cfg) -> list[Path]:
-    """The ``cfg.num_calib`` calibration images of ``folder``, spread over its listing."""
+    """The ``cfg.calib_samples`` calibration images of ``folder``, spread over its listing."""
     from . import images
 
     if not folder.is_dir():
         raise UserError(f"{folder}: calibration source must be a folder of images or a .npy file")
-    paths = images.take_evenly(images.list_images(folder), cfg.num_calib)
+    paths = images.take_evenly(images.list_images(folder), cfg.calib_samples)
     if not paths:
         raise UserError(f"{folder}: no images found (jpg, png, ...); add ~32 representative images")
     return paths
@@ -194,7 +194,7 @@ def probe_session(model: onnx.ModelProto, outputs: list):
 
 def collect_stats(model: onnx.ModelProto, tensors: list, source, cfg, preprocess=None,
                   progress: bool = True, histograms: bool = False, sampled=()) -> dict:
-    """{tensor: TensorStats} over up to ``cfg.num_calib`` samples of ``source``.
+    """{tensor: TensorStats} over up to ``cfg.calib_samples`` samples of ``source``.
 
     A ``TensorStats`` unpacks as ``lo, hi`` (the running min/max); with ``histograms`` it also
     holds a fixed-size histogram, what ``ranges.estimate`` needs beyond min/max. Tensors in
@@ -212,7 +212,7 @@ def collect_stats(model: onnx.ModelProto, tensors: list, source, cfg, preprocess
     session = probe_session(model, tensors)
     stats = {t: TensorStats(histograms) for t in tensors}
     samples, rng = {}, np.random.default_rng(0)
-    with tqdm(total=cfg.num_calib, desc="calibrating", unit="img", disable=not progress) as bar:
+    with tqdm(total=cfg.calib_samples, desc="calibrating", unit="img", disable=not progress) as bar:
         for origin, batch in itertools.chain([first], source_batches):
             batch = _check_batch(np.asarray(batch), shape, origin, dtype)
             for t, value in zip(tensors, _run(session, tensors, {name: batch}, origin)):

@@ -72,7 +72,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                    default=d.ort_int8_kinds,
                    help=f"--target ort: what runs in int8, from {','.join(INT8_KINDS)} "
                         "(default: measured on this CPU by timing the model)")
-    g.add_argument("--num-calib", type=int, default=d.num_calib, help="calibration samples (32)")
+    g.add_argument("--num-calib", type=int, default=d.num_calib,
+                   help="calibration samples (default 32; 64 with --reconstruct)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--act-bits", type=int, default=d.act_bits,
                    help="activation bits, targets ort/tensorrt (default 8; W6A6: "

@@ -160,7 +160,7 @@ def calibration_feed(model: onnx.ModelProto, source, cfg, preprocess=None,
     name, shape = model_input(model)
     got = [np.asarray(b) for _, b in batches(source, name, shape, cfg, preprocess,
                                              input_dtype(model))]
-    return {name: np.concatenate(got)[:min(cfg.num_calib, limit)]}
+    return {name: np.concatenate(got)[:min(cfg.calib_samples, limit)]}
 
 
 def search(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict, progress: bool = True,

@@ -234,7 +234,7 @@ def _samples(model, calibration, config, preprocess) -> np.ndarray:
     if not got:
         raise UserError("calibration source gave no samples; pass a folder with images or a "
                         "non-empty .npy")
-    return np.concatenate(got)[:config.num_calib]
+    return np.concatenate(got)[:config.calib_samples]
 
 
 class _Reference:

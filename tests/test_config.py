@@ -73,6 +73,38 @@ def test_cli_leaves_the_range_default_to_the_config():
     assert config_from_args(args).range_method == "mse"
 
 
+@pytest.mark.parametrize("options, samples", [
+    ({}, 32),
+    ({"reconstruct": "gptq"}, 64),
+    ({"reconstruct": "mgrq", "weight_bits": 4}, 64),
+    ({"reconstruct": "gptq", "num_calib": 16}, 16),
+    ({"num_calib": 100}, 100),
+])
+def test_calibration_samples_default_to_64_with_reconstruct(options, samples):
+    """GPTQ fits its error feedback to the calibration samples: 64 by default under
+    --reconstruct (docs/reconstruct_table.md, "How many calibration images"), the paper's 32
+    otherwise; an explicit count is kept. Read, not stored: replace moves it."""
+    cfg = QuantConfig(**options)
+    assert cfg.calib_samples == samples
+    if "num_calib" not in options:
+        assert replace(cfg, reconstruct="none").calib_samples == 32
+
+
+def test_cli_leaves_the_calibration_count_to_the_config():
+    from onnxquant.cli import config_from_args, build_parser
+
+    parse = build_parser("quantize").parse_args
+    gptq = config_from_args(parse(["a.onnx", "b.onnx", "--reconstruct", "gptq"]))
+    eight = config_from_args(parse(["a.onnx", "b.onnx", "--num-calib", "8"]))
+    assert (gptq.calib_samples, eight.calib_samples) == (64, 8)
+
+
+@pytest.mark.parametrize("count", [0, -1])
+def test_calibration_count_must_be_positive(count):
+    with pytest.raises(ValueError, match="num_calib"):
+        QuantConfig(num_calib=count)
+
+
 def test_cli_reports_an_ignored_option_in_one_line(capsys, tmp_path):
     code = main(["in.onnx", str(tmp_path / "out.onnx"), "--ort-int8-kinds", "dense"])
     err = capsys.readouterr().err.strip().splitlines()

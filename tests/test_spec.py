@@ -100,6 +100,16 @@ def test_num_calib_limits_the_samples():
     assert small.plan.stats[t] != large.plan.stats[t]
 
 
+def test_ranges_take_32_samples_by_default():
+    """Without --reconstruct the paper's 32 samples set the ranges (64 only under it)."""
+    calib = calibration(64)
+    calib[32:] *= 10
+    t = quantize(_model(), calib).plan.attention[0].output
+    default, n32, n64 = (quantize(_model(), calib, **options).plan.stats[t]
+                         for options in ({}, {"num_calib": 32}, {"num_calib": 64}))
+    assert default == n32 and default != n64
+
+
 def _residual_model() -> onnx.ModelProto:
     b = Builder(4)
     h = b.relu("act", b.conv("conv_in", "x", 4, 8, k=3))

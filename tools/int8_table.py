@@ -13,6 +13,7 @@ folder``, the default since 2026-12-04; the tables before it used lines squeezed
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -77,34 +78,41 @@ def per_label(setup: dict):
 
 
 def reference_rows(ref: dict, configs: list, limit: int, work: Path,
-                   image_set: str = "imagenette/val") -> list:
-    models, rows = [], []
+                   image_sets: tuple = ("imagenette/val",)) -> list:
+    """``ref`` quantized with every config once, scored on each of ``image_sets`` (the
+    model column names the set when there are several)."""
+    models, quantized = [], []
     for label, cfg in configs:
         out = work / f"{ref['name']}.{label.replace(' ', '_')}.onnx"
         seconds = timed_quantize(ref["path"], cfg, str(benchlib.CALIB), ref["pre"], out)
         models.append(out)
-        rows.append({"model": ref["name"], "recipe": label, "seconds": seconds,
-                     "mb": benchlib.file_mb(out)})
-    fp32, results = benchlib.against_fp32(ref["path"], models, benchlib.IMAGE_SETS[image_set],
-                                          ref, limit, ref["name"])
-    for row, res in zip(rows, results):
-        row.update(acc=res["top1"], change=res["change"], agree=res["agree"])
-    return [{"model": ref["name"], "recipe": "float", "acc": fp32["top1"], "change": 0.0,
-             "agree": 100.0, "seconds": 0.0, "mb": benchlib.file_mb(ref["path"])}] + rows
+        quantized.append({"recipe": label, "seconds": seconds, "mb": benchlib.file_mb(out)})
+    rows = []
+    for image_set in image_sets:
+        name = ref["name"] if len(image_sets) == 1 else f"{ref['name']} [{image_set}]"
+        fp32, results = benchlib.against_fp32(ref["path"], models,
+                                              benchlib.IMAGE_SETS[image_set], ref, limit, name)
+        rows.append({"model": name, "recipe": "float", "acc": fp32["top1"], "change": 0.0,
+                     "agree": 100.0, "seconds": 0.0, "mb": benchlib.file_mb(ref["path"])})
+        rows += [dict(q, model=name, acc=res["top1"], change=res["change"], agree=res["agree"])
+                 for q, res in zip(quantized, results)]
+    return rows
 
 
 def recognizer_rows(configs: list, n_lines: int, work: Path,
                     calib_width: int = ocr.MIN_WIDTH, layout: str = "squeeze",
-                    calib_seed: int = 1001, calib_n: int = benchlib.NUM_CALIB,
+                    calib_seed: int = 1001, calib_n: int | None = None,
                     test_seed: int = 1) -> list:
     """The recognizer quantized with every config, on ``n_lines`` rendered lines (seed
     ``test_seed``); calibrated
     on ``calib_n`` samples of other lines (seed ``calib_seed``) in ``layout``: "folder" as
     a user does (line PNGs with PaddleOCR's flags, padded at the lines' median width; not
-    ``calib_width``), else an array (ocr.calibration_array) at ``calib_width`` px."""
+    ``calib_width``), else an array (ocr.calibration_array) at ``calib_width`` px. None:
+    as many lines as the hungriest config takes (each takes its own share of them)."""
     model = benchlib.ASSETS / "real" / "PP-OCRv6_rec_small.onnx"
     if not model.is_file():
         return []
+    calib_n = calib_n or max(cfg.calib_samples for _, cfg in configs)
     calib, pre = _rec_calibration(work, calib_n, calib_seed, calib_width, layout)
     outs, rows = [], []
     for label, cfg in configs:
@@ -151,6 +159,16 @@ def _rec_layout(args) -> tuple:
     return args.rec_calib_width, args.rec_calib_layout
 
 
+def _image_sets(value: str) -> tuple:
+    """``--image-set``: one or more of benchlib.IMAGE_SETS, comma-separated."""
+    sets = tuple(v for v in value.split(",") if v)
+    unknown = [v for v in sets if v not in benchlib.IMAGE_SETS]
+    if unknown or not sets:
+        raise argparse.ArgumentTypeError(f"image sets are {', '.join(benchlib.IMAGE_SETS)}, "
+                                         f"comma-separated; got {value!r}")
+    return sets
+
+
 def parser(doc: str, out: str, lines: int):
     p = benchlib.reference_parser(doc, out)
     p.add_argument("--lines", type=int, default=lines)
@@ -169,19 +187,22 @@ def parser(doc: str, out: str, lines: int):
     p.add_argument("--test-seed", type=int, default=1,
                    help="seed of the recognizer's test lines (another seed: lines no choice "
                         "was made on)")
-    p.add_argument("--image-set", choices=tuple(benchlib.IMAGE_SETS), default="imagenette/val",
-                   help="images the reference checkpoints are scored on (imagenet-val/nette: "
-                        "500 other val images of the same classes, no choice was made on)")
+    p.add_argument("--image-set", type=_image_sets, default=("imagenette/val",),
+                   help="images the reference checkpoints are scored on, comma-separated "
+                        "(imagenet-val/nette: 500 other val images of the same classes, no "
+                        "choice was made on); each model is quantized once for all of them")
     p.add_argument("--no-references", action="store_true", help="skip the reference checkpoints")
-    p.add_argument("--num-calib", type=int, default=benchlib.NUM_CALIB,
-                   help="calibration images (reference checkpoints) and lines (recognizer)")
+    p.add_argument("--num-calib", type=int, default=None,
+                   help="calibration images (reference checkpoints) and lines (recognizer); "
+                        "default: each config's own (32; 64 with --reconstruct)")
     return p
 
 
 def all_rows(args, configs: list) -> list:
     """Every reference checkpoint, then the recognizer, with every config."""
     rows = []
-    configs = [(label, replace(cfg, num_calib=args.num_calib)) for label, cfg in configs]
+    if args.num_calib is not None:
+        configs = [(label, replace(cfg, num_calib=args.num_calib)) for label, cfg in configs]
     with tempfile.TemporaryDirectory() as tmp:
         for ref in [] if args.no_references else benchlib.selected_references(args):
             rows += reference_rows(ref, configs, args.limit, Path(tmp), args.image_set)
