@@ -1,0 +1,125 @@
+"""How many calibration images reconstruction needs: a method (default GPTQ) at W4 / W4A8 on
+the reference checkpoints, calibrated on several draws of imagenette/train and several sizes,
+each scored on every image set. One draw of 32 says little: the draws spread further apart
+than the sizes (docs/calib_draws.md).
+
+    python tools/calib_draws.py [--models mobilevit_xxs,...] [--recipes W4,W4A8]
+                                [--method gptq] [--sizes 32,64,128] [--draws 3]
+                                [--limit 1000] [--out docs/calib_draws.md]
+
+Draw "listing" is what onnxquant takes from the folder itself (images spread evenly over its
+listing); draw s (1, 2, ...) is ``--sizes``' largest count of images drawn at random (seed s)
+from it, of which each size takes its share spread evenly, so that the sizes of one draw are
+nested. Rows: change in top-1 points and agreement with float per image set; then their mean
+over the draws per size.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+import int8_table  # noqa: E402
+import reconstruct_table  # noqa: E402
+
+from onnxquant import QuantConfig, images  # noqa: E402
+from onnxquant.config import RECONSTRUCT_METHODS  # noqa: E402
+
+LISTING = "listing"
+
+
+def draw_folders(work: Path, draws: int, count: int) -> dict:
+    """{draw: folder}: the calibration folder itself, and ``draws`` random subsets of
+    ``count`` images copied (index-prefixed, so their listing keeps the draw's order)."""
+    files = images.list_images(benchlib.CALIB)
+    folders = {LISTING: benchlib.CALIB}
+    for seed in range(1, draws + 1):
+        folder = work / f"draw{seed}"
+        folder.mkdir()
+        for i, path in enumerate(random.Random(seed).sample(files, count)):
+            shutil.copy(path, folder / f"{i:04d}_{Path(path).name}")
+        folders[str(seed)] = folder
+    return folders
+
+
+def model_rows(ref: dict, recipe: str, method: str, folders: dict, sizes: list,
+               image_sets: tuple, limit, work: Path) -> list:
+    """One row per (draw, size): the model quantized once, scored on every image set."""
+    rows, outs = [], []
+    for draw, folder in folders.items():
+        for size in sizes:
+            cfg = QuantConfig(reconstruct=method, num_calib=size,
+                              **reconstruct_table.RECIPES[recipe])
+            out = work / f"{ref['name']}.{recipe}.{draw}.{size}.onnx"
+            seconds = int8_table.timed_quantize(ref["path"], cfg, str(folder), ref["pre"], out)
+            outs.append(out)
+            rows.append({"model": ref["name"], "recipe": f"{recipe} {method}", "draw": draw,
+                         "images": size, "seconds": seconds})
+    for image_set in image_sets:
+        _, results = benchlib.against_fp32(ref["path"], outs, benchlib.IMAGE_SETS[image_set],
+                                           ref, limit, f"{ref['name']} {recipe}")
+        for row, res in zip(rows, results):
+            row[f"change {image_set}"], row[f"agree {image_set}"] = res["change"], res["agree"]
+    return rows
+
+
+def means(rows: list, image_sets: tuple) -> list:
+    """Per (model, recipe, images): the mean over draws of each change and agreement."""
+    keys = [f"{k} {s}" for s in image_sets for k in ("change", "agree")] + ["seconds"]
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["recipe"], row["images"]), []).append(row)
+    return [{"model": m, "recipe": r, "images": n, "draw": f"mean of {len(g)}",
+             **{k: statistics.fmean(row[k] for row in g) for k in keys}}
+            for (m, r, n), g in groups.items()]
+
+
+def columns(image_sets: tuple) -> list:
+    cols = [("model", "model", ""), ("recipe", "recipe", ""), ("images", "images", "d"),
+            ("draw", "draw", "")]
+    for s in image_sets:
+        short = s.rsplit("/", 1)[-1]
+        cols += [(f"change {short}", f"change {s}", "+.2f"),
+                 (f"agree {short} %", f"agree {s}", ".1f")]
+    return cols + [("quantize s", "seconds", ".1f")]
+
+
+def main(argv=None) -> int:
+    p = benchlib.reference_parser(__doc__, "docs/calib_draws.md")
+    p.add_argument("--recipes", default="W4,W4A8")
+    p.add_argument("--method", choices=RECONSTRUCT_METHODS, default="gptq")
+    p.add_argument("--sizes", default="32,64,128")
+    p.add_argument("--draws", type=int, default=3, help="random draws besides the listing's")
+    p.add_argument("--image-set", type=int8_table._image_sets,
+                   default=tuple(benchlib.IMAGE_SETS))
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = draw_folders(Path(tmp), args.draws, max(sizes))
+        for ref in benchlib.selected_references(args):
+            for recipe in args.recipes.split(","):
+                rows += model_rows(ref, recipe, args.method, folders, sizes, args.image_set,
+                                   args.limit, Path(tmp))
+    cols = columns(args.image_set)
+    text = (f"# How many calibration images reconstruction needs\n\n"
+            f"{benchlib.measured_line(benchlib.command_line(__file__, argv))}.\n\n"
+            f"{benchlib.CHANGE}; *agree* = share of images where the quantized model's "
+            f"top-1 class is float's; *val* = imagenette/val, *nette* = imagenet-val/nette. "
+            f"Calibration images from imagenette/train.\n\n"
+            f"## Means over the draws\n\n{benchlib.table(means(rows, args.image_set), cols)}"
+            f"\n\n## Every draw\n\n{benchlib.table(rows, cols)}\n\n"
+            f"{benchlib.kept_notes(Path(args.out))}\n")
+    Path(args.out).write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
