@@ -146,8 +146,7 @@ def main(argv=None) -> int:
             f" (W4 symmetric per-channel; torch methods at {args.iters} steps per layer/block: "
             f"their memory does not depend on it).\n\n{benchlib.table(rows, COLUMNS)}\n\n"
             f"{benchlib.kept_notes(Path(args.out))}\n")
-    Path(args.out).write_text(text, encoding="utf-8")
-    print(text)
+    benchlib.write_doc(args.out, text)
     return 0
 
 

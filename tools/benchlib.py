@@ -364,6 +364,12 @@ NOTES_BEGIN = "<!-- notes: kept when the tool rewrites this file -->"
 NOTES_END = "<!-- /notes -->"
 
 
+def write_doc(out, text: str) -> None:
+    """A tool's report: written to ``out`` (a doc under docs/, usually) and printed."""
+    Path(out).write_text(text, encoding="utf-8")
+    print(text)
+
+
 def kept_notes(path: Path, default: str | None = None) -> str:
     """The hand-written block between the notes markers of ``path``, with a newline either
     side; else an empty block holding ``default``; else ''."""

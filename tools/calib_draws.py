@@ -116,8 +116,7 @@ def main(argv=None) -> int:
             f"## Means over the draws\n\n{benchlib.table(means(rows, args.image_set), cols)}"
             f"\n\n## Every draw\n\n{benchlib.table(rows, cols)}\n\n"
             f"{benchlib.kept_notes(Path(args.out))}\n")
-    Path(args.out).write_text(text, encoding="utf-8")
-    print(text)
+    benchlib.write_doc(args.out, text)
     return 0
 
 

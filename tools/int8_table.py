@@ -217,8 +217,7 @@ def write_report(title: str, script: str, argv, rows: list, out: str) -> None:
             f"{benchlib.measured_line(benchlib.command_line(script, argv))}.\n\n"
             f"{benchlib.CHANGE}; the recognizer's accuracy is exact-line accuracy.\n\n"
             f"{benchlib.table(rows, COLUMNS)}\n\n{benchlib.kept_notes(Path(out))}\n")
-    Path(out).write_text(text, encoding="utf-8")
-    print(text)
+    benchlib.write_doc(out, text)
 
 
 def main(argv=None) -> int:
