@@ -96,7 +96,8 @@ def batches(source, name: str, shape: list, cfg, preprocess=None, dtype=np.float
             yield "calibration reader", b
         return
     if isinstance(source, np.ndarray):
-        yield from (("calibration array", b) for b in _array_batches(source, size, cfg.calib_samples))
+        yield from (("calibration array", b)
+                    for b in _array_batches(source, size, cfg.calib_samples))
         return
     try:
         path = Path(source)

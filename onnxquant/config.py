@@ -20,8 +20,9 @@ RECONSTRUCT_CALIB = 64  # with --reconstruct (QuantConfig.num_calib)
 SEARCH_METRICS = ("mse", "fisher")  # search.py; fisher.py (needs torch)
 # Share of the calibration samples held out to judge reconstructed codes when
 # reconstruct_holdout is None: the torch methods learn by gradient descent and fit 32 samples
-# too well at 3 bits (docs/reconstruct.md); GPTQ's one-pass least-squares fit needs every
-# sample (on 24 of the recognizer's 32 lines it lost 21.7 points at W3, on 32 lines 8.7).
+# too well at 3 bits (docs/reconstruct.md; measured before 64 became the default); GPTQ's
+# one-pass least-squares fit needs every sample (on 24 of the recognizer's 32 lines it lost
+# 21.7 points at W3, on 32 lines 8.7).
 HOLDOUT_DEFAULTS = {"gptq": 0.0, **{m: 0.25 for m in TORCH_RECONSTRUCT}}
 
 # What each target quantizes when ``parts`` is not given. The paper quantizes conv weights
@@ -85,9 +86,9 @@ class QuantConfig:
     num_calib: calibration samples (images, lines or array rows); ``calib_samples`` is the
         number in use. None (default): 32, the paper's, and 64 with ``reconstruct``: GPTQ
         fits its error feedback to the calibration samples, and over four draws of them its
-        4-bit agreement with float on mobilevitv2_050 rose 1.3-2.1 points from 32 to 64
-        (no change on mobilevit_xxs; docs/reconstruct_table.md, "How many calibration
-        images"), for 1.4x the time.
+        4-bit agreement with float on mobilevitv2_050 rose 1.0-2.2 points from 32 to 64
+        (within 0.4 on mobilevit_xxs; 128 added nothing: docs/calib_draws.md), for 1.4x
+        the time and memory.
     auto: search, per quantized layer, weight granularity and scheme and the activation
         range estimator by the reconstruction error of its block (search.py, Q-HyViT).
     search_metric: what --auto minimizes per block: "mse" (relative squared error of the
