@@ -9,11 +9,11 @@ fixed beforehand (the spec's parameters: one per tensor, per row, or per block o
 GPTQ's "static groups"); GPTQ only chooses the integer codes. Reference: ``quantize_rows``
 is plain rounding to nearest, the result GPTQ must beat on ``layer_error``.
 
-H is estimated from a few calibration samples (32 images) whose columns are far from
-independent; ``hessian(x, samples)`` shrinks it toward a scaled identity by the Ledoit-Wolf
-intensity over those samples (``shrinkage``), so that the error feedback does not fit the
-calibration images (docs/reconstruct_table.md, "GPTQ's H shrunk over the calibration
-samples").
+H is estimated from a few calibration samples (64 images by default) whose columns are
+far from independent; ``hessian(x, samples)`` shrinks it toward a scaled identity by the
+Ledoit-Wolf intensity over those samples (``shrinkage``), so that the error feedback does
+not fit the calibration images (docs/reconstruct_table.md, "GPTQ's H shrunk over the
+calibration samples").
 """
 
 from __future__ import annotations
