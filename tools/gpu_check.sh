@@ -7,7 +7,7 @@
 #     bash tools/gpu_check.sh [STAGE ...]      stages: tests torchtier mgrq (default: all)
 #
 # ASSETS (default ../shared/assets), OUT (default gpu_check/) and LINES (a folder of
-# calibration lines; default: written by tools/ocr_eval.py --write-calib-images, seed 1002)
+# calibration lines; default: 64 written by tools/ocr_eval.py --write-calib-images, seed 1002)
 # may be set. The log is $OUT/log.txt; the quantized files are in $OUT.
 set -u
 ASSETS=${ASSETS:-../shared/assets}
@@ -46,7 +46,7 @@ for stage in ${@:-tests torchtier mgrq}; do
       "$ASSETS/imagenette/train" --preprocess-json "$R/mobilevitv2_050.imagenette.json" $W4
     LINES=${LINES:-$OUT/lines}
     [ -d "$LINES" ] || python3 tools/ocr_eval.py --lines 0 --write-calib-images "$LINES" \
-      --calib-seed 1002
+      --calib-seed 1002 --calib-lines 64
     quantize rec.W4A8.mgrq "$ASSETS/real/PP-OCRv6_rec_small.onnx" --calib "$LINES" \
       --interpolation bilinear --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5 --channel-order bgr $W4A8;;
   *) echo "unknown stage $stage (tests, torchtier, mgrq)"; exit 2;;
