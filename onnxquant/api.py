@@ -159,6 +159,32 @@ def _block_strategy_inputs(source, graph, config, calibration, preprocess) -> tu
     return canonical, feed, block_runs.free_batch(canonical)
 
 
+def _correct_bias(source, graph, plan, config, calibration, preprocess, strategy) -> None:
+    """Bias correction (bias_correction.py) on the calibration samples: the ones
+    --reconstruct read (``strategy``: canonical, samples, fixed batch), or read now."""
+    from . import bias_correction, search
+
+    if calibration is None or hasattr(calibration, "get_next"):
+        why = "no calibration data" if calibration is None else "a reader cannot be replayed"
+        if config.bias_correction:
+            raise UserError(f"bias correction needs the calibration samples themselves ({why})"
+                            ": pass them as a folder of images, a .npy file or an array")
+        plan.notes.append(f"bias correction skipped: {why}; pass the calibration samples as "
+                          "a folder of images, a .npy file or an array")
+        return
+    if strategy is None:
+        feed = search.calibration_feed(source, calibration, config, preprocess,
+                                       limit=config.calib_samples, why="bias correction")
+        canonical = _canonical(source, graph)
+        strategy = canonical, feed, block_runs.free_batch(canonical)
+    canonical, feed, batch = strategy
+    with _whole_batches(batch, "bias correction"):
+        note = bias_correction.correct(graph, plan, canonical, feed,
+                                       batch or bias_correction.CHUNK)
+    if note:
+        plan.notes.append(note)
+
+
 @contextlib.contextmanager
 def _whole_batches(batch: int | None, flag: str):
     """A model exported for a fixed batch that bakes it into its ops (a Reshape to [1, ...])
@@ -353,6 +379,11 @@ def run(model, config: QuantConfig | None = None, calibration=None, preprocess=N
         with _whole_batches(batch, f"--reconstruct {config.reconstruct}"):
             _reconstruct(canonical, samples, plan, config, progress)
         seconds["reconstruct"] = time.perf_counter() - t2
+        t2 = time.perf_counter()
+    if config.corrects_bias:
+        strategy = (canonical, samples, batch) if config.reconstruct != "none" else None
+        _correct_bias(source, graph, plan, config, calibration, preprocess, strategy)
+        seconds["bias correction"] = time.perf_counter() - t2
         t2 = time.perf_counter()
     if config.weight_bits <= 4 and config.reconstruct == "none":
         plan.notes.append(f"{config.weight_bits}-bit weights rounded to nearest: "

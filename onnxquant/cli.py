@@ -107,11 +107,16 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fold-batchnorm", choices=("auto", "yes", "no"), default="auto",
                    help="fold BatchNormalization into the Conv before quantizing (auto: "
                         "where conv weights are per channel)")
+    g.add_argument("--bias-correction", choices=("auto", "yes", "no"), default="auto",
+                   help="move each quantized layer's bias by the mean output error of its "
+                        "rounded weight on the calibration samples (auto: at 4-bit weights "
+                        "or fewer)")
 
 
 def config_from_args(args) -> QuantConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(QuantConfig)}
-    values["fold_batchnorm"] = {"auto": None, "yes": True, "no": False}[values["fold_batchnorm"]]
+    for name in ("fold_batchnorm", "bias_correction"):
+        values[name] = {"auto": None, "yes": True, "no": False}[values[name]]
     values["exclude"] = tuple(p.strip() for v in values["exclude"] for p in v.split(",")
                               if p.strip())
     if values["parts"] is not None:

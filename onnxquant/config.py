@@ -17,6 +17,7 @@ TORCH_RECONSTRUCT = ("adaround", "brecq", "qdrop", "mgrq")
 RECONSTRUCT_DEVICES = ("auto", "cpu", "cuda")  # where the torch methods run
 DEFAULT_CALIB = 32  # calibration samples: the paper's
 RECONSTRUCT_CALIB = 64  # with --reconstruct (QuantConfig.num_calib)
+BIAS_CORRECTION_BITS = 4  # bias correction by default at this many weight bits or fewer
 SEARCH_METRICS = ("mse", "fisher")  # search.py; fisher.py (needs torch)
 # Share of the calibration samples held out to judge reconstructed codes when
 # reconstruct_holdout is None: the torch methods learn by gradient descent and fit 32 samples
@@ -75,6 +76,10 @@ class QuantConfig:
         quantized weights are the ones that run (passes/fold_batchnorm.py). None (default):
         only where conv weights are quantized per channel (BN gains spread over 60-100x
         crush per-tensor grids: docs/canonicalize.md).
+    bias_correction: after the weights are rounded (or reconstructed), move each quantized
+        layer's bias by the mean output error its rounding makes on the calibration samples
+        (bias_correction.py). None (default): at 4-bit weights or fewer
+        (BIAS_CORRECTION_BITS; measured there, docs/reconstruct_table.md).
     act_bits: bits of the activation Q/DQ (targets ort, tensorrt): 8, or 2..7 on an 8-bit
         container (W6A6: weight_bits=6, act_bits=6).
     calib_method: activation range estimator: minmax, percentile, mse, entropy (ranges.py);
@@ -132,6 +137,7 @@ class QuantConfig:
     num_calib: int | None = None
     batch_size: int = 8
     fold_batchnorm: bool | None = None
+    bias_correction: bool | None = None
     exclude: tuple = ()
     act_bits: int = 8
     calib_method: str | None = None
@@ -217,6 +223,14 @@ class QuantConfig:
         if self.num_calib is not None:
             return self.num_calib
         return RECONSTRUCT_CALIB if self.reconstruct != "none" else DEFAULT_CALIB
+
+    @property
+    def corrects_bias(self) -> bool:
+        """``bias_correction``, or where that is None, whether the weights have
+        BIAS_CORRECTION_BITS or fewer. Resolved on read, like ``range_method``."""
+        if self.bias_correction is not None:
+            return self.bias_correction
+        return self.weight_bits <= BIAS_CORRECTION_BITS
 
     @property
     def range_method(self) -> str:

@@ -63,6 +63,25 @@ class Layer:
         return (self.stack(np.broadcast_to(scale, shape)).astype(np.float64),
                 self.stack(np.broadcast_to(zero, shape)).astype(np.float64))
 
+    def as_seen(self, x: np.ndarray) -> np.ndarray:
+        """``x`` after the layer's own uniform activation Q/DQ (W4A8), if it has one."""
+        spec = getattr(self.site, "input_spec", None)
+        if spec is None or spec.kind != "uniform":
+            return x
+        p = spec.uniform_params()
+        return quantizers.uniform_dequantize(quantizers.uniform_quantize(x, p), p)
+
+    def column_sum(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """(sum of the layer's input columns over every sample and position [G, C], their
+        count): E[x] of what ``stack`` multiplies, every column, padding included."""
+        if self.node.op_type == "Conv":
+            return _conv_column_sum(x, self.attrs, self.weight.shape)
+        x = np.asarray(x, np.float64)
+        if self.node.op_type == "Gemm" and self.attrs.get("transA", 0):
+            x = x.T
+        x = x.reshape(-1, x.shape[-1])
+        return x.sum(0)[None], len(x)
+
     def columns(self, x: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
         """The layer's input ``x`` as sample columns [G, C, n], at most ``limit`` of them."""
         return self.sample_columns(x, limit, seed)[0]
@@ -146,3 +165,27 @@ def _conv_columns(x: np.ndarray, attrs: dict, w_shape: tuple, limit: int, seed: 
         patches = image[(slice(None),) + tuple(where[..., i] for i in range(nd))]  # [C, K, n]
         cols.append(patches.reshape(g, -1, len(picked)))
     return np.concatenate(cols, axis=2), np.concatenate(image_of)
+
+
+def _conv_column_sum(x: np.ndarray, attrs: dict, w_shape: tuple) -> tuple[np.ndarray, int]:
+    """``Layer.column_sum`` of a Conv: per kernel offset, the strided window of the padded
+    input summed over images and output positions ([Cin, K] -> [G, Cin/G * K], the column
+    order of ``conv_columns``), without building the columns."""
+    kernel = tuple(w_shape[2:])
+    nd = len(kernel)
+    strides = list(attrs.get("strides", [1] * nd))
+    dilations = list(attrs.get("dilations", [1] * nd))
+    pads = _pads(attrs, x.shape[2:], kernel, strides, dilations)
+    xp = np.pad(np.asarray(x, np.float64),
+                [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    out = [(xp.shape[2 + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+           for i in range(nd)]
+    offsets = list(itertools.product(*(range(k) for k in kernel)))
+    sums = np.empty((xp.shape[1], len(offsets)))
+    axes = (0,) + tuple(range(2, 2 + nd))
+    for k, offset in enumerate(offsets):
+        window = tuple(slice(o * d, o * d + s * (n - 1) + 1, s)
+                       for o, d, s, n in zip(offset, dilations, strides, out))
+        sums[:, k] = xp[(slice(None), slice(None)) + window].sum(axis=axes)
+    g = int(attrs.get("group", 1))
+    return sums.reshape(g, -1), len(x) * int(np.prod(out))

@@ -190,7 +190,7 @@ def run_gptq(task: BlockTask) -> dict:
             model = block_runs.emitted(graph, block_runs.subplan(task.plan, nodes, done))
             xs = block_runs.run(block_runs.with_outputs(model, wanted), inputs, wanted)
         for layer in chunk:
-            x = _as_layer_sees(layer, xs.get(layer.site.input, inputs.get(layer.site.input)))
+            x = layer.as_seen(xs.get(layer.site.input, inputs.get(layer.site.input)))
             codes = _gptq_codes(layer, gptq.hessian(*layer.sample_columns(
                 x, gptq.MAX_SAMPLES, task.seed, samples)))
             if codes is None:  # H not positive definite even damped: round to nearest
@@ -211,15 +211,6 @@ def _gptq_codes(layer: Layer, h: np.ndarray):
         except np.linalg.LinAlgError:
             continue
     return None
-
-
-def _as_layer_sees(layer: Layer, x: np.ndarray) -> np.ndarray:
-    """The input after the layer's own activation Q/DQ (W4A8), if it has one."""
-    spec = getattr(layer.site, "input_spec", None)
-    if spec is None or spec.kind != "uniform":
-        return x
-    p = spec.uniform_params()
-    return quantizers.uniform_dequantize(quantizers.uniform_quantize(x, p), p)
 
 
 def _method(name: str):

@@ -142,7 +142,9 @@ WEIGHT_SCHEMES = [  # config -> (codes dtype, per channel, bits, symmetric)
     ({"per_channel": False, "weight_symmetric": True}, np.int8, False, 8, True),
     ({}, np.uint8, True, 8, False),  # the default
     ({"weight_symmetric": True}, np.int8, True, 8, True),
-    ({"weight_bits": 4, "per_channel": False}, ml_dtypes.uint4, False, 4, False),  # stored as UINT4 (storage4.py)
+    # stored as UINT4 (storage4.py); the reference has the float biases
+    ({"weight_bits": 4, "per_channel": False, "bias_correction": False}, ml_dtypes.uint4, False,
+     4, False),
 ]
 
 
