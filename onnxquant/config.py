@@ -78,8 +78,9 @@ class QuantConfig:
         crush per-tensor grids: docs/canonicalize.md).
     bias_correction: after the weights are rounded (or reconstructed), move each quantized
         layer's bias by the mean output error its rounding makes on the calibration samples
-        (bias_correction.py). None (default): at 4-bit weights or fewer
-        (BIAS_CORRECTION_BITS; measured there, docs/reconstruct_table.md).
+        (bias_correction.py). None (default): with weights rounded to nearest at 4 bits or
+        fewer (BIAS_CORRECTION_BITS; no reconstruct), where it recovers about half of the
+        loss; after GPTQ it gained nothing on average (docs/reconstruct_table.md).
     act_bits: bits of the activation Q/DQ (targets ort, tensorrt): 8, or 2..7 on an 8-bit
         container (W6A6: weight_bits=6, act_bits=6).
     calib_method: activation range estimator: minmax, percentile, mse, entropy (ranges.py);
@@ -226,11 +227,12 @@ class QuantConfig:
 
     @property
     def corrects_bias(self) -> bool:
-        """``bias_correction``, or where that is None, whether the weights have
-        BIAS_CORRECTION_BITS or fewer. Resolved on read, like ``range_method``."""
+        """``bias_correction``, or where that is None, whether the weights are rounded to
+        nearest (no ``reconstruct``) at BIAS_CORRECTION_BITS or fewer. Resolved on read,
+        like ``range_method``."""
         if self.bias_correction is not None:
             return self.bias_correction
-        return self.weight_bits <= BIAS_CORRECTION_BITS
+        return self.weight_bits <= BIAS_CORRECTION_BITS and self.reconstruct == "none"
 
     @property
     def range_method(self) -> str:

@@ -5,7 +5,8 @@ than the sizes (docs/calib_draws.md).
 
     python tools/calib_draws.py [--models mobilevit_xxs,...] [--recipes W4,W4A8]
                                 [--method gptq] [--sizes 32,64,128] [--draws 3]
-                                [--limit 1000] [--out docs/calib_draws.md]
+                                [--limit 1000] [--bias-correction auto|yes|no]
+                                [--out docs/calib_draws.md]
 
 Draw "listing" is what onnxquant takes from the folder itself (images spread evenly over its
 listing); draw s (1, 2, ...) is ``--sizes``' largest count of images drawn at random (seed s)
@@ -49,13 +50,13 @@ def draw_folders(work: Path, draws: int, count: int) -> dict:
 
 
 def model_rows(ref: dict, recipe: str, method: str, folders: dict, sizes: list,
-               image_sets: tuple, limit, work: Path) -> list:
+               image_sets: tuple, limit, work: Path, extra: dict | None = None) -> list:
     """One row per (draw, size): the model quantized once, scored on every image set."""
     rows, outs = [], []
     for draw, folder in folders.items():
         for size in sizes:
             cfg = QuantConfig(reconstruct=method, num_calib=size,
-                              **reconstruct_table.RECIPES[recipe])
+                              **reconstruct_table.RECIPES[recipe], **(extra or {}))
             out = work / f"{ref['name']}.{recipe}.{draw}.{size}.onnx"
             seconds = int8_table.timed_quantize(ref["path"], cfg, str(folder), ref["pre"], out)
             outs.append(out)
@@ -96,17 +97,20 @@ def main(argv=None) -> int:
     p.add_argument("--method", choices=RECONSTRUCT_METHODS, default="gptq")
     p.add_argument("--sizes", default="32,64,128")
     p.add_argument("--draws", type=int, default=3, help="random draws besides the listing's")
+    p.add_argument("--bias-correction", choices=("auto", "yes", "no"), default="auto",
+                   help="QuantConfig.bias_correction (auto: the default for the recipe)")
     p.add_argument("--image-set", type=int8_table._image_sets,
                    default=tuple(benchlib.IMAGE_SETS))
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    extra = {"bias_correction": {"auto": None, "yes": True, "no": False}[args.bias_correction]}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folders = draw_folders(Path(tmp), args.draws, max(sizes))
         for ref in benchlib.selected_references(args):
             for recipe in args.recipes.split(","):
                 rows += model_rows(ref, recipe, args.method, folders, sizes, args.image_set,
-                                   args.limit, Path(tmp))
+                                   args.limit, Path(tmp), extra)
     cols = columns(args.image_set)
     text = (f"# How many calibration images reconstruction needs\n\n"
             f"{benchlib.measured_line(benchlib.command_line(__file__, argv))}.\n\n"

@@ -107,6 +107,8 @@ CONFIG_TESTS = {
     "batch_size": "tests/test_mutants.py::test_batch_size_sets_the_calibration_batches",
     "fold_batchnorm": "tests/test_canonicalize.py::"
                       "test_batchnorm_is_folded_where_weights_are_per_channel",
+    "bias_correction": "tests/test_bias_correction.py::"
+                       "test_first_layer_has_no_mean_error_after_correction[6]",
     "exclude": "tests/test_exclude.py::test_excluded_conv_keeps_its_float_weight",
     "act_bits": "tests/test_mutants.py::test_act_bits_set_the_activation_grid",
     "calib_method": "tests/test_mutants.py::test_calib_method_sets_the_activation_ranges",
