@@ -248,3 +248,19 @@ def test_layer_reading_quantized_activations_is_corrected_on_them():
     total, count = layer.column_sum(seen)
     want = (layer.stack() @ (total / count)[..., None]).reshape(-1) + b
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_after_reconstruct_it_runs_on_the_reconstruct_samples_when_asked():
+    """Off by default after --reconstruct; --bias-correction yes corrects the GPTQ codes'
+    mean error on the samples GPTQ fitted (all of them here)."""
+    model = graphs.conv_chain_model()
+    x = _calib(24)
+    plain = graphs.quantize(model, x, **W4, reconstruct="gptq")
+    assert not any("bias correction" in n for n in plain.plan.notes)
+    asked = graphs.quantize(model, x, **W4, reconstruct="gptq", bias_correction=True)
+    assert any(n.startswith("bias correction: 3 of 3") and "24 samples" in n
+               for n in asked.plan.notes)
+    err, scale = _channel_mean_error(model, asked.model, "conv1_out", x)
+    assert np.abs(err).max() < 1e-5 * scale
+    err_plain, _ = _channel_mean_error(model, plain.model, "conv1_out", x)
+    assert np.abs(err_plain).max() > 1e-4 * scale
