@@ -138,17 +138,24 @@ def conv_columns(x: np.ndarray, attrs: dict, w_shape: tuple, limit: int, seed: i
     return _conv_columns(x, attrs, w_shape, limit, seed)[0]
 
 
-def _conv_columns(x: np.ndarray, attrs: dict, w_shape: tuple, limit: int, seed: int = 0):
-    """``conv_columns`` and the image (index along B) of each column."""
+def _padded(x: np.ndarray, attrs: dict, w_shape: tuple, dtype) -> tuple:
+    """(the Conv input padded as the Conv pads it, kernel, strides, dilations, output
+    spatial size)."""
     kernel = tuple(w_shape[2:])
     nd = len(kernel)
     strides = list(attrs.get("strides", [1] * nd))
     dilations = list(attrs.get("dilations", [1] * nd))
     pads = _pads(attrs, x.shape[2:], kernel, strides, dilations)
-    xp = np.pad(np.asarray(x, np.float32),
+    xp = np.pad(np.asarray(x, dtype),
                 [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
     out = [(xp.shape[2 + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
            for i in range(nd)]
+    return xp, kernel, strides, dilations, out
+
+
+def _conv_columns(x: np.ndarray, attrs: dict, w_shape: tuple, limit: int, seed: int = 0):
+    """``conv_columns`` and the image (index along B) of each column."""
+    xp, kernel, strides, dilations, out = _padded(x, attrs, w_shape, np.float32)
     g = int(attrs.get("group", 1))
     total = int(np.prod(out))
     per_image = max(limit // len(x), 1)
@@ -162,7 +169,8 @@ def _conv_columns(x: np.ndarray, attrs: dict, w_shape: tuple, limit: int, seed: 
         pos = np.stack(np.unravel_index(picked, out), axis=1)  # [n, nd] output positions
         where = (pos[None, :, :] * np.array(strides)
                  + offsets[:, None, :] * np.array(dilations))  # [K, n, nd] input positions
-        patches = image[(slice(None),) + tuple(where[..., i] for i in range(nd))]  # [C, K, n]
+        patches = image[(slice(None),) + tuple(where[..., i]  # [C, K, n]
+                                               for i in range(len(kernel)))]
         cols.append(patches.reshape(g, -1, len(picked)))
     return np.concatenate(cols, axis=2), np.concatenate(image_of)
 
@@ -171,18 +179,10 @@ def _conv_column_sum(x: np.ndarray, attrs: dict, w_shape: tuple) -> tuple[np.nda
     """``Layer.column_sum`` of a Conv: per kernel offset, the strided window of the padded
     input summed over images and output positions ([Cin, K] -> [G, Cin/G * K], the column
     order of ``conv_columns``), without building the columns."""
-    kernel = tuple(w_shape[2:])
-    nd = len(kernel)
-    strides = list(attrs.get("strides", [1] * nd))
-    dilations = list(attrs.get("dilations", [1] * nd))
-    pads = _pads(attrs, x.shape[2:], kernel, strides, dilations)
-    xp = np.pad(np.asarray(x, np.float64),
-                [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
-    out = [(xp.shape[2 + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
-           for i in range(nd)]
+    xp, kernel, strides, dilations, out = _padded(x, attrs, w_shape, np.float64)
     offsets = list(itertools.product(*(range(k) for k in kernel)))
     sums = np.empty((xp.shape[1], len(offsets)))
-    axes = (0,) + tuple(range(2, 2 + nd))
+    axes = (0,) + tuple(range(2, 2 + len(kernel)))
     for k, offset in enumerate(offsets):
         window = tuple(slice(o * d, o * d + s * (n - 1) + 1, s)
                        for o, d, s, n in zip(offset, dilations, strides, out))
