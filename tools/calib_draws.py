@@ -5,14 +5,17 @@ than the sizes (docs/calib_draws.md).
 
     python tools/calib_draws.py [--models mobilevit_xxs,...] [--recipes W4,W4A8]
                                 [--method gptq] [--sizes 32,64,128] [--draws 3]
-                                [--limit 1000] [--bias-correction auto|yes|no]
+                                [--limit 1000] [--seeds 0,1,2] [--bias-correction auto|yes|no]
                                 [--out docs/calib_draws.md]
 
 Draw "listing" is what onnxquant takes from the folder itself (images spread evenly over its
 listing); draw s (1, 2, ...) is ``--sizes``' largest count of images drawn at random (seed s)
 from it, of which each size takes its share spread evenly, so that the sizes of one draw are
 nested. Rows: change in top-1 points and agreement with float per image set; then their mean
-over the draws per size.
+over the draws per size, with the standard error of each mean change (se: the spread of
+the runs over sqrt(runs); the runs share their test images, so it is the spread of a user's
+result, not of the test set). ``--seeds`` adds runs per draw with other seeds (GPTQ's column
+draw, the torch methods' batches).
 """
 
 from __future__ import annotations
@@ -50,18 +53,22 @@ def draw_folders(work: Path, draws: int, count: int) -> dict:
 
 
 def model_rows(ref: dict, recipe: str, method: str, folders: dict, sizes: list,
-               image_sets: tuple, limit, work: Path, extra: dict | None = None) -> list:
-    """One row per (draw, size): the model quantized once, scored on every image set."""
+               image_sets: tuple, limit, work: Path, extra: dict | None = None,
+               seeds: tuple = (0,)) -> list:
+    """One row per (draw, seed, size): the model quantized once, scored on every image set."""
     rows, outs = [], []
     for draw, folder in folders.items():
-        for size in sizes:
-            cfg = QuantConfig(reconstruct=method, num_calib=size,
-                              **reconstruct_table.RECIPES[recipe], **(extra or {}))
-            out = work / f"{ref['name']}.{recipe}.{draw}.{size}.onnx"
-            seconds = int8_table.timed_quantize(ref["path"], cfg, str(folder), ref["pre"], out)
-            outs.append(out)
-            rows.append({"model": ref["name"], "recipe": f"{recipe} {method}", "draw": draw,
-                         "images": size, "seconds": seconds})
+        for seed in seeds:
+            for size in sizes:
+                cfg = QuantConfig(reconstruct=method, num_calib=size, seed=seed,
+                                  **reconstruct_table.RECIPES[recipe], **(extra or {}))
+                out = work / f"{ref['name']}.{recipe}.{draw}.{seed}.{size}.onnx"
+                seconds = int8_table.timed_quantize(ref["path"], cfg, str(folder), ref["pre"],
+                                                    out)
+                outs.append(out)
+                rows.append({"model": ref["name"], "recipe": f"{recipe} {method}",
+                             "draw": draw if len(seeds) == 1 else f"{draw}, seed {seed}",
+                             "images": size, "seconds": seconds})
     for image_set in image_sets:
         _, results = benchlib.against_fp32(ref["path"], outs, benchlib.IMAGE_SETS[image_set],
                                            ref, limit, f"{ref['name']} {recipe}")
@@ -71,14 +78,21 @@ def model_rows(ref: dict, recipe: str, method: str, folders: dict, sizes: list,
 
 
 def means(rows: list, image_sets: tuple) -> list:
-    """Per (model, recipe, images): the mean over draws of each change and agreement."""
+    """Per (model, recipe, images): the mean over draws (and seeds) of each change and
+    agreement, and the standard error of each mean change (sd / sqrt(runs))."""
     keys = [f"{k} {s}" for s in image_sets for k in ("change", "agree")] + ["seconds"]
     groups = {}
     for row in rows:
         groups.setdefault((row["model"], row["recipe"], row["images"]), []).append(row)
-    return [{"model": m, "recipe": r, "images": n, "draw": f"mean of {len(g)}",
-             **{k: statistics.fmean(row[k] for row in g) for k in keys}}
-            for (m, r, n), g in groups.items()]
+    out = []
+    for (m, r, n), g in groups.items():
+        row = {"model": m, "recipe": r, "images": n, "draw": f"mean of {len(g)}",
+               **{k: statistics.fmean(row[k] for row in g) for k in keys}}
+        for s in image_sets:
+            changes = [row_[f"change {s}"] for row_ in g]
+            row[f"se {s}"] = statistics.stdev(changes) / len(g) ** 0.5 if len(g) > 1 else 0.0
+        out.append(row)
+    return out
 
 
 def columns(image_sets: tuple) -> list:
@@ -86,7 +100,7 @@ def columns(image_sets: tuple) -> list:
             ("draw", "draw", "")]
     for s in image_sets:
         short = s.rsplit("/", 1)[-1]
-        cols += [(f"change {short}", f"change {s}", "+.2f"),
+        cols += [(f"change {short}", f"change {s}", "+.2f"), (f"se {short}", f"se {s}", ".2f"),
                  (f"agree {short} %", f"agree {s}", ".1f")]
     return cols + [("quantize s", "seconds", ".1f")]
 
@@ -97,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--method", choices=RECONSTRUCT_METHODS, default="gptq")
     p.add_argument("--sizes", default="32,64,128")
     p.add_argument("--draws", type=int, default=3, help="random draws besides the listing's")
+    p.add_argument("--seeds", default="0",
+                   help="QuantConfig.seed values, comma-separated: one run per draw and seed")
     p.add_argument("--bias-correction", choices=("auto", "yes", "no"), default="auto",
                    help="QuantConfig.bias_correction (auto: the default for the recipe)")
     p.add_argument("--image-set", type=int8_table._image_sets,
@@ -110,7 +126,8 @@ def main(argv=None) -> int:
         for ref in benchlib.selected_references(args):
             for recipe in args.recipes.split(","):
                 rows += model_rows(ref, recipe, args.method, folders, sizes, args.image_set,
-                                   args.limit, Path(tmp), extra)
+                                   args.limit, Path(tmp), extra,
+                                   tuple(int(x) for x in args.seeds.split(",")))
     cols = columns(args.image_set)
     text = (f"# How many calibration images reconstruction needs\n\n"
             f"{benchlib.measured_line(benchlib.command_line(__file__, argv))}.\n\n"
