@@ -109,8 +109,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                         "where conv weights are per channel)")
     g.add_argument("--bias-correction", choices=("auto", "yes", "no"), default="auto",
                    help="move each quantized layer's bias by the mean output error of its "
-                        "rounded weight on the calibration samples (auto: 4-bit weights or "
-                        "fewer rounded to nearest, without --reconstruct)")
+                        "rounded weight on the calibration samples (auto: 4-bit weights "
+                        "rounded to nearest, without --reconstruct)")
 
 
 def config_from_args(args) -> QuantConfig:

@@ -17,7 +17,7 @@ TORCH_RECONSTRUCT = ("adaround", "brecq", "qdrop", "mgrq")
 RECONSTRUCT_DEVICES = ("auto", "cpu", "cuda")  # where the torch methods run
 DEFAULT_CALIB = 32  # calibration samples: the paper's
 RECONSTRUCT_CALIB = 64  # with --reconstruct (QuantConfig.num_calib)
-BIAS_CORRECTION_BITS = 4  # bias correction by default at this many weight bits or fewer
+BIAS_CORRECTION_BITS = (4,)  # weight bits rounded to nearest that get bias correction by default
 SEARCH_METRICS = ("mse", "fisher")  # search.py; fisher.py (needs torch)
 # Share of the calibration samples held out to judge reconstructed codes when
 # reconstruct_holdout is None: the torch methods learn by gradient descent and fit 32 samples
@@ -78,9 +78,10 @@ class QuantConfig:
         crush per-tensor grids: docs/canonicalize.md).
     bias_correction: after the weights are rounded (or reconstructed), move each quantized
         layer's bias by the mean output error its rounding makes on the calibration samples
-        (bias_correction.py). None (default): with weights rounded to nearest at 4 bits or
-        fewer (BIAS_CORRECTION_BITS; no reconstruct), where it recovers about half of the
-        loss; after GPTQ it gained nothing on average (docs/reconstruct_table.md).
+        (bias_correction.py). None (default): with 4-bit weights rounded to nearest
+        (BIAS_CORRECTION_BITS; no reconstruct), where it recovers about half of the loss;
+        at 3 bits it cost mobilevit_xxs 4.6 points, at 5-6 and after GPTQ it gained
+        nothing measurable (docs/reconstruct_table.md).
     act_bits: bits of the activation Q/DQ (targets ort, tensorrt): 8, or 2..7 on an 8-bit
         container (W6A6: weight_bits=6, act_bits=6).
     calib_method: activation range estimator: minmax, percentile, mse, entropy (ranges.py);
@@ -228,11 +229,11 @@ class QuantConfig:
     @property
     def corrects_bias(self) -> bool:
         """``bias_correction``, or where that is None, whether the weights are rounded to
-        nearest (no ``reconstruct``) at BIAS_CORRECTION_BITS or fewer. Resolved on read,
-        like ``range_method``."""
+        nearest (no ``reconstruct``) with a bit width in BIAS_CORRECTION_BITS. Resolved on
+        read, like ``range_method``."""
         if self.bias_correction is not None:
             return self.bias_correction
-        return self.weight_bits <= BIAS_CORRECTION_BITS and self.reconstruct == "none"
+        return self.weight_bits in BIAS_CORRECTION_BITS and self.reconstruct == "none"
 
     @property
     def range_method(self) -> str:

@@ -84,9 +84,9 @@ def test_later_layers_and_the_output_lose_mean_error():
         assert np.abs(err_on).mean() < 0.75 * np.abs(err_off).mean(), tensor
 
 
-def test_default_is_on_for_rounded_weights_of_four_bits_or_fewer():
+def test_default_is_on_for_four_bit_weights_rounded_to_nearest():
     assert QuantConfig(weight_bits=4).corrects_bias
-    assert QuantConfig(weight_bits=3).corrects_bias
+    assert not QuantConfig(weight_bits=3).corrects_bias  # measured to cost points there
     assert not QuantConfig(weight_bits=6).corrects_bias
     assert not QuantConfig().corrects_bias
     assert not QuantConfig(weight_bits=4, reconstruct="gptq").corrects_bias
