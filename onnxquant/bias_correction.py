@@ -33,7 +33,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from . import block_runs, quantizers
 from .emit_qdq import tensor_name
@@ -99,11 +98,12 @@ def emitted_for_inputs(canonical: onnx.ModelProto, plan: Plan, layers: list) -> 
 def _shifts(layers: list, model: onnx.ModelProto, feed: dict, chunk: int) -> list:
     """(W - W_hat) E[x] per layer, flattened to its output channels."""
     n = block_runs.sample_count(feed)
-    run = _runner(model)
+    run = block_runs.runner(model)
     sums = [0.0] * len(layers)
     counts = [0] * len(layers)
     for start in range(0, n, chunk):
-        values = run({k: v[start:start + chunk] for k, v in feed.items()})
+        values = {k: v[start:start + chunk] for k, v in feed.items()}
+        values.update(run(values))
         for i, layer in enumerate(layers):
             s, c = layer.column_sum(layer.as_seen(values[layer.site.input]))
             sums[i], counts[i] = sums[i] + s, counts[i] + c
@@ -112,20 +112,6 @@ def _shifts(layers: list, model: onnx.ModelProto, feed: dict, chunk: int) -> lis
         error = layer.stack() - layer.stack(rounded_weight(layer))  # [G, R, C]
         out.append(np.einsum("grc,gc->gr", error, s / max(c, 1)).reshape(-1))
     return out
-
-
-def _runner(model: onnx.ModelProto):
-    """feed -> the feed and every output of ``model``: one session for all chunks."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), opts,
-                                   providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    inputs = [i.name for i in session.get_inputs()]
-
-    def run(feed: dict) -> dict:
-        return {**feed, **dict(zip(names, session.run(names, {k: feed[k] for k in inputs})))}
-    return run
 
 
 def _apply(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> bool:

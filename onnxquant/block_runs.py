@@ -107,16 +107,26 @@ def free_batch(model: onnx.ModelProto) -> int | None:
 def run(model: onnx.ModelProto, values: dict, outputs: list | None = None) -> dict:
     """Run ``model`` on the boundary ``values`` it needs; returns its outputs by name
     (``outputs``: those only; a graph input asked for is passed through)."""
+    return runner(model, outputs)(values)
+
+
+def runner(model: onnx.ModelProto, outputs: list | None = None):
+    """``run`` as a function of the values, one session for many calls (chunks of the
+    calibration samples)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(model.SerializeToString(), opts,
                                    providers=["CPUExecutionProvider"])
-    feed = {i.name: values[i.name] for i in session.get_inputs()}
+    inputs = [i.name for i in session.get_inputs()]
     names = [o.name for o in session.get_outputs()] if outputs is None else list(outputs)
-    computed = [n for n in names if n not in feed]
-    got = dict(zip(computed, session.run(computed, feed))) if computed else {}
-    return {n: feed[n] if n in feed else got[n] for n in names}
+
+    def run_on(values: dict) -> dict:
+        feed = {name: values[name] for name in inputs}
+        computed = [n for n in names if n not in feed]
+        got = dict(zip(computed, session.run(computed, feed))) if computed else {}
+        return {n: feed[n] if n in feed else got[n] for n in names}
+    return run_on
 
 
 def relative_error(got: dict, want: dict, weights: dict | None = None) -> float:
