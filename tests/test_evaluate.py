@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import numpy_helper
 from PIL import Image
 
@@ -81,6 +83,7 @@ def test_compare_offset_logits_agree_fully(images):
     assert res.kl == pytest.approx(0.0, abs=1e-9)  # softmax ignores a constant offset
     assert res.max_abs_err == pytest.approx(2.5)
     assert res.a.top1 == res.b.top1 == 25.0
+    assert res.change_se == 0.0  # no image is right for one model only
 
 
 def test_compare_reversed_red_ranking(images):
@@ -92,6 +95,24 @@ def test_compare_reversed_red_ranking(images):
     assert res.kl == pytest.approx(0.5 * float(np.sum(p * (2 * K - 9))), rel=1e-6)
     assert res.max_abs_err == pytest.approx(9.0)
     assert res.b.top1 == 0.0 and res.b.top5 == 25.0
+    # per-image differences -1, 0, 0, 0: sd 0.5 (n - 1 in the denominator), over sqrt(4)
+    assert res.change_se == pytest.approx(25.0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=2, max_size=60))
+def test_paired_change_se_closed_form(outcomes):
+    """With b images only float gets right and c only the other: the paired standard error
+    is sqrt((b + c - (c - b)^2 / n) / (n (n - 1))), in points."""
+    n = len(outcomes)
+    labels = np.zeros(n, np.int64)
+    logits = [np.array([[1.0, 0.0] if right else [0.0, 1.0] for right in side])
+              for side in zip(*outcomes)]
+    a, b = (ev.EvalResult(name, n, 0.0, 0.0, 0, lg, labels) for name, lg in zip("ab", logits))
+    lost = sum(x and not y for x, y in outcomes)
+    won = sum(y and not x for x, y in outcomes)
+    want = np.sqrt((lost + won - (won - lost) ** 2 / n) / (n * (n - 1))) * 100
+    assert ev.paired_change_se(a, b) == pytest.approx(want, abs=1e-9)
 
 
 def test_user_errors(images, tmp_path):
@@ -125,6 +146,7 @@ def test_cli_compare_with_reference_json(images, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "a.onnx" in out and "25.00" in out and "agreement 50.00" in out
+    assert "top-1 change -25.00 points, standard error 25.00 from these 4 images" in out
 
 
 def test_cli_explicit_flags_and_class_map(images, tmp_path, capsys):

@@ -190,7 +190,8 @@ def top1_change(fp32: float, quantized: float) -> float:
 
 def against_fp32(fp32, models: list, images, ref: dict, limit, label: str):
     """FP32 and ``models`` in one pass over ``images`` (evaluate_many): FP32's {top1, n} and
-    one row per model judged against FP32: {top1, n, change, agree, kl}."""
+    one row per model judged against FP32: {top1, n, change, change_se (from the images
+    alone, paired), agree, kl}."""
     from onnxquant.evaluate import compare_results, evaluate_many
 
     start = time.perf_counter()
@@ -202,7 +203,7 @@ def against_fp32(fp32, models: list, images, ref: dict, limit, label: str):
     for res in results[1:]:
         cmp = compare_results(base, res)
         rows.append({"top1": res.top1, "n": res.n, "change": top1_change(base.top1, res.top1),
-                     "agree": cmp.agreement, "kl": cmp.kl})
+                     "change_se": cmp.change_se, "agree": cmp.agreement, "kl": cmp.kl})
     return {"top1": base.top1, "n": base.n}, rows
 
 

@@ -6,7 +6,7 @@ than the sizes (docs/calib_draws.md).
     python tools/calib_draws.py [--models mobilevit_xxs,...] [--recipes W4,W4A8]
                                 [--method gptq] [--sizes 32,64,128] [--draws 3]
                                 [--limit 1000] [--seeds 0,1,2] [--bias-correction auto|yes|no]
-                                [--out docs/calib_draws.md]
+                                [--set FIELD=JSON ...] [--out docs/calib_draws.md]
 
 Draw "listing" is what onnxquant takes from the folder itself (images spread evenly over its
 listing); draw s (1, 2, ...) is ``--sizes``' largest count of images drawn at random (seed s)
@@ -14,12 +14,16 @@ from it, of which each size takes its share spread evenly, so that the sizes of 
 nested. Rows: change in top-1 points and agreement with float per image set; then their mean
 over the draws per size, with the standard error of each mean change (se: the spread of
 the runs over sqrt(runs); the runs share their test images, so it is the spread of a user's
-result, not of the test set). ``--seeds`` adds runs per draw with other seeds (GPTQ's column
-draw, the torch methods' batches).
+result, not of the test set; *img se* is the test set's: the standard error of one run's
+change from its images alone, paired with float's; *kl*: mean KL(float || quantized) of
+the class probabilities, the steadiest of the three). ``--seeds`` adds runs per draw with
+other seeds (GPTQ's column draw, the torch methods' batches); ``--set`` any other config
+field.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import statistics
@@ -73,14 +77,17 @@ def model_rows(ref: dict, recipe: str, method: str, folders: dict, sizes: list,
         _, results = benchlib.against_fp32(ref["path"], outs, benchlib.IMAGE_SETS[image_set],
                                            ref, limit, f"{ref['name']} {recipe}")
         for row, res in zip(rows, results):
-            row[f"change {image_set}"], row[f"agree {image_set}"] = res["change"], res["agree"]
+            for key in ("change", "agree", "kl"):
+                row[f"{key} {image_set}"] = res[key]
+            row[f"img se {image_set}"] = res["change_se"]
     return rows
 
 
 def means(rows: list, image_sets: tuple) -> list:
     """Per (model, recipe, images): the mean over draws (and seeds) of each change and
     agreement, and the standard error of each mean change (sd / sqrt(runs))."""
-    keys = [f"{k} {s}" for s in image_sets for k in ("change", "agree")] + ["seconds"]
+    keys = [f"{k} {s}" for s in image_sets for k in ("change", "agree", "kl", "img se")] + \
+        ["seconds"]
     groups = {}
     for row in rows:
         groups.setdefault((row["model"], row["recipe"], row["images"]), []).append(row)
@@ -101,8 +108,20 @@ def columns(image_sets: tuple) -> list:
     for s in image_sets:
         short = s.rsplit("/", 1)[-1]
         cols += [(f"change {short}", f"change {s}", "+.2f"), (f"se {short}", f"se {s}", ".2f"),
-                 (f"agree {short} %", f"agree {s}", ".1f")]
+                 (f"img se {short}", f"img se {s}", ".2f"),
+                 (f"agree {short} %", f"agree {s}", ".1f"), (f"kl {short}", f"kl {s}", ".4f")]
     return cols + [("quantize s", "seconds", ".1f")]
+
+
+def config_fields(pairs: list) -> dict:
+    """``["exclude=[\"/stem/*\"]"]`` -> ``{"exclude": ("/stem/*",)}``: QuantConfig fields
+    from FIELD=JSON strings (lists become tuples, as the config's fields are)."""
+    out = {}
+    for pair in pairs:
+        field, _, value = pair.partition("=")
+        value = json.loads(value)
+        out[field] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 def main(argv=None) -> int:
@@ -115,11 +134,15 @@ def main(argv=None) -> int:
                    help="QuantConfig.seed values, comma-separated: one run per draw and seed")
     p.add_argument("--bias-correction", choices=("auto", "yes", "no"), default="auto",
                    help="QuantConfig.bias_correction (auto: the default for the recipe)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="any other QuantConfig field, its value as JSON (repeatable), e.g. "
+                        "--set 'exclude=[\"/stem/*\"]'")
     p.add_argument("--image-set", type=int8_table._image_sets,
                    default=tuple(benchlib.IMAGE_SETS))
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    extra = {"bias_correction": {"auto": None, "yes": True, "no": False}[args.bias_correction]}
+    extra = {"bias_correction": {"auto": None, "yes": True, "no": False}[args.bias_correction],
+             **config_fields(args.set)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folders = draw_folders(Path(tmp), args.draws, max(sizes))
