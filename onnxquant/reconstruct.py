@@ -147,6 +147,9 @@ def _lower_on(a, b) -> int:
     return int(np.sum(np.asarray(a) < np.asarray(b)))
 
 
+# GPTQ rounds toward the float model's layer output on the float inputs (gptq.float_target)
+# rather than toward the float layer on the quantized inputs
+FLOAT_TARGET = True
 SEQUENTIAL_LAYERS = 4  # blocks up to this size: every layer sees its predecessors rounded
 RUNS_PER_BLOCK = 3  # larger blocks: layer inputs computed in this many runs of the block
 BIG_INPUT = 32768  # positions per sample above which layer inputs use fewer samples
@@ -158,13 +161,29 @@ def _layer_input_samples(task: BlockTask) -> tuple:
     already has more positions than H needs (full-resolution detector maps), the first
     few (the runs of a large block cost about the whole model each). Taken as the walk
     takes samples: every value with a sample axis, shape values that hold the batch
-    recomputed (``task.batch_ints``). Returns (values, their sample count)."""
+    recomputed (``task.batch_ints``). Returns (values, the same samples' float values or
+    None, their sample count)."""
     positions = task.positions_per_sample()
     total = task.sample_count()
+    floats = task.float_inputs if FLOAT_TARGET and task.float_inputs and \
+        block_runs.sample_count(task.float_inputs) == total else None
     if positions < BIG_INPUT:
-        return task.inputs, total
+        return task.inputs, floats, total
     n = min(total, max(MIN_SAMPLES, -(-2 * gptq.MAX_SAMPLES // positions)))
-    return block_runs.take(task.inputs, slice(0, n), total, task.batch_ints), n
+    return (block_runs.take(task.inputs, slice(0, n), total, task.batch_ints),
+            floats and block_runs.take(floats, slice(0, n), total, task.batch_ints), n)
+
+
+def _float_layer_inputs(task: BlockTask, floats: dict | None) -> dict | None:
+    """Every layer's input in the float model (the float block run once on the float
+    boundary values ``floats``), or None without them."""
+    if floats is None:
+        return None
+    names = list(dict.fromkeys(l.site.input for l in task.layers if l.site.input not in floats))
+    out = dict(floats)
+    if names:
+        out.update(block_runs.run(block_runs.with_outputs(task.model, names), floats, names))
+    return out
 
 
 def _chunks(layers: list) -> list:
@@ -176,11 +195,14 @@ def _chunks(layers: list) -> list:
 def run_gptq(task: BlockTask) -> dict:
     """GPTQ per layer, in order; returns node -> codes (weight-shaped). A layer's inputs come
     from the block run with the layers of earlier chunks already rounded (small blocks: every
-    earlier layer)."""
+    earlier layer). With the float model's values (``task.float_inputs``, the same samples)
+    and FLOAT_TARGET, each layer's codes round ``gptq.float_target``'s weights: the layer
+    then also takes back what the layers before it lost."""
     out, done = {}, set()
     graph = gs.import_onnx(task.model)
     nodes = {n.name for n in task.model.graph.node}
-    (inputs, samples), xs, previous = _layer_input_samples(task), {}, []
+    inputs, floats, samples = _layer_input_samples(task)
+    fx, xs, previous = _float_layer_inputs(task, floats), {}, []
     for chunk in _chunks(task.layers):
         wanted = list(dict.fromkeys(l.site.input for l in chunk if l.site.input not in inputs))
         # one layer after another reading the same tensor: that tensor is upstream of both
@@ -191,8 +213,12 @@ def run_gptq(task: BlockTask) -> dict:
             xs = block_runs.run(block_runs.with_outputs(model, wanted), inputs, wanted)
         for layer in chunk:
             x = layer.as_seen(xs.get(layer.site.input, inputs.get(layer.site.input)))
-            codes = _gptq_codes(layer, gptq.hessian(*layer.sample_columns(
-                x, gptq.MAX_SAMPLES, task.seed, samples)))
+            cols, ids = layer.sample_columns(x, gptq.MAX_SAMPLES, task.seed, samples)
+            h = gptq.hessian(cols, ids)
+            target = None if fx is None or ids is None else gptq.float_target(
+                layer.stack(), cols, layer.columns(fx[layer.site.input], gptq.MAX_SAMPLES,
+                                                   task.seed), h, ids)
+            codes = _gptq_codes(layer, h, target)
             if codes is None:  # H not positive definite even damped: round to nearest
                 continue
             layer.site.weight_spec = fits.codes_spec(layer, codes)
@@ -201,12 +227,13 @@ def run_gptq(task: BlockTask) -> dict:
     return out
 
 
-def _gptq_codes(layer: Layer, h: np.ndarray):
-    """GPTQ codes of one layer, with more damping where the factorization fails."""
+def _gptq_codes(layer: Layer, h: np.ndarray, target: np.ndarray | None = None):
+    """GPTQ codes of one layer (rounding ``target``, default its weight stack), with more
+    damping where the factorization fails."""
     scale, zero = layer.grid()
     for damp in (gptq.DAMP, 0.1, 1.0):
         try:
-            return gptq.gptq(layer.stack(), h, scale, zero, layer.params.qmin,
+            return gptq.gptq(layer.stack() if target is None else target, h, scale, zero, layer.params.qmin,
                              layer.params.qmax, damp=damp)
         except np.linalg.LinAlgError:
             continue
@@ -295,15 +322,14 @@ def split_feed(feed: dict, fraction: float) -> tuple:
 
 
 class _Walk:
-    """The blocks in order, with the boundary values so far: quantized on every sample (a),
-    float on the fitted ones (f, MGRQ's global term; ``learned`` methods only). The fitted
-    (q) and held-out (h) samples (``split``: their indices in the feed) are the first and
-    the last rows of a, as views: one run of each block on all samples serves the methods
-    (q), the judge (h) and GPTQ's codes, fitted on every sample (a), in one copy. Without
-    a split q is a and h is None."""
+    """The blocks in order, with the boundary values so far: quantized (a) and float (fa)
+    on every sample. The fitted (q, f) and held-out (h) samples (``split``: their indices
+    in the feed) are the first and the last rows of a and fa, as views: one run of each
+    block on all samples serves the methods (q, and f: GPTQ's float target, MGRQ's global
+    term), the judge (h) and GPTQ's codes, fitted on every sample (a, fa), in one copy.
+    Without a split q is a, f is fa and h is None."""
 
-    def __init__(self, canonical, plan: Plan, feed: dict, split: tuple | None,
-                 learned: bool):
+    def __init__(self, canonical, plan: Plan, feed: dict, split: tuple | None):
         self.canonical, self.plan, self.split = canonical, plan, split
         self.types = blockmap.value_types(canonical)
         self.n = block_runs.sample_count(feed)
@@ -311,20 +337,25 @@ class _Walk:
         # fitted samples first, then the held-out ones: q and h are views of a, not copies
         self.a = dict(feed) if split is None else block_runs.take(
             feed, np.concatenate(split), self.n, self.ints)
+        self.fa = dict(self.a)
         self._slice()
-        self.f = dict(self.q) if learned else None
         self.fitted_inputs, self._float_values = dict(self.q), {}  # model inputs (fitted)
-        self._float_block = (None, None)  # (i, block i's float outputs on f)
+        self._float_block = (None, None)  # (i, block i's float outputs on fa)
         self.last = block_runs.last_reads(plan.blocks)
         self.outputs = {o.name for o in canonical.graph.output}
 
     def _slice(self) -> None:
         if self.split is None:
-            self.q, self.h = self.a, None
+            self.q, self.f, self.h = self.a, self.fa, None
             return
-        k = len(self.split[0])
-        self.q = block_runs.take(self.a, slice(0, k), self.n, self.ints)
-        self.h = block_runs.take(self.a, slice(k, self.n), self.n, self.ints)
+        self.q, self.f = (self._fitted(v) for v in (self.a, self.fa))
+        self.h = block_runs.take(self.a, slice(len(self.split[0]), self.n), self.n, self.ints)
+
+    def _fitted(self, values: dict) -> dict:
+        """The fitted samples' rows of ``values`` (all samples), a view."""
+        if self.split is None:
+            return values
+        return block_runs.take(values, slice(0, len(self.split[0])), self.n, self.ints)
 
     @property
     def judged(self) -> dict:
@@ -341,21 +372,23 @@ class _Walk:
         """Move past block ``i`` with its specs as they are now."""
         block = self.plan.blocks[i]
         self.a.update(self.quantized_outputs(i, graph, self.a))
-        if self.f is not None:
-            self.f.update(self.float_outputs(i, model))
-            self._float_block = (None, None)
-        for values in (v for v in (self.a, self.f) if v is not None):
+        self.fa.update(self.float_outputs(i, model))
+        self._float_block = (None, None)
+        for values in (self.a, self.fa):
             for t in [t for t in values if self.last.get(t, -1) <= i and t not in self.outputs
                       and t not in block.outputs]:
                 del values[t]
         self._slice()
 
     def float_outputs(self, i: int, model: onnx.ModelProto) -> dict:
-        """Block ``i``'s float outputs on the float inputs f: one run serves MGRQ's global
-        term and the walk's next step."""
+        """Block ``i``'s float outputs on the float inputs of every sample: one run serves
+        MGRQ's global term (``fitted_float_outputs``) and the walk's next step."""
         if self._float_block[0] != i:
-            self._float_block = (i, block_runs.run(model, self.f))
+            self._float_block = (i, block_runs.run(model, self.fa))
         return self._float_block[1]
+
+    def fitted_float_outputs(self, i: int, model: onnx.ModelProto) -> dict:
+        return self._fitted(self.float_outputs(i, model))
 
     def tail(self, i: int):
         later = self.plan.blocks[i + 1:]
@@ -402,8 +435,7 @@ def _walk_blocks(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict, progre
     """(BlockResult per block with layers, fitted samples, held-out samples or None): every
     block in order gets ``method``'s codes or a better candidate's (in place)."""
     walk = _Walk(canonical, plan, feed, split_indices(block_runs.sample_count(feed),
-                                                      cfg.holdout),
-                 cfg.reconstruct in TORCH_METHODS)
+                                                      cfg.holdout))
     fit, held = walk.fitted_inputs, walk.h and dict(walk.h)  # model inputs: the model check
     sites, shared = {s.node: s for s in plan.convs + plan.linears}, _shared_weights(plan)
     results = []
@@ -437,14 +469,15 @@ def _candidates(task: BlockTask, method, name: str, every_sample: tuple) -> tupl
     could not run the block, or ""). A block the torch executor cannot run (an op or an op
     form it lacks) keeps the better of GPTQ's codes and rounding. GPTQ's codes
     (the start of brecq and mgrq, a candidate for every torch method) are fitted on
-    ``every_sample`` (values, count), held-out ones included: at 3 bits GPTQ on 24 of the
+    ``every_sample`` (values, count, float values), held-out ones included: at 3 bits GPTQ on 24 of the
     recognizer's 32 lines read 77.7 % of lines against 90.7 % on all 32, and the learned
     codes must then beat codes that saw the judging samples (a judge biased toward the
     start, the safe side)."""
     out = {RTN: fits.Fit({})}
     if name in TORCH_METHODS:
         codes = run_gptq(dataclasses.replace(task, inputs=every_sample[0],
-                                             samples=every_sample[1]))
+                                             samples=every_sample[1],
+                                             float_inputs=every_sample[2]))
         out["gptq"] = fits.Fit(codes)
         if name in START_FROM_GPTQ:
             task.start = codes
@@ -463,15 +496,16 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> Block
     task = BlockTask(block.name, block.kind, model, walk.q, layers,
                      block_runs.subplan(walk.plan, nodes), cfg.seed, cfg.reconstruct_iters,
                      cfg.reconstruct_device,
-                     walk.f or {}, walk.tail(i) if walk.f is not None else None,
+                     walk.f, walk.tail(i) if cfg.reconstruct in TORCH_METHODS else None,
                      lambda info: bar.set_postfix(info, refresh=False),
-                     batch_ints=walk.ints, float_outputs=None if walk.f is None else (
-                         lambda: walk.float_outputs(i, model)),
+                     batch_ints=walk.ints,
+                     float_outputs=lambda: walk.fitted_float_outputs(i, model),
                      samples=walk.n if walk.split is None else len(walk.split[0]))
     rounded = {layer.site.node: layer.site.weight_spec.with_(codes=None) for layer in layers}
     acts = fits.learnable_steps(walk.plan, model)
     task.learn_steps = frozenset(t for _, _, t, _ in acts)
-    candidates, unsupported = _candidates(task, method, cfg.reconstruct, (walk.a, walk.n))
+    candidates, unsupported = _candidates(task, method, cfg.reconstruct,
+                                          (walk.a, walk.n, walk.fa))
     want = block_runs.run(model, walk.judged)  # float block on the quantized inputs
     errors = {}
     for origin, fit in candidates.items():

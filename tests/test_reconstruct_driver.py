@@ -446,22 +446,29 @@ def test_full_resolution_layer_inputs_take_whole_samples_and_rescale_the_batch()
     inputs = {"map": np.zeros((n, 1, side, side), np.float32),
               "tokens": np.arange(n * k * 2, dtype=np.float32).reshape(n * k, 2),
               "target": np.array([n * 4, -1], np.int64)}
+    floats = dict(inputs, map=inputs["map"] + 1, tokens=inputs["tokens"] + 1)
     task = reconstruct.BlockTask("b", "transformer", None, inputs, [], None,
-                                 batch_ints={"target": (np.array([4, -1]), np.array([4, 0]))})
-    got, m = reconstruct._layer_input_samples(task)
+                                 batch_ints={"target": (np.array([4, -1]), np.array([4, 0]))},
+                                 float_inputs=floats)
+    got, got_float, m = reconstruct._layer_input_samples(task)
     assert got["map"].shape[0] == m
     assert reconstruct.MIN_SAMPLES <= m < n
     assert got["tokens"].shape == (m * k, 2)
     np.testing.assert_array_equal(got["tokens"], inputs["tokens"][:m * k])
     assert got["target"].tolist() == [m * 4, -1]
+    # the float values (GPTQ's float target) are taken the same way, sample for sample
+    np.testing.assert_array_equal(got_float["tokens"], floats["tokens"][:m * k])
+    np.testing.assert_array_equal(got_float["map"], floats["map"][:m])
+    assert got_float["target"].tolist() == [m * 4, -1]
     few = {"map": inputs["map"][:2], "target": np.array([8, -1], np.int64)}
-    got, m = reconstruct._layer_input_samples(reconstruct.BlockTask(
+    got, got_float, m = reconstruct._layer_input_samples(reconstruct.BlockTask(
         "b", "transformer", None, few, [], None, batch_ints=task.batch_ints))
     assert m == 2 and got["map"].shape[0] == 2 and got["target"].tolist() == [8, -1]
+    assert got_float is None  # no float values: plain GPTQ
     small = dict(inputs, map=np.zeros((n, 1, 4, 4), np.float32))
-    got, m = reconstruct._layer_input_samples(
-        reconstruct.BlockTask("b", "transformer", None, small, [], None, samples=n))
-    assert got is small and m == n
+    got, got_float, m = reconstruct._layer_input_samples(reconstruct.BlockTask(
+        "b", "transformer", None, small, [], None, samples=n, float_inputs=floats))
+    assert got is small and got_float is floats and m == n
 
 
 def test_walk_holds_fitted_and_held_out_samples_as_views_of_one_copy():
@@ -475,7 +482,7 @@ def test_walk_holds_fitted_and_held_out_samples_as_views_of_one_copy():
     canonical = gs.export_onnx(graph, do_type_check=False)
     calib = calibration(32, seed=1)
     walk = reconstruct._Walk(canonical, plan, {"x": calib},
-                             reconstruct.split_indices(32, 0.25), learned=False)
+                             reconstruct.split_indices(32, 0.25))
     fit, held = reconstruct.split_feed({"x": calib}, 0.25)
     block = plan.blocks[0]
     model = blocks.extract(canonical, block, walk.types)
@@ -486,6 +493,14 @@ def test_walk_holds_fitted_and_held_out_samples_as_views_of_one_copy():
             want = samples if name == "x" else block_runs.run(model, samples)
             np.testing.assert_array_equal(got[name], want[name])
             assert np.shares_memory(got[name], walk.a[name])
+        # the float values: every sample (fa, in the walk's order: fitted, then held out),
+        # the fitted ones (f) a view of them
+        ordered = {"x": np.concatenate([fit["x"], held["x"]])}
+        want = ordered if name == "x" else block_runs.run(model, ordered)
+        np.testing.assert_array_equal(walk.fa[name], want[name])
+        np.testing.assert_array_equal(walk.f[name], fit[name] if name == "x" else
+                                      block_runs.run(model, fit)[name])
+        assert np.shares_memory(walk.f[name], walk.fa[name])
 
 
 def test_without_the_judge_every_block_keeps_the_methods_codes(monkeypatch):
@@ -519,7 +534,8 @@ def test_chunks_cover_every_layer_once_in_order(n):
 
 def test_layers_reading_one_tensor_share_one_block_run(monkeypatch):
     """Q, K and V read the same tokens: rounding one cannot change what the next sees, so
-    their Hessians come from one run of the block, not three."""
+    their Hessians come from one run of the block, not three (and their float inputs,
+    GPTQ's float target, from one run of the float block)."""
     runs = []
     run = block_runs.run
 
@@ -531,7 +547,7 @@ def test_layers_reading_one_tensor_share_one_block_run(monkeypatch):
     res = quantize(sdpa_model(), calibration(8), weight_bits=4, reconstruct="gptq",
                    target="tensorrt")
     assert {r.name: r.layers for r in res.plan.reconstruction}["transformer_1"] == 3
-    assert runs.count(["attn_t"]) == 1
+    assert runs.count(["attn_t"]) == 1 + reconstruct.FLOAT_TARGET
 
 
 def _recording_method(tasks: list):

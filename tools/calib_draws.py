@@ -6,7 +6,8 @@ than the sizes (docs/calib_draws.md).
     python tools/calib_draws.py [--models mobilevit_xxs,...] [--recipes W4,W4A8]
                                 [--method gptq] [--sizes 32,64,128] [--draws 3]
                                 [--limit 1000] [--seeds 0,1,2] [--bias-correction auto|yes|no]
-                                [--set FIELD=JSON ...] [--out docs/calib_draws.md]
+                                [--set FIELD=JSON ...] [--no-float-target]
+                                [--out docs/calib_draws.md]
 
 Draw "listing" is what onnxquant takes from the folder itself (images spread evenly over its
 listing); draw s (1, 2, ...) is ``--sizes``' largest count of images drawn at random (seed s)
@@ -36,7 +37,7 @@ import benchlib  # noqa: E402
 import int8_table  # noqa: E402
 import reconstruct_table  # noqa: E402
 
-from onnxquant import QuantConfig, images  # noqa: E402
+from onnxquant import QuantConfig, images, reconstruct  # noqa: E402
 from onnxquant.config import RECONSTRUCT_METHODS  # noqa: E402
 
 LISTING = "listing"
@@ -134,6 +135,9 @@ def main(argv=None) -> int:
                    help="QuantConfig.seed values, comma-separated: one run per draw and seed")
     p.add_argument("--bias-correction", choices=("auto", "yes", "no"), default="auto",
                    help="QuantConfig.bias_correction (auto: the default for the recipe)")
+    p.add_argument("--no-float-target", action="store_true",
+                   help="GPTQ rounds toward the float layer on the quantized inputs, as before "
+                        "(reconstruct.FLOAT_TARGET off): the ablation")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="any other QuantConfig field, its value as JSON (repeatable), e.g. "
                         "--set 'exclude=[\"/stem/*\"]'")
@@ -141,6 +145,8 @@ def main(argv=None) -> int:
                    default=tuple(benchlib.IMAGE_SETS))
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.no_float_target:
+        reconstruct.FLOAT_TARGET = False
     extra = {"bias_correction": {"auto": None, "yes": True, "no": False}[args.bias_correction],
              **config_fields(args.set)}
     rows = []

@@ -1,0 +1,117 @@
+"""GPTQ's float target (gptq.float_target, reconstruct.FLOAT_TARGET): the regression against
+its least-squares definition, the shrinkage of its cross moment, the float values the walk
+hands it, and the reconstructed model against plain GPTQ on held-out inputs."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from graphs import calibration, conv_chain_model, mixed_model, quantize, run_ort
+from onnxquant import gptq, reconstruct
+from onnxquant.layers import conv_columns
+
+
+def _inputs(seed, groups=2, cols=6, n=300, samples=1):
+    """(w [G, R, C], x [G, C, n], x_float, sample of each column): x_float = x plus a drift
+    that is linear in x plus noise, like an upstream layer's rounding error."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((groups, 4, cols))
+    x = np.matmul(rng.standard_normal((groups, cols, cols)), rng.standard_normal((groups, cols, n)))
+    drift = 0.2 * np.matmul(rng.standard_normal((groups, cols, cols)), x)
+    x_float = x + drift + 0.05 * rng.standard_normal(x.shape)
+    return w, x, x_float, np.repeat(np.arange(samples), -(-n // samples))[:n]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), groups=st.integers(1, 3), cols=st.integers(1, 10))
+def test_float_target_is_the_least_squares_fit_of_the_float_output(seed, groups, cols):
+    """One sample (no shrinkage) and no damping: W* = argmin ||W x_float - W* x||^2."""
+    w, x, x_float, samples = _inputs(seed, groups, cols)
+    got = gptq.float_target(w, x, x_float, gptq.hessian(x), samples, damp=0.0)
+    for g in range(groups):  # lstsq: x^T W*^T = x_float^T W^T
+        want = np.linalg.lstsq(x[g].T, x_float[g].T @ w[g].T, rcond=None)[0].T
+        # compared by the loss: H is float32, so ill-conditioned x moves W* along flat ways
+        loss = [np.sum((w[g] @ x_float[g] - v @ x[g]) ** 2) for v in (got[g], want, w[g])]
+        assert loss[0] <= loss[1] * (1 + 1e-4) + 1e-9
+        assert loss[0] <= loss[2]
+
+
+def test_float_target_is_the_weight_where_the_inputs_agree():
+    w, x, _, samples = _inputs(0, samples=5)
+    h = gptq.hessian(x, samples)
+    np.testing.assert_array_equal(gptq.float_target(w, x, x, h, samples), w)
+
+
+def test_damping_pulls_the_target_back_toward_the_weight():
+    w, x, x_float, samples = _inputs(1)
+    h = gptq.hessian(x)
+    moves = [np.linalg.norm(gptq.float_target(w, x, x_float, h, samples, damp=d) - w)
+             for d in (0.0, 0.1, 10.0)]
+    assert moves[0] > moves[1] > moves[2] > 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), samples=st.integers(8, 16))
+def test_cross_shrinkage_is_zero_when_every_sample_agrees_and_near_one_for_noise(seed, samples):
+    """Samples with the same columns: nothing to shrink. A drift unrelated to x: each
+    sample's D_i is noise around 0, and the intensity is about 1 - 1/samples."""
+    rng = np.random.default_rng(seed)
+    x1 = rng.standard_normal((1, 12, 40))
+    dx1 = 0.3 * rng.standard_normal((1, 12, 12)) @ x1
+    x, dx = np.tile(x1, samples), np.tile(dx1, samples)  # the same columns in every sample
+    ids = np.repeat(np.arange(samples), 40)
+    d = dx @ np.swapaxes(x, 1, 2) / x.shape[2]
+    assert gptq.cross_shrinkage(x, dx, d, ids)[0] == pytest.approx(0.0, abs=1e-12)
+    noise = rng.standard_normal(x.shape)
+    d = noise @ np.swapaxes(x, 1, 2) / x.shape[2]
+    rho = gptq.cross_shrinkage(x, noise, d, ids)[0]
+    assert 0.5 < rho <= 1.0
+
+
+def test_one_sample_is_not_shrunk():
+    w, x, x_float, samples = _inputs(2)
+    d = (x_float - x) @ np.swapaxes(x, 1, 2) / x.shape[2]
+    assert np.all(gptq.cross_shrinkage(x, x_float - x, d, samples) == 0)
+
+
+def _held_out_error(model, quant, x):
+    (y,), (yq,) = run_ort(model, {"x": x}), run_ort(quant, {"x": x})
+    return float(np.sum((y - yq) ** 2) / np.sum(y ** 2))
+
+
+@pytest.mark.parametrize("make, options", [
+    (conv_chain_model, {"weight_bits": 3, "per_channel": True, "weight_symmetric": True}),
+    (mixed_model, {"weight_bits": 3, "per_channel": True}),
+    (mixed_model, {"target": "tensorrt", "weight_bits": 4, "act_bits": 8}),
+])
+def test_the_float_target_beats_plain_gptq_on_held_out_inputs(monkeypatch, make, options):
+    model = make(seed=2)
+    calib, held_out = calibration(64, seed=1), calibration(64, seed=2)
+    with_target = quantize(model, calib, reconstruct="gptq", **options)
+    monkeypatch.setattr(reconstruct, "FLOAT_TARGET", False)
+    plain = quantize(model, calib, reconstruct="gptq", **options)
+    assert _held_out_error(model, with_target.model, held_out) < \
+        _held_out_error(model, plain.model, held_out)
+
+
+def test_gptq_is_given_the_float_models_and_the_quantized_models_layer_inputs(monkeypatch):
+    """The walk's float values are the float model's own: each layer's x_float columns are
+    the float model's input of that layer; x is the one in the model quantized so far."""
+    model, calib = conv_chain_model(seed=2), calibration(16, seed=1)
+    seen = []
+    real = gptq.float_target
+
+    def recording(w, x, x_float, h, samples, **kw):
+        seen.append((x, x_float))
+        return real(w, x, x_float, h, samples, **kw)
+
+    monkeypatch.setattr(gptq, "float_target", recording)
+    quantize(model, calib, weight_bits=3, per_channel=True, reconstruct="gptq")
+    assert len(seen) == 3  # conv1, conv2, conv3
+    act1, act2 = run_ort(model, {"x": calib}, ["act1_out", "act2_out"])
+    for (x, x_float), value, k in zip(seen[1:], (act1, act2), (3, 1)):
+        attrs = {"pads": [k // 2] * 4}
+        want = conv_columns(value, attrs, (8, 8, k, k), gptq.MAX_SAMPLES)
+        np.testing.assert_allclose(x_float, want, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(x, x_float, atol=1e-3)  # the quantized model's drifted
+    np.testing.assert_array_equal(seen[0][0], seen[0][1])  # conv1 reads the image
