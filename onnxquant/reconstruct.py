@@ -174,18 +174,6 @@ def _layer_input_samples(task: BlockTask) -> tuple:
             floats and block_runs.take(floats, slice(0, n), total, task.batch_ints), n)
 
 
-def _float_layer_inputs(task: BlockTask, floats: dict | None) -> dict | None:
-    """Every layer's input in the float model (the float block run once on the float
-    boundary values ``floats``), or None without them."""
-    if floats is None:
-        return None
-    names = list(dict.fromkeys(l.site.input for l in task.layers if l.site.input not in floats))
-    out = dict(floats)
-    if names:
-        out.update(block_runs.run(block_runs.with_outputs(task.model, names), floats, names))
-    return out
-
-
 def _chunks(layers: list) -> list:
     """Consecutive layers whose inputs are computed together (one run of the block)."""
     size = 1 if len(layers) <= SEQUENTIAL_LAYERS else -(-len(layers) // RUNS_PER_BLOCK)
@@ -197,12 +185,13 @@ def run_gptq(task: BlockTask) -> dict:
     from the block run with the layers of earlier chunks already rounded (small blocks: every
     earlier layer). With the float model's values (``task.float_inputs``, the same samples)
     and FLOAT_TARGET, each layer's codes round ``gptq.float_target``'s weights: the layer
-    then also takes back what the layers before it lost."""
+    then also takes back what the layers before it lost. Its float inputs come from a run
+    of the float block per chunk, beside the quantized one (memory: one chunk's inputs)."""
     out, done = {}, set()
     graph = gs.import_onnx(task.model)
     nodes = {n.name for n in task.model.graph.node}
     inputs, floats, samples = _layer_input_samples(task)
-    fx, xs, previous = _float_layer_inputs(task, floats), {}, []
+    xs, fxs, previous = {}, {}, []
     for chunk in _chunks(task.layers):
         wanted = list(dict.fromkeys(l.site.input for l in chunk if l.site.input not in inputs))
         # one layer after another reading the same tensor: that tensor is upstream of both
@@ -211,20 +200,30 @@ def run_gptq(task: BlockTask) -> dict:
         if wanted and not reuse:
             model = block_runs.emitted(graph, block_runs.subplan(task.plan, nodes, done))
             xs = block_runs.run(block_runs.with_outputs(model, wanted), inputs, wanted)
+            fxs = floats and block_runs.run(block_runs.with_outputs(task.model, wanted),
+                                            floats, wanted)
         for layer in chunk:
-            x = layer.as_seen(xs.get(layer.site.input, inputs.get(layer.site.input)))
-            cols, ids = layer.sample_columns(x, gptq.MAX_SAMPLES, task.seed, samples)
-            h = gptq.hessian(cols, ids)
-            target = None if fx is None or ids is None else gptq.float_target(
-                layer.stack(), cols, layer.columns(fx[layer.site.input], gptq.MAX_SAMPLES,
-                                                   task.seed), h, ids)
-            codes = _gptq_codes(layer, h, target)
+            name = layer.site.input
+            codes = _layer_codes(layer, xs.get(name, inputs.get(name)),
+                                 None if floats is None else fxs.get(name, floats.get(name)),
+                                 samples, task.seed)
             if codes is None:  # H not positive definite even damped: round to nearest
                 continue
             layer.site.weight_spec = fits.codes_spec(layer, codes)
             out[layer.site.node] = layer.site.weight_spec.codes
         done.update(l.site.node for l in chunk)
     return out
+
+
+def _layer_codes(layer: Layer, x: np.ndarray, x_float: np.ndarray | None, samples: int,
+                 seed: int):
+    """GPTQ codes of one layer from its input in the quantized model ``x`` (its own
+    activation Q/DQ still to apply) and, for the float target, in the float model."""
+    cols, ids = layer.sample_columns(layer.as_seen(x), gptq.MAX_SAMPLES, seed, samples)
+    h = gptq.hessian(cols, ids)
+    target = None if x_float is None or ids is None else gptq.float_target(
+        layer.stack(), cols, layer.columns(x_float, gptq.MAX_SAMPLES, seed), h, ids)
+    return _gptq_codes(layer, h, target)
 
 
 def _gptq_codes(layer: Layer, h: np.ndarray, target: np.ndarray | None = None):
