@@ -172,7 +172,9 @@ def _conv_columns(x: np.ndarray, attrs: dict, w_shape: tuple, limit: int, seed: 
         patches = image[(slice(None),) + tuple(where[..., i]  # [C, K, n]
                                                for i in range(len(kernel)))]
         cols.append(patches.reshape(g, -1, len(picked)))
-    return np.concatenate(cols, axis=2), np.concatenate(image_of)
+    # C order: the gather leaves the groups axis innermost, where batched products of
+    # depthwise columns ([G, 9, n]) ran 20x slower than on a C-ordered copy
+    return np.ascontiguousarray(np.concatenate(cols, axis=2)), np.concatenate(image_of)
 
 
 def _conv_column_sum(x: np.ndarray, attrs: dict, w_shape: tuple) -> tuple[np.ndarray, int]:

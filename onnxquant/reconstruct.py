@@ -10,7 +10,10 @@ earlier ones left. A method gets a ``BlockTask`` and returns codes per layer; th
 into ``QuantSpec.codes`` with the grid they were chosen on, and emission writes them.
 
     gptq      NumPy, per layer (gptq.py), layers inside a block in order: each sees the
-              inputs produced with the block's earlier layers already rounded
+              inputs produced with the block's earlier layers already rounded, and
+              rounds toward the float model's output of that layer on the float model's
+              inputs (gptq.float_target; FLOAT_TARGET), so it also takes back what the
+              layers before it lost
     adaround, brecq, qdrop, mgrq   torch (reconstruct_torch.py), when installed
 
 Judging the codes. For the torch methods a quarter of the calibration samples
@@ -26,7 +29,7 @@ on the judged samples against round to nearest and, for the torch methods, again
 GPTQ's codes (a GPTQ walk of its own, run first).
 
 Memory is bounded by the boundary values live at a block (tensors no later block reads are
-dropped). The summary reports, per method, the block output error of round-to-nearest and
+dropped), held twice: as the quantized model and as the float model produce them. The summary reports, per method, the block output error of round-to-nearest and
 of the kept codes on the judged samples, and which codes each block kept.
 """
 

@@ -17,6 +17,8 @@ the number of calibration samples:
     python tools/bench_reconstruct_memory.py [--models mobilevitv2_050,detector]
         [--methods gptq,adaround,mgrq] [--iters 2] [--out docs/reconstruct_memory.md]
 
+``gptq-plain`` among the methods: GPTQ without its float target (reconstruct.FLOAT_TARGET).
+
 The torch methods' memory does not grow with their iteration budget (each step reruns the
 block on a batch), so ``--iters`` only shortens the run.
 """
@@ -58,6 +60,9 @@ def _source(name: str, work: Path) -> tuple:
     return ref["path"], str(benchlib.CALIB), ref["pre"], benchlib.NUM_CALIB
 
 
+PLAIN_GPTQ = "gptq-plain"  # --methods name of GPTQ with reconstruct.FLOAT_TARGET off
+
+
 def _config(method: str, iters: int, samples: int):
     from onnxquant import QuantConfig
     from onnxquant.config import TORCH_RECONSTRUCT
@@ -75,6 +80,9 @@ def worker(name: str, method: str, iters: int, work: Path) -> None:
     if method in TORCH_RECONSTRUCT:  # torch's libraries alone are ~0.5 GB resident
         import onnxquant.reconstruct_torch  # noqa: F401
     libraries = benchlib.rss_mb() - before
+    if method == PLAIN_GPTQ:  # GPTQ without its float target (the walk's float copy)
+        from onnxquant import reconstruct
+        reconstruct.FLOAT_TARGET, method = False, "gptq"
     path, calib, pre, samples = _source(name, work)
     start = time.perf_counter()
     onnxquant.run(str(path), _config(method, iters, samples), calib, pre, progress=False)
