@@ -435,7 +435,7 @@ def test_the_model_check_weighs_plain_gptq(monkeypatch, name, holdout):
     assert reconstruct.RTN in kept or name in kept  # the chain differs from plain GPTQ's
 
 
-def test_full_resolution_layer_inputs_take_whole_samples_and_rescale_the_batch():
+def test_full_resolution_layer_inputs_take_whole_samples_and_rescale_the_batch(monkeypatch):
     """Above BIG_INPUT positions per sample, GPTQ's layer-input runs use the first few
     samples of the block's boundary values, taken as the walk takes them: a 4-D map and
     a token matrix (k rows per sample) by sample, a reshape target that holds the batch
@@ -447,6 +447,7 @@ def test_full_resolution_layer_inputs_take_whole_samples_and_rescale_the_batch()
               "tokens": np.arange(n * k * 2, dtype=np.float32).reshape(n * k, 2),
               "target": np.array([n * 4, -1], np.int64)}
     floats = dict(inputs, map=inputs["map"] + 1, tokens=inputs["tokens"] + 1)
+    monkeypatch.setattr(reconstruct, "MIN_TARGET_SAMPLES", 1)  # the float target at any count
     task = reconstruct.BlockTask("b", "transformer", None, inputs, [], None,
                                  batch_ints={"target": (np.array([4, -1]), np.array([4, 0]))},
                                  float_inputs=floats)
@@ -469,6 +470,13 @@ def test_full_resolution_layer_inputs_take_whole_samples_and_rescale_the_batch()
     got, got_float, m = reconstruct._layer_input_samples(reconstruct.BlockTask(
         "b", "transformer", None, small, [], None, samples=n, float_inputs=floats))
     assert got is small and got_float is floats and m == n
+    # fewer samples than MIN_TARGET_SAMPLES in the run: plain GPTQ
+    monkeypatch.setattr(reconstruct, "MIN_TARGET_SAMPLES", n + 1)
+    for values in (small, inputs):
+        got, got_float, m = reconstruct._layer_input_samples(reconstruct.BlockTask(
+            "b", "transformer", None, values, [], None, samples=n, float_inputs=floats,
+            batch_ints=task.batch_ints))
+        assert got_float is None and m <= n
 
 
 def test_walk_holds_fitted_and_held_out_samples_as_views_of_one_copy():
@@ -544,8 +552,8 @@ def test_layers_reading_one_tensor_share_one_block_run(monkeypatch):
         return run(m, values, outputs)
 
     monkeypatch.setattr(block_runs, "run", counting)
-    res = quantize(sdpa_model(), calibration(8), weight_bits=4, reconstruct="gptq",
-                   target="tensorrt")
+    res = quantize(sdpa_model(), calibration(reconstruct.MIN_TARGET_SAMPLES),
+                   weight_bits=4, reconstruct="gptq", target="tensorrt")
     assert {r.name: r.layers for r in res.plan.reconstruction}["transformer_1"] == 3
     assert runs.count(["attn_t"]) == 1 + reconstruct.FLOAT_TARGET
 
