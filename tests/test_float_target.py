@@ -102,6 +102,21 @@ def test_cross_shrinkage_matches_its_definition(seed, groups, cols, counts, equa
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_a_drift_the_samples_disagree_on_barely_moves_the_weight():
+    """x_f - x unrelated to x: the one-sample fit (no shrinkage) moves W by the noise it
+    fits; over 32 samples the shrinkage takes most of that back."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 12, 32 * 20))
+    x_float = x + rng.standard_normal(x.shape)
+    w = rng.standard_normal((1, 4, 12))
+    h = gptq.hessian(x)
+    one = np.zeros(x.shape[2], np.int64)
+    many = np.repeat(np.arange(32), 20)
+    unshrunk = np.linalg.norm(gptq.float_target(w, x, x_float, h, one) - w)
+    shrunk = np.linalg.norm(gptq.float_target(w, x, x_float, h, many) - w)
+    assert shrunk < 0.25 * unshrunk
+
+
 def test_one_sample_is_not_shrunk():
     w, x, x_float, samples = _inputs(2)
     d = (x_float - x) @ np.swapaxes(x, 1, 2) / x.shape[2]
