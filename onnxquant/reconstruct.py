@@ -29,8 +29,9 @@ on the judged samples against round to nearest and, for the torch methods, again
 GPTQ's codes (a GPTQ walk of its own, run first).
 
 Memory is bounded by the boundary values live at a block (tensors no later block reads are
-dropped), held twice: as the quantized model and as the float model produce them. The summary reports, per method, the block output error of round-to-nearest and
-of the kept codes on the judged samples, and which codes each block kept.
+dropped), held twice: as the quantized model and as the float model produce them. The
+summary reports, per method, the block output error of round-to-nearest and of the kept
+codes on the judged samples, and which codes each block kept.
 """
 
 from __future__ import annotations
@@ -239,8 +240,8 @@ def _gptq_codes(layer: Layer, h: np.ndarray, target: np.ndarray | None = None):
     scale, zero = layer.grid()
     for damp in (gptq.DAMP, 0.1, 1.0):
         try:
-            return gptq.gptq(layer.stack() if target is None else target, h, scale, zero, layer.params.qmin,
-                             layer.params.qmax, damp=damp)
+            return gptq.gptq(layer.stack() if target is None else target, h, scale, zero,
+                             layer.params.qmin, layer.params.qmax, damp=damp)
         except np.linalg.LinAlgError:
             continue
     return None
@@ -475,10 +476,10 @@ def _candidates(task: BlockTask, method, name: str, every_sample: tuple) -> tupl
     could not run the block, or ""). A block the torch executor cannot run (an op or an op
     form it lacks) keeps the better of GPTQ's codes and rounding. GPTQ's codes
     (the start of brecq and mgrq, a candidate for every torch method) are fitted on
-    ``every_sample`` (values, count, float values), held-out ones included: at 3 bits GPTQ on 24 of the
-    recognizer's 32 lines read 77.7 % of lines against 90.7 % on all 32, and the learned
-    codes must then beat codes that saw the judging samples (a judge biased toward the
-    start, the safe side)."""
+    ``every_sample`` (values, count, float values), held-out ones included: at 3 bits GPTQ
+    on 24 of the recognizer's 32 lines read 77.7 % of lines against 90.7 % on all 32, and
+    the learned codes must then beat codes that saw the judging samples (a judge biased
+    toward the start, the safe side)."""
     out = {RTN: fits.Fit({})}
     if name in TORCH_METHODS:
         codes = run_gptq(dataclasses.replace(task, inputs=every_sample[0],
