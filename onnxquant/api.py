@@ -180,7 +180,7 @@ def _correct_bias(source, graph, plan, config, calibration, preprocess, strategy
     canonical, feed, batch = strategy
     with _whole_batches(batch, "bias correction"):
         note = bias_correction.correct(graph, plan, canonical, feed,
-                                       batch or bias_correction.CHUNK)
+                                       batch or bias_correction.chunk_for(feed))
     if note:
         plan.notes.append(note)
 

@@ -41,6 +41,17 @@ from .layers import Layer
 from .plan import Plan
 
 CHUNK = 8  # calibration samples per run of the quantized model (its activations' memory)
+# one sample per run above this many positions per sample: the run holds every quantized
+# layer's input, and 8 full-resolution pages of the PP-OCR detector peaked at 4.3 GB
+BIG_POSITIONS = 32768
+
+
+def chunk_for(feed: dict) -> int:
+    """Samples per run for a model with a free batch: CHUNK, or 1 where a sample of an
+    image-like input (rank 4 or more) has more than BIG_POSITIONS positions."""
+    positions = max((int(np.prod(np.shape(v)[2:])) for v in feed.values()
+                     if np.ndim(v) >= 4), default=0)
+    return 1 if positions > BIG_POSITIONS else CHUNK
 
 
 def correct(graph: gs.Graph, plan: Plan, canonical: onnx.ModelProto, feed: dict,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 import graphs
-from onnxquant import QuantConfig
+from onnxquant import QuantConfig, bias_correction
 from onnxquant.cli import build_parser, config_from_args
 from onnxquant.errors import UserError
 from onnxquant.layers import Layer, conv_columns
@@ -105,6 +105,32 @@ def test_default_run_corrects_at_four_bits():
     assert np.abs(err).max() < 1e-5 * scale
     eight = graphs.quantize(model, x)
     assert not any("bias correction" in n for n in eight.plan.notes)
+
+
+def _biases(model: onnx.ModelProto) -> dict:
+    return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer
+            if "bias_corrected" in i.name}
+
+
+def test_one_sample_per_run_gives_the_same_biases(monkeypatch):
+    """Full-resolution inputs run one sample at a time (chunk_for): the sums are the same."""
+    model, x = graphs.conv_chain_model(), _calib()
+    chunked = _biases(graphs.quantize(model, x, **W4).model)
+    monkeypatch.setattr(bias_correction, "BIG_POSITIONS", 0)
+    assert bias_correction.chunk_for({"x": x}) == 1
+    single = _biases(graphs.quantize(model, x, **W4).model)
+    assert chunked.keys() == single.keys() and len(chunked) == 3
+    for name, value in chunked.items():
+        np.testing.assert_allclose(single[name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_chunk_for_takes_one_sample_of_a_large_image_and_chunks_otherwise():
+    big = int(np.sqrt(bias_correction.BIG_POSITIONS)) + 1
+    assert bias_correction.chunk_for({"x": np.zeros((2, 3, big, big), np.float32)}) == 1
+    assert bias_correction.chunk_for({"x": np.zeros((2, 3, 8, 8), np.float32)}) == \
+        bias_correction.CHUNK
+    tokens = np.zeros((2, 2 * bias_correction.BIG_POSITIONS, 1), np.float32)  # rank 3
+    assert bias_correction.chunk_for({"x": tokens}) == bias_correction.CHUNK
 
 
 @pytest.mark.parametrize("flag,value", [("auto", None), ("yes", True), ("no", False)])
