@@ -334,9 +334,11 @@ class _Walk:
     in the feed) are the first and the last rows of a and fa, as views: one run of each
     block on all samples serves the methods (q, and f: GPTQ's float target, MGRQ's global
     term), the judge (h) and GPTQ's codes, fitted on every sample (a, fa), in one copy.
-    Without a split q is a, f is fa and h is None."""
+    Without a split q is a, f is fa and h is None. Without ``floats`` (nothing would read
+    them: plain GPTQ) fa and f are None."""
 
-    def __init__(self, canonical, plan: Plan, feed: dict, split: tuple | None):
+    def __init__(self, canonical, plan: Plan, feed: dict, split: tuple | None,
+                 floats: bool = True):
         self.canonical, self.plan, self.split = canonical, plan, split
         self.types = blockmap.value_types(canonical)
         self.n = block_runs.sample_count(feed)
@@ -344,7 +346,7 @@ class _Walk:
         # fitted samples first, then the held-out ones: q and h are views of a, not copies
         self.a = dict(feed) if split is None else block_runs.take(
             feed, np.concatenate(split), self.n, self.ints)
-        self.fa = dict(self.a)
+        self.fa = dict(self.a) if floats else None
         self._slice()
         self.fitted_inputs, self._float_values = dict(self.q), {}  # model inputs (fitted)
         self._float_block = (None, None)  # (i, block i's float outputs on fa)
@@ -358,9 +360,9 @@ class _Walk:
         self.q, self.f = (self._fitted(v) for v in (self.a, self.fa))
         self.h = block_runs.take(self.a, slice(len(self.split[0]), self.n), self.n, self.ints)
 
-    def _fitted(self, values: dict) -> dict:
+    def _fitted(self, values: dict | None) -> dict | None:
         """The fitted samples' rows of ``values`` (all samples), a view."""
-        if self.split is None:
+        if self.split is None or values is None:
             return values
         return block_runs.take(values, slice(0, len(self.split[0])), self.n, self.ints)
 
@@ -379,9 +381,10 @@ class _Walk:
         """Move past block ``i`` with its specs as they are now."""
         block = self.plan.blocks[i]
         self.a.update(self.quantized_outputs(i, graph, self.a))
-        self.fa.update(self.float_outputs(i, model))
-        self._float_block = (None, None)
-        for values in (self.a, self.fa):
+        if self.fa is not None:
+            self.fa.update(self.float_outputs(i, model))
+            self._float_block = (None, None)
+        for values in (v for v in (self.a, self.fa) if v is not None):
             for t in [t for t in values if self.last.get(t, -1) <= i and t not in self.outputs
                       and t not in block.outputs]:
                 del values[t]
@@ -441,8 +444,9 @@ def _walk_blocks(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict, progre
                  method) -> tuple:
     """(BlockResult per block with layers, fitted samples, held-out samples or None): every
     block in order gets ``method``'s codes or a better candidate's (in place)."""
-    walk = _Walk(canonical, plan, feed, split_indices(block_runs.sample_count(feed),
-                                                      cfg.holdout))
+    n = block_runs.sample_count(feed)
+    walk = _Walk(canonical, plan, feed, split_indices(n, cfg.holdout),
+                 cfg.reconstruct in TORCH_METHODS or FLOAT_TARGET and n >= MIN_TARGET_SAMPLES)
     fit, held = walk.fitted_inputs, walk.h and dict(walk.h)  # model inputs: the model check
     sites, shared = {s.node: s for s in plan.convs + plan.linears}, _shared_weights(plan)
     results = []
@@ -484,7 +488,7 @@ def _candidates(task: BlockTask, method, name: str, every_sample: tuple) -> tupl
     if name in TORCH_METHODS:
         codes = run_gptq(dataclasses.replace(task, inputs=every_sample[0],
                                              samples=every_sample[1],
-                                             float_inputs=every_sample[2]))
+                                             float_inputs=every_sample[2] or {}))
         out["gptq"] = fits.Fit(codes)
         if name in START_FROM_GPTQ:
             task.start = codes
@@ -503,7 +507,7 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> Block
     task = BlockTask(block.name, block.kind, model, walk.q, layers,
                      block_runs.subplan(walk.plan, nodes), cfg.seed, cfg.reconstruct_iters,
                      cfg.reconstruct_device,
-                     walk.f, walk.tail(i) if cfg.reconstruct in TORCH_METHODS else None,
+                     walk.f or {}, walk.tail(i) if cfg.reconstruct in TORCH_METHODS else None,
                      lambda info: bar.set_postfix(info, refresh=False),
                      batch_ints=walk.ints,
                      float_outputs=lambda: walk.fitted_float_outputs(i, model),

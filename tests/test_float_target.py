@@ -164,3 +164,25 @@ def test_gptq_is_given_the_float_models_and_the_quantized_models_layer_inputs(mo
         np.testing.assert_allclose(x_float, want, rtol=1e-5, atol=1e-6)
         assert not np.allclose(x, x_float, atol=1e-3)  # the quantized model's drifted
     np.testing.assert_array_equal(seen[0][0], seen[0][1])  # conv1 reads the image
+
+
+@pytest.mark.parametrize("samples, float_target, keeps", [
+    (reconstruct.MIN_TARGET_SAMPLES, True, True),
+    (reconstruct.MIN_TARGET_SAMPLES - 1, True, False),  # too few for the target: no copy
+    (reconstruct.MIN_TARGET_SAMPLES, False, False),
+])
+def test_plain_gptq_keeps_no_float_copy_of_the_boundary_values(monkeypatch, samples,
+                                                               float_target, keeps):
+    """The walk holds the float model's boundary values only where something reads them."""
+    walks = []
+    real = reconstruct._Walk
+
+    def recording(*args, **kwargs):
+        walks.append(real(*args, **kwargs))
+        return walks[-1]
+
+    monkeypatch.setattr(reconstruct, "_Walk", recording)
+    monkeypatch.setattr(reconstruct, "FLOAT_TARGET", float_target)
+    quantize(conv_chain_model(seed=2), calibration(samples, seed=1), weight_bits=3,
+             per_channel=True, reconstruct="gptq")
+    assert (walks[0].fa is not None) == keeps and (walks[0].f is not None) == keeps
