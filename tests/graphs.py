@@ -241,6 +241,20 @@ def run_ort(model: onnx.ModelProto, feeds: dict, outputs: list | None = None) ->
     return session.run(outputs, feeds)
 
 
+def output_error(model: onnx.ModelProto, quant: onnx.ModelProto, x: np.ndarray) -> float:
+    """sum (y_q - y)^2 / sum y^2 of the first output on ``x``."""
+    (y,), (yq,) = run_ort(model, {"x": x}), run_ort(quant, {"x": x})
+    return float(np.sum((y - yq) ** 2) / np.sum(y ** 2))
+
+
+# low-bit recipes on which a reconstruction must beat its baseline on held-out inputs
+LOW_BIT_CASES = [
+    (conv_chain_model, {"weight_bits": 3, "per_channel": True, "weight_symmetric": True}),
+    (mixed_model, {"weight_bits": 3, "per_channel": True}),
+    (mixed_model, {"target": "tensorrt", "weight_bits": 4, "act_bits": 8}),
+]
+
+
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from graphs import calibration, conv_chain_model, mixed_model, quantize, run_ort
+from graphs import LOW_BIT_CASES, calibration, conv_chain_model, output_error, quantize, run_ort
 from onnxquant import gptq, reconstruct
 from onnxquant.layers import conv_columns
 
@@ -123,24 +123,15 @@ def test_one_sample_is_not_shrunk():
     assert np.all(gptq.cross_shrinkage(x, x_float - x, d, samples) == 0)
 
 
-def _held_out_error(model, quant, x):
-    (y,), (yq,) = run_ort(model, {"x": x}), run_ort(quant, {"x": x})
-    return float(np.sum((y - yq) ** 2) / np.sum(y ** 2))
-
-
-@pytest.mark.parametrize("make, options", [
-    (conv_chain_model, {"weight_bits": 3, "per_channel": True, "weight_symmetric": True}),
-    (mixed_model, {"weight_bits": 3, "per_channel": True}),
-    (mixed_model, {"target": "tensorrt", "weight_bits": 4, "act_bits": 8}),
-])
+@pytest.mark.parametrize("make, options", LOW_BIT_CASES)
 def test_the_float_target_beats_plain_gptq_on_held_out_inputs(monkeypatch, make, options):
     model = make(seed=2)
     calib, held_out = calibration(64, seed=1), calibration(64, seed=2)
     with_target = quantize(model, calib, reconstruct="gptq", **options)
     monkeypatch.setattr(reconstruct, "FLOAT_TARGET", False)
     plain = quantize(model, calib, reconstruct="gptq", **options)
-    assert _held_out_error(model, with_target.model, held_out) < \
-        _held_out_error(model, plain.model, held_out)
+    assert output_error(model, with_target.model, held_out) < \
+        output_error(model, plain.model, held_out)
 
 
 def test_gptq_is_given_the_float_models_and_the_quantized_models_layer_inputs(monkeypatch):

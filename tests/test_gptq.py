@@ -8,7 +8,8 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 from onnx import helper, numpy_helper
 
-from graphs import calibration, conv_chain_model, mixed_model, quantize, run_ort
+from graphs import (LOW_BIT_CASES, calibration, conv_chain_model, mixed_model, output_error,
+                    quantize, run_ort)
 from onnxquant import QuantConfig, gptq, quantizers, reconstruct
 from onnxquant.layers import Layer, conv_columns
 
@@ -135,15 +136,7 @@ def test_columns_are_subsampled_to_the_limit_with_a_seed():
     np.testing.assert_array_equal(a, conv_columns(x, attrs, (8, 4, 3, 3), limit=20, seed=1))
 
 
-def _err(model, quant, x):
-    (y,), (yq,) = run_ort(model, {"x": x}), run_ort(quant, {"x": x})
-    return float(np.sum((y - yq) ** 2) / np.sum(y ** 2))
-
-
-@pytest.mark.parametrize("make, options", [
-    (conv_chain_model, {"weight_bits": 3, "per_channel": True, "weight_symmetric": True}),
-    (mixed_model, {"weight_bits": 3, "per_channel": True}),
-    (mixed_model, {"target": "tensorrt", "weight_bits": 4, "act_bits": 8}),
+@pytest.mark.parametrize("make, options", LOW_BIT_CASES + [
     (mixed_model, {"target": "ort", "weight_bits": 4,
                    "ort_int8_kinds": ("dense", "pointwise", "stem", "linear")}),
 ])
@@ -154,7 +147,7 @@ def test_gptq_beats_round_to_nearest_on_held_out_inputs(make, options):
     rec = quantize(model, calib, reconstruct="gptq", **options)
     note = next(n for n in rec.plan.notes if n.startswith("reconstruct gptq"))
     assert "blocks improved" in note
-    assert _err(model, rec.model, held_out) < _err(model, rtn.model, held_out)
+    assert output_error(model, rec.model, held_out) < output_error(model, rtn.model, held_out)
     onnx.checker.check_model(rec.model, full_check=True)
 
 
@@ -197,7 +190,7 @@ def test_paper_weights_of_4_bits_or_fewer_are_stored_as_int4(options, packed):
     types = {i.data_type for i in res.model.graph.initializer}
     assert (onnx.TensorProto.UINT4 in types or onnx.TensorProto.INT4 in types) == packed
     x = calibration(8, seed=2)
-    assert _err(model, res.model, x) < 0.05
+    assert output_error(model, res.model, x) < 0.05
 
 
 def test_reconstruction_is_deterministic_and_reports_its_largest_gains():
