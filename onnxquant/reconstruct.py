@@ -95,6 +95,7 @@ class BlockTask:
     batch_ints: dict = field(default_factory=dict)  # block_runs.batch_ints of the model
     float_outputs: object = None  # () -> the float block's outputs on float_inputs (once)
     samples: int = 0  # calibration samples in inputs (0: block_runs.sample_count's guess)
+    targeted: set = field(default_factory=set)  # layers GPTQ fitted to the float target
 
     def sample_count(self) -> int:
         """Calibration samples in ``inputs``. Boundary values may hold n x k rows
@@ -123,6 +124,7 @@ class BlockResult:
     kept: str = ""  # which codes: RTN, "gptq" or the method's name
     candidates: dict = field(default_factory=dict)  # origin -> error on the judged samples
     unsupported: str = ""  # why the method could not run this block (torch executor)
+    float_target: int = 0  # layers whose GPTQ codes round toward the float target
 
 
 @dataclass
@@ -219,6 +221,8 @@ def run_gptq(task: BlockTask) -> dict:
                 continue
             layer.site.weight_spec = fits.codes_spec(layer, codes)
             out[layer.site.node] = layer.site.weight_spec.codes
+            if floats is not None:
+                task.targeted.add(layer.site.node)
         done.update(l.site.node for l in chunk)
     return out
 
@@ -435,6 +439,8 @@ def reconstruct(canonical: onnx.ModelProto, plan: Plan, cfg, feed: dict,
     plan.notes.append(summary(cfg.reconstruct, results, time.perf_counter() - start,
                               plan.reconstruction_check, _judged_on(fit, held, cfg.holdout),
                               where))
+    if results and FLOAT_TARGET:
+        plan.notes.append(float_target_note(results))
     if log:
         log.info("reconstruct: %d blocks in %.1f s", len(results), time.perf_counter() - start)
     return results
@@ -529,7 +535,7 @@ def _reconstruct_block(walk, i, model, graph, layers, method, cfg, bar) -> Block
     bar.set_postfix({"block": block.name, "err": f"{errors[RTN]:.2e}->{errors[kept]:.2e}"},
                     refresh=False)
     return BlockResult(block.name, len(layers), errors[RTN], errors[kept], kept, errors,
-                       unsupported)
+                       unsupported, len(task.targeted))
 
 
 def _model_check(canonical, plan: Plan, feed: dict, original: list,
@@ -630,6 +636,17 @@ def _unsupported(method: str, results: list) -> str:
     names = ", ".join(r.name for r in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
     return (f"; {count(len(skipped), 'block')} without {method} "
             f"({names}: {skipped[0].unsupported}), GPTQ's codes or rounding kept there")
+
+
+def float_target_note(results: list) -> str:
+    """How many layers' GPTQ codes rounded toward the float model's output."""
+    done, layers = sum(r.float_target for r in results), sum(r.layers for r in results)
+    rest = layers - done
+    return (f"GPTQ's float target (each layer toward the float model's output on the float "
+            f"inputs): {done} of {count(layers, 'layer')}" + (
+                f"; {rest} with fewer than {MIN_TARGET_SAMPLES} calibration samples in their "
+                "run (full-resolution inputs, or --num-calib) rounded toward the float layer "
+                "on their quantized inputs (plain GPTQ)" if rest else ""))
 
 
 def summary(method: str, results: list, seconds: float, check: ModelCheck | None = None,

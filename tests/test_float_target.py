@@ -177,3 +177,14 @@ def test_plain_gptq_keeps_no_float_copy_of_the_boundary_values(monkeypatch, samp
     quantize(conv_chain_model(seed=2), calibration(samples, seed=1), weight_bits=3,
              per_channel=True, reconstruct="gptq")
     assert (walks[0].fa is not None) == keeps and (walks[0].f is not None) == keeps
+
+
+@pytest.mark.parametrize("samples, says", [
+    (reconstruct.MIN_TARGET_SAMPLES, "3 of 3 layers"),
+    (reconstruct.MIN_TARGET_SAMPLES - 1, "0 of 3 layers; 3 with fewer than"),
+])
+def test_the_summary_says_which_layers_had_the_float_target(samples, says):
+    res = quantize(conv_chain_model(seed=2), calibration(samples, seed=1), weight_bits=3,
+                   per_channel=True, reconstruct="gptq")
+    note = next(n for n in res.plan.notes if n.startswith("GPTQ's float target"))
+    assert says in note
