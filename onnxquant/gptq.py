@@ -103,7 +103,7 @@ def float_target(w: np.ndarray, x: np.ndarray, x_float: np.ndarray, h: np.ndarra
 
     so rounding W* = W + W D S^-1 with GPTQ on H optimizes the float target. Two guards
     keep the correction from fitting 64 images' noise (unguarded it reached 20-50 % of
-    ||W|| in late layers, and 4 of 12 mobilevitv2_050 runs fell to 87-88 % agreement with
+    ||W|| in late layers, and 4 of 12 mobilevitv2_050 runs fell to 86-88 % agreement with
     float, where the guarded ones reach 96-97 %): D is shrunk toward 0 by its Ledoit-Wolf
     intensity over the calibration samples (``cross_shrinkage``), and S is damped by
     ``damp`` (TARGET_DAMP, 10 % of its mean diagonal, ten times GPTQ's own: low-variance
