@@ -43,7 +43,7 @@ from .plan import Plan
 CHUNK = 8  # calibration samples per run of the quantized model (its activations' memory)
 # one sample per run above this many positions per sample: the run holds every quantized
 # layer's input, and 8 full-resolution pages of the PP-OCR detector peaked at 4.3 GB
-BIG_POSITIONS = 32768
+BIG_POSITIONS = block_runs.BIG_POSITIONS
 
 
 def chunk_for(feed: dict) -> int:

@@ -16,6 +16,10 @@ import onnxruntime as ort
 from . import emit, emit_qdq, functions
 from .plan import Plan
 
+# positions per sample (H x W) above which a run over the calibration samples holds too
+# much at once: GPTQ's layer inputs and bias correction take fewer samples per run there
+BIG_POSITIONS = 32768
+
 
 def subplan(plan: Plan, nodes: set, sites: set | None = None) -> Plan:
     """The plan restricted to the sites inside ``nodes`` (specs shared, not copied);

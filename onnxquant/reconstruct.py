@@ -161,7 +161,7 @@ FLOAT_TARGET = True
 MIN_TARGET_SAMPLES = 16
 SEQUENTIAL_LAYERS = 4  # blocks up to this size: every layer sees its predecessors rounded
 RUNS_PER_BLOCK = 3  # larger blocks: layer inputs computed in this many runs of the block
-BIG_INPUT = 32768  # positions per sample above which layer inputs use fewer samples
+BIG_INPUT = block_runs.BIG_POSITIONS  # positions per sample: above, layer inputs use fewer samples
 MIN_SAMPLES = 4
 
 
